@@ -1,0 +1,215 @@
+"""CIFAR-10 / CIFAR-100 from the official "python version" tarball or extracted folder.
+
+The batches are pickles. They are read with :class:`RestrictedUnpickler`, which only
+resolves the handful of NumPy globals the format needs, so a tampered file cannot run
+code.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from torchgloro._errors import DatasetError
+
+from ._download import Resource, locate, verify_md5
+from ._types import DatasetInfo, Split
+
+__all__ = ["RestrictedUnpickler", "restricted_loads", "load_cifar", "RESOURCES", "CIFAR10"]
+
+
+def _numpy_global(name: str) -> Callable[[], Any]:
+    def get() -> Any:
+        try:
+            from numpy._core import multiarray  # numpy >= 2
+        except ImportError:  # pragma: no cover - numpy 1.x
+            from numpy.core import multiarray
+        return getattr(multiarray, name)
+
+    return get
+
+
+def _codecs_encode() -> Any:
+    import _codecs
+
+    return _codecs.encode
+
+
+# (module, name) -> resolver. Nothing else may be looked up while unpickling.
+_ALLOWED: dict[tuple[str, str], Callable[[], Any]] = {
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_global("_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_global("_reconstruct"),
+    ("numpy.core.multiarray", "scalar"): _numpy_global("scalar"),
+    ("numpy._core.multiarray", "scalar"): _numpy_global("scalar"),
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): _codecs_encode,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that only allows the globals used by the CIFAR pickles."""
+
+    def __init__(self, file: Any, source: str) -> None:
+        super().__init__(file, encoding="bytes")
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        get = _ALLOWED.get((module, name))
+        if get is None:
+            raise DatasetError(
+                f"refusing to unpickle {module}.{name} from {self.source}: "
+                "not part of the CIFAR format"
+            )
+        return get()
+
+
+def restricted_loads(data: bytes, source: str) -> Any:
+    """Unpickle ``data`` with :class:`RestrictedUnpickler`; errors name ``source``."""
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), source).load()
+    except DatasetError:
+        raise
+    except Exception as e:
+        raise DatasetError(f"{source}: not a valid CIFAR pickle ({type(e).__name__}: {e})") from e
+
+
+@dataclass(frozen=True)
+class _Variant:
+    info: DatasetInfo
+    resource: Resource
+    folder: str  # top-level folder inside the tarball
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+    label_key: bytes
+
+
+_C10 = "airplane automobile bird cat deer dog frog horse ship truck".split()
+_C100 = (
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus "
+    "butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach "
+    "couch crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster "
+    "house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree "
+    "motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear "
+    "pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road "
+    "rocket rose sea seal shark shrew skunk skyscraper snail snake spider squirrel "
+    "streetcar sunflower sweet_pepper table tank telephone television tiger tractor train "
+    "trout tulip turtle wardrobe whale willow_tree wolf woman worm"
+).split()
+
+EPS_CIFAR = 36 / 255
+CIFAR10 = DatasetInfo("cifar10", tuple(_C10), (3, 32, 32), EPS_CIFAR, True)
+CIFAR100 = DatasetInfo("cifar100", tuple(_C100), (3, 32, 32), EPS_CIFAR, True)
+
+# dataset name -> variant; looked up at call time (tests may patch entries).
+RESOURCES: dict[str, _Variant] = {
+    "cifar10": _Variant(
+        CIFAR10,
+        Resource(
+            "cifar-10-python.tar.gz",
+            "c58f30108f718f92721af3b95e74349a",
+            ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",),
+        ),
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        ("test_batch",),
+        b"labels",
+    ),
+    "cifar100": _Variant(
+        CIFAR100,
+        Resource(
+            "cifar-100-python.tar.gz",
+            "eb9058c3a382ffc7106e4002c42a8d85",
+            ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",),
+        ),
+        "cifar-100-python",
+        ("train",),
+        ("test",),
+        b"fine_labels",
+    ),
+}
+
+
+def _decode_batch(obj: Any, v: _Variant, source: str) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{source}: expected a dict, got {type(obj).__name__}")
+    data, labels = obj.get(b"data"), obj.get(v.label_key)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise DatasetError(f"{source}: b'data' must be a uint8 (N, 3072) array")
+    if data.shape[1] != 3 * 32 * 32:
+        raise DatasetError(f"{source}: b'data' has shape {data.shape}, expected (N, 3072)")
+    if labels is None:
+        raise DatasetError(f"{source}: missing {v.label_key!r}")
+    try:
+        y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError) as e:
+        raise DatasetError(f"{source}: {v.label_key!r} is not a list of integers") from e
+    if y.shape[0] != data.shape[0]:
+        raise DatasetError(f"{source}: {data.shape[0]} images but {y.shape[0]} labels")
+    if y.size and (y.min() < 0 or y.max() >= v.info.num_classes):
+        raise DatasetError(f"{source}: labels outside 0..{v.info.num_classes - 1}")
+    return data.reshape(-1, 3, 32, 32), y
+
+
+def _find_folder(root: Path, name: str, v: _Variant) -> Path | None:
+    for d in (root / name / v.folder, root / v.folder, root / name, root):
+        if all((d / m).is_file() for m in v.train + v.test):
+            return d
+    return None
+
+
+def _read_from_tar(tar_path: Path, v: _Variant, members: tuple[str, ...]) -> dict[str, bytes]:
+    wanted = {f"{v.folder}/{m}": m for m in members}
+    found: dict[str, bytes] = {}
+    try:
+        with tarfile.open(tar_path, "r:gz") as tf:
+            for info in tf:
+                m = wanted.get(info.name.lstrip("./"))
+                if m is not None and info.isfile():
+                    f = tf.extractfile(info)
+                    assert f is not None
+                    found[m] = f.read()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DatasetError(f"{tar_path}: corrupt or truncated tarball ({e})") from e
+    missing = [f"{v.folder}/{m}" for m in members if m not in found]
+    if missing:
+        raise DatasetError(f"{tar_path}: missing member(s) {', '.join(missing)}")
+    return found
+
+
+def load_cifar(name: str, root: Path, split: str, download: bool) -> Split:
+    """Load ``split`` of ``cifar10``/``cifar100`` (extracted folder preferred, else tarball)."""
+    v = RESOURCES[name]
+    members = v.train if split == "train" else v.test
+    folder = _find_folder(root, name, v)
+    if folder is not None:
+        blobs = {}
+        for m in members:
+            try:
+                blobs[m] = (folder / m).read_bytes()
+            except OSError as e:
+                raise DatasetError(f"{folder / m}: cannot read ({e})") from e
+        sources = {m: str(folder / m) for m in members}
+    else:
+        try:
+            tar_path = locate(v.resource, [root / name, root], download, check_md5=False)
+        except DatasetError as e:
+            raise DatasetError(f"{e} (or the extracted folder {root / name / v.folder})") from None
+        verify_md5(tar_path, v.resource.md5)
+        blobs = _read_from_tar(tar_path, v, members)
+        sources = {m: f"{tar_path}:{v.folder}/{m}" for m in members}
+    xs, ys = [], []
+    for m in members:
+        x, y = _decode_batch(restricted_loads(blobs[m], sources[m]), v, sources[m])
+        xs.append(x)
+        ys.append(y)
+    x = torch.from_numpy(np.concatenate(xs)).float().div_(255.0)
+    return Split(x, torch.from_numpy(np.concatenate(ys)), v.info)

@@ -1,0 +1,77 @@
+"""Plain data containers: :class:`DatasetInfo` and :class:`Split`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from torchgloro._errors import GloroInputError
+
+__all__ = ["DatasetInfo", "Split"]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a dataset.
+
+    ``in_shape`` is ``(C, H, W)``. ``default_epsilon`` is the L2 radius the GloRo paper
+    certifies at test time (``eps_test``) for the dataset, on inputs scaled to ``[0, 1]``;
+    for datasets the paper does not use (Fashion-MNIST, digits, npz) it is a documented
+    choice, see ``docs/data.md``. ``augment_by_default`` says whether the paper trains the
+    dataset with the Appendix B augmentation (off for the MNIST family).
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    in_shape: tuple[int, int, int]
+    default_epsilon: float
+    augment_by_default: bool = False
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class Split:
+    """One split of a dataset, fully in memory.
+
+    ``x`` is ``(N, C, H, W)`` float32 in ``[0, 1]``; ``y`` is ``(N,)`` int64 in
+    ``0 .. info.num_classes - 1``.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    info: DatasetInfo
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 4:
+            raise GloroInputError(f"Split.x must be (N, C, H, W), got shape {tuple(self.x.shape)}")
+        if self.y.ndim != 1 or self.y.shape[0] != self.x.shape[0]:
+            raise GloroInputError(
+                f"Split.y must be (N,) with N = {self.x.shape[0]}, got shape {tuple(self.y.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def to(self, device: torch.device | str) -> Split:
+        """Return a copy whose tensors live on ``device`` (no copy if already there)."""
+        return Split(self.x.to(device), self.y.to(device), self.info)
+
+    def subset(self, n_or_indices: int | Sequence[int] | torch.Tensor) -> Split:
+        """The first ``n`` samples (an ``int``) or the samples at the given indices."""
+        if isinstance(n_or_indices, bool):
+            raise GloroInputError("subset() takes an int or a sequence of indices, not a bool")
+        if isinstance(n_or_indices, int):
+            n = n_or_indices
+            if n < 0 or n > len(self):
+                raise GloroInputError(f"subset({n}): n must be in 0..{len(self)}")
+            return Split(self.x[:n], self.y[:n], self.info)
+        idx = torch.as_tensor(n_or_indices, dtype=torch.long).reshape(-1)
+        if idx.numel() and (int(idx.min()) < -len(self) or int(idx.max()) >= len(self)):
+            raise GloroInputError(f"subset(): index out of range for a split of {len(self)}")
+        idx = idx.to(self.x.device)
+        return Split(self.x[idx], self.y[idx.to(self.y.device)], self.info)
