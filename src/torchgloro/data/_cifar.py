@@ -26,13 +26,15 @@ from ._types import DatasetInfo, Split
 __all__ = ["RestrictedUnpickler", "restricted_loads", "load_cifar", "RESOURCES", "CIFAR10"]
 
 
-def _numpy_global(name: str) -> Callable[[], Any]:
+def _numpy_global(module: str, name: str) -> Callable[[], Any]:
     def get() -> Any:
+        import importlib
+
         try:
-            from numpy._core import multiarray  # numpy >= 2
+            mod = importlib.import_module(f"numpy._core.{module}")  # numpy >= 2
         except ImportError:  # pragma: no cover - numpy 1.x
-            from numpy.core import multiarray
-        return getattr(multiarray, name)
+            mod = importlib.import_module(f"numpy.core.{module}")
+        return getattr(mod, name)
 
     return get
 
@@ -45,13 +47,19 @@ def _codecs_encode() -> Any:
 
 # (module, name) -> resolver. Nothing else may be looked up while unpickling.
 _ALLOWED: dict[tuple[str, str], Callable[[], Any]] = {
-    ("numpy.core.multiarray", "_reconstruct"): _numpy_global("_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"): _numpy_global("_reconstruct"),
-    ("numpy.core.multiarray", "scalar"): _numpy_global("scalar"),
-    ("numpy._core.multiarray", "scalar"): _numpy_global("scalar"),
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_global("multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_global("multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"): _numpy_global("multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"): _numpy_global("multiarray", "scalar"),
+    # pickle protocol 5 arrays (numpy >= 1.16): frombuffer + reshape, no code execution
+    ("numpy.core.numeric", "_frombuffer"): _numpy_global("numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"): _numpy_global("numeric", "_frombuffer"),
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
     ("_codecs", "encode"): _codecs_encode,
+    # Python 3 protocol-2 re-pickles write b"" as __builtin__.bytes()
+    ("__builtin__", "bytes"): lambda: bytes,
+    ("builtins", "bytes"): lambda: bytes,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +19,21 @@ N_TEST = 300
 DIGITS = DatasetInfo("digits", tuple(str(i) for i in range(10)), (1, 8, 8), 0.3)
 
 
-def load_digits(name: str, root: Path | None, split: str, download: bool) -> Split:
-    """1,797 images; a fixed permutation (``RandomState(0)``) puts 1,497 in train, 300 in test."""
+@functools.lru_cache(maxsize=1)
+def _raw() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits as sk_load_digits
 
     d = sk_load_digits()
     images = np.asarray(d.images, dtype=np.float32) / 16.0
     labels = np.asarray(d.target, dtype=np.int64)
+    images.flags.writeable = False
+    labels.flags.writeable = False
+    return images, labels
+
+
+def load_digits(name: str, root: Path | None, split: str, download: bool) -> Split:
+    """1,797 images; a fixed permutation (``RandomState(0)``) puts 1,497 in train, 300 in test."""
+    images, labels = _raw()
     perm = np.random.RandomState(0).permutation(len(labels))
     idx = perm[:-N_TEST] if split == "train" else perm[-N_TEST:]
     x = torch.from_numpy(np.ascontiguousarray(images[idx][:, None]))

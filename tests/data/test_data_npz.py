@@ -1,0 +1,134 @@
+"""User data in .npz form, and the real CIFAR-10 npz when present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from torchgloro._errors import DatasetError, GloroInputError
+from torchgloro.data import get_dataset
+
+REAL_CIFAR = (
+    Path(__file__).resolve().parents[2]
+    / ".."
+    / "shared"
+    / "data"
+    / "cifar10"
+    / "cifar10-train50k-test1k.npz"
+).resolve()
+
+
+def save(path: Path, **arrays) -> str:
+    np.savez(path, **arrays)
+    return f"npz:{path}"
+
+
+def test_npz_hwc_uint8(tmp_path):
+    rng = np.random.default_rng(0)
+    tx = rng.integers(0, 256, (7, 5, 6, 3), dtype=np.uint8)
+    name = save(
+        tmp_path / "a.npz",
+        train_x=tx,
+        train_y=np.array([0, 1, 2, 3, 0, 1, 2], np.uint8),
+        test_x=rng.integers(0, 256, (2, 5, 6, 3), dtype=np.uint8),
+        test_y=np.array([4, 0], np.int64),
+    )
+    tr = get_dataset(name, "train")
+    assert tr.x.shape == (7, 3, 5, 6) and tr.x.dtype == torch.float32
+    np.testing.assert_allclose(tr.x.numpy(), tx.transpose(0, 3, 1, 2) / 255.0, rtol=1e-6)
+    assert tr.y.dtype == torch.int64
+    assert tr.info.num_classes == 5 and tr.info.in_shape == (3, 5, 6)
+    assert tr.info.default_epsilon == pytest.approx(36 / 255)
+    assert len(get_dataset(name, "test")) == 2
+
+
+def test_npz_chw_float_and_hw(tmp_path):
+    rng = np.random.default_rng(1)
+    tx = rng.random((4, 1, 9, 9), dtype=np.float32)
+    name = save(
+        tmp_path / "b.npz",
+        train_x=tx,
+        train_y=np.array([0, 1, 1, 0]),
+        test_x=rng.random((2, 1, 9, 9)),
+        test_y=np.array([1, 1]),
+    )
+    tr = get_dataset(name, "train")
+    np.testing.assert_array_equal(tr.x.numpy(), tx)
+    assert tr.info.default_epsilon == 0.3 and tr.info.num_classes == 2
+    name = save(
+        tmp_path / "c.npz",
+        train_x=np.zeros((3, 8, 8), np.uint8),
+        train_y=np.zeros(3, np.int32),
+        test_x=np.zeros((1, 8, 8), np.uint8),
+        test_y=np.zeros(1, np.int32),
+    )
+    assert get_dataset(name, "test").x.shape == (1, 1, 8, 8)
+
+
+def good(**over):
+    a = dict(
+        train_x=np.zeros((4, 8, 8, 3), np.uint8),
+        train_y=np.array([0, 1, 2, 1]),
+        test_x=np.zeros((2, 8, 8, 3), np.uint8),
+        test_y=np.array([0, 1]),
+    )
+    a.update(over)
+    return {k: v for k, v in a.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    "over, pattern",
+    [
+        (dict(train_x=np.full((4, 8, 8, 3), 2.0, np.float32)), r"\[0, 1\].*max 2"),
+        (dict(train_x=np.full((4, 8, 8, 3), np.nan, np.float32)), "NaN"),
+        (dict(train_y=np.array([0, 1, 2])), "train_x has shape .* train_y"),
+        (dict(test_y=np.array([0, -1])), "negative label"),
+        (dict(train_y=np.array([0.0, 1.0, 2.0, 1.0])), "integers"),
+        (dict(test_x=None), "missing array.*test_x"),
+        (dict(train_x=np.zeros((4, 8, 8, 5), np.uint8)), "channel axis"),
+        (dict(train_x=np.zeros((4, 3, 8, 3), np.uint8)), "ambiguous"),
+        (dict(train_x=np.zeros((4, 8, 8, 3), np.int32)), "dtype int32"),
+        (dict(test_x=np.zeros((2, 3, 9, 9), np.uint8)), "differ in shape"),
+    ],
+)
+def test_npz_bad(tmp_path, over, pattern):
+    name = save(tmp_path / "bad.npz", **good(**over))
+    with pytest.raises(DatasetError, match=pattern) as ei:
+        get_dataset(name, "train")
+    assert "bad.npz" in str(ei.value)
+
+
+def test_npz_bad_path_and_pickles(tmp_path):
+    with pytest.raises(GloroInputError, match="needs a path"):
+        get_dataset("npz:", "train")
+    with pytest.raises(DatasetError, match="no such file"):
+        get_dataset(f"npz:{tmp_path / 'nope.npz'}", "train")
+    obj = np.empty(4, dtype=object)
+    name = save(tmp_path / "obj.npz", **good(train_y=obj))
+    with pytest.raises(DatasetError, match="obj.npz"):
+        get_dataset(name, "train")
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(DatasetError, match="junk.npz"):
+        get_dataset(f"npz:{tmp_path / 'junk.npz'}", "train")
+
+
+@pytest.fixture(scope="module")
+def real_cifar():
+    if not REAL_CIFAR.is_file():
+        pytest.skip(f"real CIFAR-10 npz not found at {REAL_CIFAR}")
+    name = f"npz:{REAL_CIFAR}"
+    return get_dataset(name, "train"), get_dataset(name, "test")
+
+
+def test_real_cifar_npz(real_cifar):
+    tr, te = real_cifar
+    assert tr.x.shape == (50000, 3, 32, 32) and te.x.shape == (1000, 3, 32, 32)
+    mean = tr.x.mean(dim=(0, 2, 3)).tolist()
+    assert mean == pytest.approx([0.4914, 0.4822, 0.4465], abs=1e-3)
+    assert torch.bincount(tr.y).tolist() == [5000] * 10
+    assert tr.y[:10].tolist() == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]
+    assert te.y[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
+    assert tr.info.num_classes == 10 and tr.info.default_epsilon == pytest.approx(36 / 255)
