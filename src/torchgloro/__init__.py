@@ -1,0 +1,51 @@
+"""torchgloro: globally-robust (GloRo) neural networks in PyTorch.
+
+A GloRo net appends a ⊥ logit to a backbone f, built from a Lipschitz bound, so that any
+non-⊥ prediction is certified robust on the whole ℓ2 ball of radius ε (Leino, Wang and
+Fredrikson, ICML 2021).
+"""
+
+from torchgloro import data, losses, models, schedules
+from torchgloro._errors import (
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    GloroError,
+    GloroInputError,
+    UnsoundBoundError,
+    UnsupportedLayerError,
+)
+from torchgloro.activations import GroupSort, MinMax
+from torchgloro.gloro import Certificate, GloroNet
+from torchgloro.io import load
+from torchgloro.lipschitz import register_bound, supported_layers
+from torchgloro.losses import GloroCrossEntropy, GloroTrades
+from torchgloro.models import create_model, list_models
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GloroNet",
+    "Certificate",
+    "load",
+    "create_model",
+    "list_models",
+    "GloroCrossEntropy",
+    "GloroTrades",
+    "MinMax",
+    "GroupSort",
+    "register_bound",
+    "supported_layers",
+    "GloroError",
+    "GloroInputError",
+    "UnsupportedLayerError",
+    "DatasetError",
+    "CheckpointError",
+    "ConfigError",
+    "UnsoundBoundError",
+    "data",
+    "losses",
+    "models",
+    "schedules",
+    "__version__",
+]

@@ -1,0 +1,326 @@
+"""The GloRo net: a backbone f plus one extra logit ⊥ that certifies ℓ2 robustness."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from torchgloro import margins, sound
+from torchgloro._errors import GloroInputError, UnsupportedLayerError
+from torchgloro.lipschitz import bound_for, flatten_layers, linear_fp_terms, trace_input_shapes
+
+__all__ = ["GloroNet", "Certificate", "check_epsilon"]
+
+Mode = Literal["sound", "fast"]
+Variant = Literal["margin", "basic"]
+
+
+def check_epsilon(epsilon: float) -> float:
+    """Returns ``epsilon`` as a float, or raises if it is not a finite positive number."""
+    try:
+        value = float(epsilon)
+    except (TypeError, ValueError):
+        raise GloroInputError(f"epsilon must be a number, got {epsilon!r}.") from None
+    if not math.isfinite(value) or value <= 0:
+        raise GloroInputError(
+            f"epsilon must be a finite number > 0 (the ℓ2 radius to certify), got {epsilon!r}."
+        )
+    return value
+
+
+@dataclass
+class _SoundState:
+    fingerprint: tuple
+    k_pen: float  # proven bound on the Lipschitz constant of everything before the head
+    backbone64: nn.Module
+    err_coef: float  # ‖float64 logits − exact logits‖₂ ≤ err_coef·‖x‖₂ + err_const
+    err_const: float
+
+
+@dataclass
+class Certificate:
+    """The result of certifying a batch.
+
+    Attributes:
+        pred: (B,) the class predicted by the backbone f (argmax, ties to the lower index).
+        certified: (B,) True where f provably keeps ``pred`` on the whole ε-ball.
+        radius: (B,) the largest radius the certificate holds for (strictly below it); 0 when
+            none, e.g. on ties.
+        logits: (B, C) the logits the decision was made on (float64 in ``sound`` mode).
+        epsilon: The radius that ``certified`` refers to.
+        mode: ``"sound"`` or ``"fast"``.
+    """
+
+    pred: torch.Tensor
+    certified: torch.Tensor
+    radius: torch.Tensor
+    logits: torch.Tensor
+    epsilon: float
+    mode: str
+
+
+class GloroNet(nn.Module):
+    """Instruments a backbone ``f`` with the ⊥ logit of Leino et al. (2021).
+
+    ``forward`` returns ``(B, C+1)`` logits: the C class logits of ``f``, then
+    ⊥ = max_{i≠j} (y_i + ε·K_ji) with j = argmax y. In training mode the bound comes from
+    power iteration (persistent iterates, ``power_iterations`` steps per call, then one
+    differentiable step). In eval mode it comes from converged, frozen constants.
+    Certification (``certify``/``predict``/``certified_radius``) defaults to ``mode="sound"``:
+    proven per-layer upper bounds and float64 logits with a proven round-off allowance.
+
+    Args:
+        backbone: An ``nn.Sequential`` of supported layers ending in ``nn.Linear``.
+        epsilon: The ℓ2 radius ε > 0.
+        in_shape: Per-sample input shape, e.g. ``(1, 28, 28)``; defaults to
+            ``backbone.in_shape`` (set by :func:`torchgloro.models.create_model`).
+        power_iterations: Power iterations per training step (the paper used 1–10).
+        lipschitz: ``"margin"`` (Appendix A.2, default) or ``"basic"`` (K_i + K_j).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        epsilon: float,
+        in_shape: tuple[int, ...] | None = None,
+        power_iterations: int = 10,
+        lipschitz: Variant = "margin",
+    ) -> None:
+        super().__init__()
+        in_shape = in_shape if in_shape is not None else getattr(backbone, "in_shape", None)
+        if in_shape is None:
+            raise GloroInputError(
+                "GloroNet needs the per-sample input shape: pass in_shape=(C, H, W), or build "
+                "the backbone with torchgloro.models.create_model."
+            )
+        if lipschitz not in ("margin", "basic"):
+            raise GloroInputError(f"lipschitz must be 'margin' or 'basic', got {lipschitz!r}.")
+        if power_iterations < 0:
+            raise GloroInputError(f"power_iterations must be >= 0, got {power_iterations}.")
+        self.backbone = backbone
+        self.in_shape = tuple(int(s) for s in in_shape)
+        self.power_iterations = int(power_iterations)
+        self.lipschitz = lipschitz
+
+        layers = flatten_layers(backbone)
+        head = layers[-1]
+        if type(head) is not nn.Linear and not hasattr(head, "effective_weight"):
+            raise UnsupportedLayerError(
+                f"The backbone's last layer must be nn.Linear (the class logits), got "
+                f"{head.__class__.__name__}; end the backbone with an nn.Linear layer."
+            )
+        object.__setattr__(self, "_head", head)
+        shapes = trace_input_shapes(layers, self.in_shape)
+        self.bounds = nn.ModuleList(bound_for(m, s) for m, s in zip(layers[:-1], shapes[:-1]))
+        self.num_classes = int(self._head_weight().shape[0])
+        self.register_buffer("_epsilon", torch.tensor(check_epsilon(epsilon), dtype=torch.float32))
+        # Converged power-iteration value of the penultimate bound, for eval-mode forward.
+        self.register_buffer("_frozen_k_pen", torch.tensor(float("nan")))
+        self._frozen_at: tuple | None = None
+        self._sound_cache: _SoundState | None = None
+
+    # ---- configuration ---------------------------------------------------------------------
+
+    @property
+    def ABSTAIN(self) -> int:  # noqa: N802 - the public name the API promises
+        """The index of ⊥ in predictions: ``num_classes``."""
+        return self.num_classes
+
+    @property
+    def epsilon(self) -> float:
+        """The ℓ2 radius ε; settable at any time (schedules set it per batch)."""
+        return float(self._epsilon)
+
+    @epsilon.setter
+    def epsilon(self, value: float) -> None:
+        self._epsilon.fill_(check_epsilon(value))
+
+    def _head_weight(self) -> torch.Tensor:
+        head = self._head
+        return head.effective_weight() if hasattr(head, "effective_weight") else head.weight
+
+    def _fingerprint(self) -> tuple:
+        return tuple((id(p), p._version) for p in self.backbone.parameters())
+
+    # ---- Lipschitz constants ---------------------------------------------------------------
+
+    def _penultimate_fast(self, n_iter: int, differentiable: bool) -> torch.Tensor:
+        k = self._epsilon.new_ones(())
+        for b in self.bounds:
+            k = k * b.estimate(n_iter=n_iter, differentiable=differentiable)
+        return k
+
+    @torch.no_grad()
+    def refresh(self, converge: bool = True, tol: float = 1e-5) -> torch.Tensor:
+        """Runs power iteration (to convergence by default) and freezes the fast constants.
+
+        Called automatically before eval-mode use when the weights changed since the last
+        refresh.
+
+        Returns:
+            The frozen penultimate bound (a 0-dim tensor).
+        """
+        k = self._epsilon.new_ones(())
+        for b in self.bounds:
+            k = k * (b.converge(tol=tol) if converge else b.estimate(self.power_iterations))
+        self._frozen_k_pen.copy_(k)
+        self._frozen_at = self._fingerprint()
+        return self._frozen_k_pen
+
+    @property
+    def is_stale(self) -> bool:
+        """Whether the frozen constants predate the current weights."""
+        return self._frozen_at != self._fingerprint() or bool(self._frozen_k_pen.isnan())
+
+    def _sound_state(self) -> _SoundState:
+        """Proven constants and a float64 copy of the backbone, cached per weights."""
+        fp = self._fingerprint()
+        if self._sound_cache is None or self._sound_cache.fingerprint != fp:
+            backbone64 = copy.deepcopy(self.backbone).to(torch.float64).eval()
+            for p in backbone64.parameters():
+                p.requires_grad_(False)
+            norms = [b.sound() for b in self.bounds]
+            head = self._head
+            w = self._head_weight().detach()
+            bias = getattr(head, "bias", None)
+            head_terms = linear_fp_terms(w, bias)
+            head_norm = sound.dense_norm_upper(w)
+            layers = [(n, b.fp_terms()) for n, b in zip(norms, self.bounds)]
+            err_coef, err_const = margins.forward_error_coefficients(
+                layers + [(head_norm, head_terms)]
+            )
+            self._sound_cache = _SoundState(
+                fp, margins.product_upper(norms), backbone64, err_coef, err_const
+            )
+        return self._sound_cache
+
+    def lipschitz_constant(self, mode: Mode = "sound") -> torch.Tensor:
+        """The Lipschitz bounds used to build ⊥.
+
+        Args:
+            mode: ``"sound"`` (proven upper bounds, float64) or ``"fast"`` (converged power
+                iteration, or the live training estimate in training mode).
+
+        Returns:
+            ``(C, C)`` tensor K with K[j, i] bounding the Lipschitz constant of f_j − f_i
+            (margin variant), or ``(C,)`` with K_i bounding f_i (basic variant).
+        """
+        if mode == "sound":
+            k_pen = torch.tensor(self._sound_state().k_pen, dtype=torch.float64)
+            w = self._head_weight().detach().to(torch.float64)
+            return self._class_bounds(w, k_pen, upper=True)
+        if mode != "fast":
+            raise GloroInputError(f"mode must be 'sound' or 'fast', got {mode!r}.")
+        with torch.no_grad():
+            return self._class_bounds(self._head_weight(), self._k_pen_for_forward())
+
+    def _class_bounds(self, w: torch.Tensor, k_pen: torch.Tensor, upper: bool = False):
+        if self.lipschitz == "margin":
+            return margins.pairwise_row_distances(w, upper=upper) * k_pen  # (C, C)
+        return margins.row_norms(w, upper=upper) * k_pen  # (C,)
+
+    def _k_pen_for_forward(self) -> torch.Tensor:
+        if self.training:
+            return self._penultimate_fast(self.power_iterations, differentiable=True)
+        if self.is_stale:
+            self.refresh()
+        return self._frozen_k_pen
+
+    # ---- forward -----------------------------------------------------------------------------
+
+    def _check_input(self, x: torch.Tensor, check_finite: bool) -> None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise GloroInputError(
+                f"GloroNet expects a floating-point tensor, got "
+                f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}."
+            )
+        if x.dim() != len(self.in_shape) + 1 or tuple(x.shape[1:]) != self.in_shape:
+            hint = (
+                " Add a batch dimension with x.unsqueeze(0)."
+                if tuple(x.shape) == self.in_shape
+                else ""
+            )
+            raise GloroInputError(
+                f"Expected input of shape (B, {', '.join(map(str, self.in_shape))}), got "
+                f"{tuple(x.shape)}.{hint}"
+            )
+        if check_finite and not bool(torch.isfinite(x).all()):
+            raise GloroInputError(
+                "Input contains NaN or Inf values; clean or clip the input before certifying."
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns ``(B, C+1)`` logits: f(x), then ⊥."""
+        self._check_input(x, check_finite=not self.training)
+        y = self.backbone(x)  # (B, C)
+        k_pen = self._k_pen_for_forward()  # ()
+        K = self._class_bounds(self._head_weight(), k_pen)  # (C, C) or (C,)
+        bot = margins.bottom_logit(y, K, self._epsilon.to(y.dtype))  # (B,)
+        return torch.cat([y, bot.unsqueeze(1)], dim=1)  # (B, C+1)
+
+    # ---- certification ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def certify(
+        self, x: torch.Tensor, epsilon: float | None = None, mode: Mode = "sound"
+    ) -> Certificate:
+        """Certifies each point of a batch at radius ``epsilon`` (default: ``self.epsilon``).
+
+        A point is certified only when its top logit beats every other by strictly more than
+        ε·K (plus, in ``sound`` mode, a proven bound on float64 round-off). Ties are never
+        certified.
+        """
+        eps = self.epsilon if epsilon is None else check_epsilon(epsilon)
+        self._check_input(x, check_finite=True)
+        if mode == "sound":
+            st = self._sound_state()
+            x64 = x.to(torch.float64)
+            with torch.backends.cudnn.flags(enabled=False):  # plain dot-product kernels only
+                y = st.backbone64(x64)  # (B, C)
+            K = self._class_bounds(
+                self._head_weight().detach().double(),
+                torch.tensor(st.k_pen, dtype=torch.float64),
+                upper=True,
+            )
+            x_norm = torch.linalg.vector_norm(x64.flatten(1), dim=1)  # (B,)
+            # |e_j − e_i| ≤ 2‖e‖₂, and ‖e‖₂ ≤ coef·‖x‖ + const; 1.01 absorbs this line's rounding.
+            slack = 2.02 * (st.err_coef * x_norm + st.err_const)  # (B,)
+        elif mode == "fast":
+            was_training = self.training
+            self.eval()
+            y = self.backbone(x)
+            K = self._class_bounds(self._head_weight().detach(), self._k_pen_for_forward())
+            self.train(was_training)
+            slack = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
+        else:
+            raise GloroInputError(f"mode must be 'sound' or 'fast', got {mode!r}.")
+        pred, radius = margins.certified_radius(y, K, slack, lipschitz=self.lipschitz)
+        return Certificate(pred, radius > eps, radius, y, eps, mode)
+
+    def predict(self, x: torch.Tensor, epsilon: float | None = None, mode: Mode = "sound"):
+        """(B,) predicted class where certified, else ``ABSTAIN`` (= C)."""
+        c = self.certify(x, epsilon, mode)
+        return torch.where(c.certified, c.pred, torch.full_like(c.pred, self.ABSTAIN))
+
+    def certified_radius(self, x: torch.Tensor, mode: Mode = "sound") -> torch.Tensor:
+        """(B,) the largest ε at which each prediction is certified (0 if none)."""
+        return self.certify(x, mode=mode).radius
+
+    # ---- persistence -----------------------------------------------------------------------
+
+    def save(self, path) -> None:
+        """Saves weights, power-iteration state and ε (safetensors + JSON metadata)."""
+        from torchgloro.io import save_gloro
+
+        save_gloro(self, path)
+
+    def extra_repr(self) -> str:
+        return (
+            f"epsilon={self.epsilon:g}, in_shape={self.in_shape}, "
+            f"lipschitz={self.lipschitz!r}, power_iterations={self.power_iterations}"
+        )

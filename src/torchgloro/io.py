@@ -1,0 +1,188 @@
+"""Saving and loading GloRo nets: safetensors for tensors, JSON metadata, never pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from torchgloro._errors import CheckpointError
+from torchgloro.gloro import GloroNet
+from torchgloro.models import create_model
+
+__all__ = ["save_gloro", "load", "atomic_write_bytes", "atomic_save_tensors", "FORMAT"]
+
+FORMAT = "torchgloro/1"
+MODEL_PREFIX = "model."
+_RUN_FILES = ("best.safetensors", "checkpoint.safetensors", "model.safetensors")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path`` via a temp file in the same folder and an atomic rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_tensors(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]
+) -> None:
+    """``safetensors.torch.save_file`` made atomic (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def gloro_metadata(net: GloroNet) -> dict[str, Any]:
+    """The JSON-able description :func:`load` needs to rebuild ``net``."""
+    spec = getattr(net.backbone, "gloro_spec", None)
+    return {
+        "format": FORMAT,
+        "model": spec,
+        "gloro": {
+            "epsilon": net.epsilon,
+            "in_shape": list(net.in_shape),
+            "power_iterations": net.power_iterations,
+            "lipschitz": net.lipschitz,
+        },
+    }
+
+
+def model_tensors(net: GloroNet) -> dict[str, torch.Tensor]:
+    """The net's state dict (weights, power-iteration iterates, frozen bounds), prefixed."""
+    return {MODEL_PREFIX + k: v for k, v in net.state_dict().items()}
+
+
+def save_gloro(net: GloroNet, path: str | os.PathLike) -> None:
+    """Saves ``net`` to one ``.safetensors`` file, atomically, with JSON metadata."""
+    if net.is_stale:
+        net.refresh()
+    meta = {"torchgloro": json.dumps(gloro_metadata(net))}
+    atomic_save_tensors(path, model_tensors(net), meta)
+
+
+def _resolve(path: Path) -> Path:
+    if path.is_dir():
+        for name in _RUN_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(
+            f"No model file in {path}: expected one of {', '.join(_RUN_FILES)}. Pass the "
+            f"run folder written by `gloro train`, or a file written by GloroNet.save."
+        )
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint not found: {path}.")
+    return path
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file, with clear errors if corrupt."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"Cannot read {path}: the file is corrupt or not a safetensors file ({e}). "
+            f"Restore it from a backup or retrain."
+        ) from e
+    return tensors, meta
+
+
+def load(
+    path: str | os.PathLike, backbone: torch.nn.Module | None = None, map_location: str = "cpu"
+) -> GloroNet:
+    """Loads a GloRo net saved by :meth:`GloroNet.save` or a ``gloro train`` run folder.
+
+    Args:
+        path: A ``.safetensors`` file, or a run folder (``best.safetensors`` is preferred).
+        backbone: The backbone to load into, for models not built by ``create_model``.
+        map_location: Device for the tensors.
+
+    Returns:
+        The net in eval mode, with its frozen Lipschitz constants.
+
+    Raises:
+        CheckpointError: if the file is missing, corrupt, or of another architecture.
+    """
+    path = _resolve(Path(path))
+    tensors, meta = read_safetensors(path)
+    try:
+        info = json.loads(meta["torchgloro"])
+        if info.get("format") != FORMAT:
+            raise KeyError("format")
+        g = info["gloro"]
+    except (KeyError, json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(
+            f"{path} is not a torchgloro checkpoint (missing or bad 'torchgloro' metadata: {e})."
+        ) from e
+    if backbone is None:
+        spec = dict(info.get("model") or {})
+        if not spec:
+            raise CheckpointError(
+                f"{path} holds a custom backbone; pass it: torchgloro.load(path, backbone=...)."
+            )
+        name = spec.pop("name")
+        backbone = create_model(name, tuple(spec.pop("in_shape")), spec.pop("num_classes"), **spec)
+    net = GloroNet(
+        backbone,
+        g["epsilon"],
+        in_shape=tuple(g["in_shape"]),
+        power_iterations=g["power_iterations"],
+        lipschitz=g["lipschitz"],
+    )
+    state = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    load_state_checked(net, state, path)
+    net.to(map_location).eval()
+    if not torch.isnan(net._frozen_k_pen):
+        net._frozen_at = net._fingerprint()
+    return net
+
+
+def load_state_checked(net: torch.nn.Module, state: dict[str, torch.Tensor], path) -> None:
+    """``load_state_dict`` that names every missing, unexpected or mis-shaped tensor."""
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing {missing[:5]}" if missing else "",
+                f"unexpected {unexpected[:5]}" if unexpected else "",
+                f"shape mismatch {shapes[:5]}" if shapes else "",
+            )
+            if part
+        )
+        raise CheckpointError(
+            f"{path} does not match this architecture ({detail}). It was saved from another "
+            f"model or config: load it with the architecture it was trained with."
+        )
+    net.load_state_dict(state)

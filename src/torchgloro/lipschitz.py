@@ -1,0 +1,368 @@
+"""Per-layer ℓ2 Lipschitz bounds, and the registry that maps layer types to them.
+
+Each supported layer gets a :class:`LayerBound` that can give
+
+* ``estimate()``: the *fast* power-iteration estimate used in training (a lower estimate of
+  the layer's operator norm that becomes tight as the iterates converge), optionally
+  differentiable with respect to the layer's weights;
+* ``sound()``: a *proven* upper bound on the operator norm, used for certification.
+
+Layers are looked up by exact type in a registry, so a subclass that changes ``forward``
+is never silently accepted. Unknown layers raise :class:`UnsupportedLayerError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchgloro import sound
+from torchgloro._errors import UnsupportedLayerError
+from torchgloro.activations import GroupSort, MinMax
+from torchgloro.margins import round_up
+
+__all__ = [
+    "LayerBound",
+    "ConstantBound",
+    "PowerIterationBound",
+    "DenseBound",
+    "Conv2dBound",
+    "register_bound",
+    "supported_layers",
+    "bound_for",
+    "flatten_layers",
+    "trace_input_shapes",
+]
+
+BoundFactory = Callable[[nn.Module, tuple[int, ...]], "LayerBound"]
+_REGISTRY: dict[type[nn.Module], BoundFactory] = {}
+
+
+def register_bound(*layer_types: type[nn.Module]) -> Callable[[BoundFactory], BoundFactory]:
+    """Registers a factory ``(module, in_shape) -> LayerBound`` for exact layer types."""
+
+    def deco(factory: BoundFactory) -> BoundFactory:
+        for t in layer_types:
+            _REGISTRY[t] = factory
+        return factory
+
+    return deco
+
+
+def supported_layers() -> list[str]:
+    """Names of every layer type with a registered Lipschitz bound."""
+    return sorted(t.__name__ for t in _REGISTRY)
+
+
+def bound_for(module: nn.Module, in_shape: tuple[int, ...]) -> LayerBound:
+    """Builds the :class:`LayerBound` of ``module`` for inputs of shape ``in_shape`` (no batch).
+
+    Raises:
+        UnsupportedLayerError: if no bound is registered for ``type(module)``.
+    """
+    factory = _REGISTRY.get(type(module))
+    if factory is None:
+        raise UnsupportedLayerError(
+            f"No Lipschitz bound is known for layer {module.__class__.__name__} ({module!r}), so "
+            f"nothing computed through it could be certified. Supported layers: "
+            f"{', '.join(supported_layers())}. Replace the layer, or register a proven bound "
+            f"with torchgloro.lipschitz.register_bound({module.__class__.__name__})."
+        )
+    return factory(module, tuple(in_shape))
+
+
+def flatten_layers(backbone: nn.Module) -> list[nn.Module]:
+    """The leaf layers of a (possibly nested) ``nn.Sequential``, in execution order.
+
+    A module type with a registered bound counts as a leaf, even if it has children.
+    """
+    if type(backbone) in _REGISTRY:
+        return [backbone]
+    if type(backbone) is nn.Sequential:
+        return [leaf for child in backbone for leaf in flatten_layers(child)]
+    raise UnsupportedLayerError(
+        f"Cannot bound the Lipschitz constant through {backbone.__class__.__name__}: a backbone "
+        f"must be an nn.Sequential of supported layers ({', '.join(supported_layers())}), "
+        f"or a module type registered with torchgloro.lipschitz.register_bound."
+    )
+
+
+@torch.no_grad()
+def trace_input_shapes(layers: Sequence[nn.Module], in_shape: tuple[int, ...]) -> list[tuple]:
+    """The per-sample input shape of each layer, found by one dummy forward pass."""
+    p = next((p for layer in layers for p in layer.parameters()), None)
+    x = torch.zeros(
+        (1, *in_shape),
+        device=p.device if p is not None else None,
+        dtype=p.dtype if p is not None else None,
+    )
+    shapes = []
+    for layer in layers:
+        shapes.append(tuple(x.shape[1:]))
+        x = layer(x)
+    return shapes
+
+
+class LayerBound(nn.Module):
+    """Lipschitz-bound state of one layer. Subclasses implement ``estimate`` and ``sound``."""
+
+    def estimate(self, n_iter: int = 0, differentiable: bool = False) -> torch.Tensor:
+        """Fast estimate of the operator norm as a 0-dim tensor.
+
+        Args:
+            n_iter: Power iterations to run first (updating persistent state, no grad).
+            differentiable: Whether the returned value carries gradients to the weights.
+        """
+        raise NotImplementedError
+
+    def converge(self, tol: float = 1e-5, max_iter: int = 10_000) -> torch.Tensor:
+        """Runs the estimate to convergence (relative change below ``tol``)."""
+        return self.estimate()
+
+    def sound(self) -> float:
+        """A proven upper bound on the operator norm."""
+        raise NotImplementedError
+
+    def fp_terms(self) -> tuple[int, float, float] | None:
+        """Round-off model of the layer when evaluated in floating point.
+
+        Returns:
+            ``None`` when the layer is computed exactly (ReLU, MinMax, max, reshapes, zero
+            padding) and maps 0 to 0; otherwise ``(n, abs_norm, bias_norm)``: each output is a
+            sum of at most ``n`` products (bias included), ``abs_norm`` bounds ‖|A|‖₂ for the
+            entrywise-absolute operator, and ``bias_norm`` bounds ‖b‖₂ of the layer's output
+            bias. See docs/soundness.md (floating point).
+        """
+        raise NotImplementedError
+
+
+class ConstantBound(LayerBound):
+    """A layer whose norm is a known constant (exact, hence also sound)."""
+
+    def __init__(
+        self, value: float, name: str, fp_terms: tuple[int, float, float] | None = None
+    ) -> None:
+        super().__init__()
+        self.value = float(value)
+        self.name = name
+        self._fp_terms = fp_terms
+        self.register_buffer("_value", torch.tensor(self.value), persistent=False)
+
+    def estimate(self, n_iter: int = 0, differentiable: bool = False) -> torch.Tensor:
+        return self._value
+
+    def sound(self) -> float:
+        return self.value
+
+    def fp_terms(self) -> tuple[int, float, float] | None:
+        return self._fp_terms
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: {self.value:g}"
+
+
+class PowerIterationBound(LayerBound):
+    """Power iteration on a linear operator ``A`` with a persistent iterate ``u``.
+
+    Subclasses provide ``_apply(u, weight)`` (A u) and ``_adjoint(v, weight)`` (Aᵀ v).
+    """
+
+    def __init__(self, layer: nn.Module, u_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        object.__setattr__(self, "layer", layer)  # not a submodule: owned by the backbone
+        w = layer.weight
+        u = torch.randn(u_shape, device=w.device, dtype=w.dtype)
+        self.register_buffer("u", u / u.norm())
+
+    def _apply(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _adjoint(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _iterate(self, n_iter: int) -> None:
+        w = self.layer.weight.detach()
+        u = self.u
+        for _ in range(n_iter):
+            z = self._adjoint(self._apply(u, w), w)
+            norm = z.norm()
+            # A zero (or vanishing) weight gives z = 0: keep the old unit iterate instead of
+            # collapsing it to 0 or NaN, which would freeze the bound at 0 forever (TF gloro #8).
+            u = torch.where(norm > 1e-30, z / norm.clamp_min(1e-30), u)
+        self.u.copy_(u)
+
+    def estimate(self, n_iter: int = 0, differentiable: bool = False) -> torch.Tensor:
+        if n_iter:
+            self._iterate(n_iter)
+        w = self.layer.weight if differentiable else self.layer.weight.detach()
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            return self._apply(self.u, w).norm()
+
+    @torch.no_grad()
+    def converge(self, tol: float = 1e-5, max_iter: int = 10_000) -> torch.Tensor:
+        sigma = self.estimate()
+        for _ in range(0, max_iter, 10):
+            new = self.estimate(n_iter=10)
+            if (new - sigma).abs() <= tol * new.clamp_min(1e-30):
+                return new
+            sigma = new
+        return sigma
+
+
+class DenseBound(PowerIterationBound):
+    """``nn.Linear``: power iteration on W; sound bound from a float64 SVD."""
+
+    def __init__(self, layer: nn.Linear, in_shape: tuple[int, ...]) -> None:
+        super().__init__(layer, (layer.in_features,))
+
+    def _apply(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return weight @ u
+
+    def _adjoint(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t() @ v
+
+    def sound(self) -> float:
+        return sound.dense_norm_upper(self.layer.weight.detach())
+
+    def fp_terms(self) -> tuple[int, float, float]:
+        return linear_fp_terms(self.layer.weight, self.layer.bias)
+
+
+class Conv2dBound(PowerIterationBound):
+    """``nn.Conv2d`` with zero padding, any stride, dilation and groups.
+
+    The iteration runs on the exact operator: the convolution (no bias) with the layer's own
+    stride/padding/dilation/groups, and its transpose.
+    """
+
+    def __init__(self, layer: nn.Conv2d, in_shape: tuple[int, ...]) -> None:
+        if layer.padding_mode != "zeros":
+            raise UnsupportedLayerError(
+                f"Conv2d with padding_mode={layer.padding_mode!r} is not supported: only zero "
+                f"padding has a proven bound here. Use padding_mode='zeros'."
+            )
+        self.padding = _numeric_padding(layer, in_shape)  # (left, right, top, bottom)
+        super().__init__(layer, (1, *in_shape))
+
+    def _apply(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        return F.conv2d(
+            F.pad(u, self.padding), weight, None, layer.stride, 0, layer.dilation, layer.groups
+        )
+
+    def _adjoint(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        left, right, top, bottom = self.padding
+        padded_shape = (
+            *self.u.shape[:2],
+            self.u.shape[2] + top + bottom,
+            self.u.shape[3] + left + right,
+        )
+        g = torch.nn.grad.conv2d_input(
+            padded_shape, weight, v, layer.stride, 0, layer.dilation, layer.groups
+        )
+        return g[..., top : g.shape[2] - bottom, left : g.shape[3] - right]
+
+    def sound(self) -> float:
+        layer = self.layer
+        return sound.conv2d_norm_upper(
+            self.layer.weight.detach(),
+            tuple(self.u.shape[2:]),
+            stride=layer.stride,
+            padding=self.padding,
+            dilation=layer.dilation,
+            groups=layer.groups,
+        )
+
+    def fp_terms(self) -> tuple[int, float, float]:
+        # Bias is added once per output position: ‖b‖ over the output map.
+        n_out = self._apply(self.u, self.layer.weight.detach()).shape[2:].numel()
+        return linear_fp_terms(self.layer.weight, self.layer.bias, positions=n_out)
+
+
+@torch.no_grad()
+def linear_fp_terms(
+    weight: torch.Tensor, bias: torch.Tensor | None, positions: int = 1
+) -> tuple[int, float, float]:
+    """Round-off terms ``(n, ‖|A|‖₂ bound, ‖b‖₂)`` of a dense or convolution layer.
+
+    ``weight`` is ``(out, in, *kernel)``. By Schur's test ‖|A|‖₂ ≤ sqrt(R·C) with R the
+    largest absolute row sum and C the largest absolute column sum of A. For a convolution,
+    a row of A holds one output channel's kernel entries (at most), and a column holds, for
+    one input channel, each (output channel, kernel offset) at most once, so R and C are
+    bounded by sums of |weight| over (in, kernel) and over (out, kernel) respectively.
+    """
+    w = weight.detach().abs().to(torch.float64)
+    w2 = w.reshape(w.shape[0], w.shape[1], -1)  # (out, in, k)
+    row = w2.sum(dim=(1, 2)).max().item()
+    col = w2.sum(dim=(0, 2)).max().item()
+    abs_norm = round_up(math.sqrt(round_up(row * col, 4)) * (1 + 1e-12), 4)
+    n = w2.shape[1] * w2.shape[2] + (bias is not None)
+    b = 0.0
+    if bias is not None:
+        b = round_up(bias.detach().double().norm().item() * math.sqrt(positions) * (1 + 1e-12))
+    return n, abs_norm, b
+
+
+def _numeric_padding(layer: nn.Conv2d, in_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """The conv's zero padding as (left, right, top, bottom), resolving 'same'/'valid'."""
+    if layer.padding == "valid":
+        return (0, 0, 0, 0)
+    if layer.padding == "same":  # stride 1 only (PyTorch rule): extra padding goes right/bottom
+        pads = []
+        for d, k in zip(reversed(layer.dilation), reversed(layer.kernel_size)):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)  # type: ignore[return-value]
+    ph, pw = layer.padding
+    return (pw, pw, ph, ph)
+
+
+# ---- registrations -------------------------------------------------------------------------
+
+register_bound(nn.Linear)(DenseBound)
+register_bound(nn.Conv2d)(Conv2dBound)
+
+
+@register_bound(nn.ReLU, nn.Flatten, nn.Identity, nn.Unflatten, MinMax, GroupSort)
+def _one(module: nn.Module, in_shape: tuple[int, ...]) -> LayerBound:
+    return ConstantBound(1.0, module.__class__.__name__)
+
+
+@register_bound(nn.ZeroPad2d)
+def _zero_pad(module: nn.ZeroPad2d, in_shape: tuple[int, ...]) -> LayerBound:
+    if any(p < 0 for p in module.padding):
+        raise UnsupportedLayerError("ZeroPad2d with negative padding (cropping) is not supported.")
+    return ConstantBound(1.0, "ZeroPad2d")
+
+
+@register_bound(nn.AvgPool2d)
+def _avg_pool(module: nn.AvgPool2d, in_shape: tuple[int, ...]) -> LayerBound:
+    if module.ceil_mode or module.divisor_override is not None:
+        raise UnsupportedLayerError(
+            "AvgPool2d with ceil_mode=True or divisor_override is not supported; use the defaults."
+        )
+    value = sound.avgpool2d_norm(
+        module.kernel_size,
+        module.stride,
+        module.padding,
+        in_hw=tuple(in_shape[-2:]),
+        count_include_pad=module.count_include_pad,
+    )
+    k = module.kernel_size if isinstance(module.kernel_size, int) else math.prod(module.kernel_size)
+    k = k * k if isinstance(module.kernel_size, int) else k
+    # Non-negative weights: |A| = A. One division adds one more rounding.
+    return ConstantBound(value, "AvgPool2d", fp_terms=(k + 1, value, 0.0))
+
+
+@register_bound(nn.MaxPool2d)
+def _max_pool(module: nn.MaxPool2d, in_shape: tuple[int, ...]) -> LayerBound:
+    if module.ceil_mode:
+        raise UnsupportedLayerError("MaxPool2d with ceil_mode=True is not supported.")
+    value = sound.maxpool2d_norm(module.kernel_size, module.stride, module.padding, module.dilation)
+    return ConstantBound(value, "MaxPool2d")

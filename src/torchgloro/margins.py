@@ -1,0 +1,158 @@
+"""Pure math of the GloRo construction: class-pair bounds, the ⊥ logit, certified radii.
+
+Functions marked *upper* round every step upward, so the result is a proven upper bound
+when the inputs are (see docs/soundness.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+__all__ = [
+    "UNIT_ROUNDOFF_F64",
+    "round_up",
+    "product_upper",
+    "pairwise_row_distances",
+    "row_norms",
+    "bottom_logit",
+    "certified_radius",
+    "forward_error_coefficients",
+]
+
+UNIT_ROUNDOFF_F64 = 2.0**-53
+
+
+def round_up(x: float, ulps: int = 2) -> float:
+    """``x`` nudged up by ``ulps`` units in the last place (toward +inf)."""
+    for _ in range(ulps):
+        x = math.nextafter(x, math.inf)
+    return x
+
+
+def product_upper(values: Iterable[float]) -> float:
+    """A float64 product of non-negative factors, rounded up after every multiply."""
+    out = 1.0
+    for v in values:
+        if not (v >= 0 and math.isfinite(v)):
+            raise ValueError(f"a layer bound must be finite and >= 0, got {v}")
+        out = round_up(out * v, 1)
+    return out
+
+
+def pairwise_row_distances(w: torch.Tensor, upper: bool = False) -> torch.Tensor:
+    """``(C, C)`` matrix of ‖w_j − w_i‖₂ over the rows of ``w`` (C, D).
+
+    Args:
+        w: The last layer's weight, one row per class.
+        upper: If True, compute in float64 from explicit differences and inflate by a
+            proven relative round-off allowance, so every entry is an upper bound on the
+            exact distance. If False, the fast, differentiable Gram form is used.
+    """
+    if upper:
+        w = w.detach().to(torch.float64)
+        out = torch.stack([torch.linalg.vector_norm(w - row, dim=1) for row in w])
+        # diff: 1 rounding; sum of D squares: gamma_D; sqrt: 1 rounding → (D + 3)·u relative.
+        rel = 2 * (w.shape[1] + 3) * UNIT_ROUNDOFF_F64
+        return out * (1 + rel) + torch.finfo(torch.float64).tiny
+    sq = (w * w).sum(1)  # (C,)
+    d2 = sq[:, None] + sq[None, :] - 2 * (w @ w.t())  # (C, C)
+    return d2.clamp_min(1e-12).sqrt()
+
+
+def row_norms(w: torch.Tensor, upper: bool = False) -> torch.Tensor:
+    """``(C,)`` ‖w_i‖₂ per row; with ``upper``, a proven float64 upper bound."""
+    if upper:
+        w = w.detach().to(torch.float64)
+        rel = 2 * (w.shape[1] + 2) * UNIT_ROUNDOFF_F64
+        return torch.linalg.vector_norm(w, dim=1) * (1 + rel) + torch.finfo(torch.float64).tiny
+    return torch.linalg.vector_norm(w, dim=1)
+
+
+def bottom_logit(y: torch.Tensor, K: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor:
+    """The ⊥ logit, ``max_{i≠j} (y_i + ε·K_ji)`` with ``j = argmax y`` (first index on ties).
+
+    Args:
+        y: ``(B, C)`` logits of the backbone.
+        K: ``(C, C)`` margin bounds (K[j, i] for f_j − f_i), or ``(C,)`` per-class bounds
+            for the basic variant, where K_ji := K_j + K_i.
+        epsilon: 0-dim radius.
+
+    Returns:
+        ``(B,)`` the ⊥ logit.
+    """
+    j = y.argmax(dim=1)  # (B,)
+    if K.dim() == 2:
+        Kj = K[j]  # (B, C)
+    else:
+        Kj = K[j].unsqueeze(1) + K.unsqueeze(0)  # (B, C)
+    cand = y + epsilon * Kj  # (B, C)
+    is_top = torch.nn.functional.one_hot(j, y.shape[1]).bool()  # (B, C)
+    return cand.masked_fill(is_top, float("-inf")).amax(dim=1)  # (B,)
+
+
+def certified_radius(
+    y: torch.Tensor, K: torch.Tensor, slack: torch.Tensor, lipschitz: str = "margin"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-point prediction and certified radius.
+
+    The radius is ``min_{i≠j} (y_j − y_i − slack) / K_ji`` clamped at 0, scaled down by a few
+    ulps so that ``radius > ε`` implies ``y_j − y_i − slack > ε·K_ji`` exactly. A tie for the
+    top logit has margin 0 and hence radius 0: never certified.
+
+    Args:
+        y: ``(B, C)`` logits.
+        K: ``(C, C)`` or ``(C,)`` bounds as in :func:`bottom_logit`.
+        slack: ``(B,)`` proven bound on the round-off error of any margin y_j − y_i.
+        lipschitz: ``"margin"`` or ``"basic"``, matching the shape of ``K``.
+
+    Returns:
+        ``(pred, radius)``, both ``(B,)``.
+    """
+    j = y.argmax(dim=1)  # (B,)
+    Kj = K[j] if lipschitz == "margin" else K[j].unsqueeze(1) + K.unsqueeze(0)  # (B, C)
+    yj = y.gather(1, j[:, None])  # (B, 1)
+    eps_rel = 8 * torch.finfo(y.dtype).eps
+    # Round-off of the subtraction itself, on top of the forward-pass slack.
+    margin = (yj - y) - slack[:, None] - eps_rel * (yj.abs() + y.abs())  # (B, C)
+    ratio = torch.where(Kj > 0, margin / Kj, torch.where(margin > 0, torch.inf, 0.0))
+    ratio = ratio * (1 - eps_rel)
+    is_top = torch.nn.functional.one_hot(j, y.shape[1]).bool()
+    radius = ratio.masked_fill(is_top, torch.inf).amin(dim=1).clamp_min(0.0)  # (B,)
+    # Any other logit equal to the top one (a tie) must give radius exactly 0.
+    tie = ((y == yj) & ~is_top).any(dim=1)
+    return j, radius.masked_fill(tie, 0.0)
+
+
+def forward_error_coefficients(
+    layers: Iterable[tuple[float, tuple[int, float, float] | None]],
+    unit_roundoff: float = UNIT_ROUNDOFF_F64,
+) -> tuple[float, float]:
+    """Coefficients ``(p, q)`` with ‖fl(f(x)) − f(x)‖₂ ≤ p·‖x‖₂ + q for every input x.
+
+    ``f`` is a chain of layers, each given as ``(L, terms)``: ``L`` a proven bound on its
+    operator norm, and ``terms`` as in :meth:`LayerBound.fp_terms` (``None`` for layers that
+    are computed exactly and map 0 to 0). With h the exact and h̃ the computed activations,
+    a layer with ``terms = (n, A, b)`` satisfies, componentwise, |fl(W h̃ + b) − (W h̃ + b)| ≤
+    γ_n (|W||h̃| + |b|) (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1),
+    so in ℓ2: e' ≤ γ_n (A (N + e) + b) + L e, while ‖h‖ grows as N' ≤ L N + b.
+    Both bounds are affine in ‖x‖₂ and are tracked as (coefficient, constant) pairs.
+    """
+    u = unit_roundoff
+    n_coef, n_const = 1.0, 0.0  # ‖h‖ ≤ n_coef·‖x‖ + n_const
+    e_coef, e_const = 0.0, 0.0  # ‖h̃ − h‖ ≤ e_coef·‖x‖ + e_const
+    for L, terms in layers:
+        if terms is None:
+            n_coef, n_const, e_coef, e_const = L * n_coef, L * n_const, L * e_coef, L * e_const
+        else:
+            n, A, b = terms
+            gamma = n * u / (1 - n * u)
+            e_coef, e_const = (
+                gamma * A * (n_coef + e_coef) + L * e_coef,
+                gamma * (A * (n_const + e_const) + b) + L * e_const,
+            )
+            n_coef, n_const = L * n_coef, L * n_const + b
+    # A generous factor covers the round-off of this very recursion.
+    return round_up(e_coef * 1.001, 4), round_up(e_const * 1.001, 4)
