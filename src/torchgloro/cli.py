@@ -1,0 +1,57 @@
+"""The ``gloro`` command line: ``gloro {train,certify,evaluate,compare} ...``.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; this file only wires them together (imported lazily, so
+``gloro --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from torchgloro._errors import GloroError
+
+__all__ = ["main", "build_parser"]
+
+# name -> (module, one-line help)
+_COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("torchgloro.train.cli", "train a GloRo net from a recipe or config"),
+    "certify": ("torchgloro.train.certify_cli", "certify a trained run on its test split"),
+    "evaluate": ("torchgloro.evaluate.cli", "full evaluation: VRA, PGD, bounds, cost"),
+    "compare": ("torchgloro.evaluate.compare_cli", "side-by-side table of several runs"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gloro", description="Train and certify globally-robust (GloRo) neural networks."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in _COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(module)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``gloro`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        argv = ["train"]  # the main job: train the embedded default
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        build_parser().print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except GloroError as e:
+        print(f"gloro {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
