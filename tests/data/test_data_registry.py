@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -67,5 +68,5 @@ def test_split_helpers():
         s.subset([5])
     with pytest.raises(GloroInputError):
         Split(torch.rand(5, 4), torch.zeros(5, dtype=torch.long), info)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         info.name = "x"  # frozen
