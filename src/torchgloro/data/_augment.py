@@ -68,7 +68,10 @@ class Augment(nn.Module):
         if gen is None:
             return self.ops(x).clamp_(0.0, 1.0)
         seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())
-        devices = [x.device.index or torch.cuda.current_device()] if x.is_cuda else []
+        devices = []
+        if x.is_cuda:
+            idx = x.device.index
+            devices = [idx if idx is not None else torch.cuda.current_device()]
         with torch.random.fork_rng(devices=devices):
             torch.random.default_generator.manual_seed(seed)
             if x.is_cuda:
