@@ -85,6 +85,8 @@ def test_tiny_from_zip_then_cache(tmp_path, monkeypatch):
     again = get_dataset("tiny-imagenet", "train", root=tmp_path)
     assert again.x.shape == (6, 3, 64, 64)
     assert float(again.x[0].max()) == pytest.approx(7 / 255)
+    zp.unlink()  # the cache alone is enough
+    assert len(get_dataset("tiny-imagenet", "test", root=tmp_path)) == 2
 
 
 def test_tiny_extracted_folder(tmp_path):

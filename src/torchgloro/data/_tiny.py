@@ -171,14 +171,19 @@ def _find(root: Path, download: bool) -> tuple[Callable[[], _Source], Path]:
 
 def load_tiny_imagenet(name: str, root: Path, split: str, download: bool) -> Split:
     """Load ``train`` or ``test`` (the official val set) of Tiny-ImageNet-200."""
-    make, base = _find(root, download)
-    cache = base / CACHE_DIR
-    wnids_cache = cache / "wnids.txt"
-    cached = _load_cache(cache, split) if wnids_cache.is_file() else None
+    cached = None
+    for d in (root / "tiny-imagenet", root):  # a cache is enough, even without the zip
+        cache = d / CACHE_DIR
+        if (cache / "wnids.txt").is_file():
+            cached = _load_cache(cache, split)
+            if cached is not None:
+                break
     if cached is not None:
-        wnids = wnids_cache.read_text().split()
+        wnids = (cache / "wnids.txt").read_text().split()
         x, y = cached
     else:
+        make, base = _find(root, download)
+        cache = base / CACHE_DIR
         src = make()
         try:
             wnids = _wnids(src)
