@@ -1,0 +1,55 @@
+"""``gloro compare RUN1 RUN2 ...``: side-by-side markdown table of evaluated runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from torchgloro._errors import CheckpointError
+
+__all__ = ["add_arguments", "run", "load_evaluation"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "runs", nargs="+", metavar="RUN",
+        help="run folders (with evaluation.json from `gloro evaluate`) or evaluation.json files",
+    )  # fmt: skip
+    parser.add_argument(
+        "--names", default=None, help="comma-separated labels, e.g. Standard,GloRo,GloRo-T"
+    )
+    parser.add_argument("--output", default=None, help="also write the table to this file")
+
+
+def load_evaluation(path: str | Path) -> dict:
+    """The evaluation.json of a run folder (or the file itself)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "evaluation.json"
+    if not p.is_file():
+        raise CheckpointError(f"No evaluation found at {p}: run `gloro evaluate {path}` first.")
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"Cannot read {p}: {e}. Re-run `gloro evaluate`.") from e
+
+
+def run(args: argparse.Namespace) -> int:
+    from torchgloro.evaluate.report import compare_table
+
+    results = [load_evaluation(r) for r in args.runs]
+    names = None
+    if args.names:
+        names = [s.strip() for s in args.names.split(",")]
+        if len(names) != len(results):
+            raise CheckpointError(
+                f"--names has {len(names)} labels for {len(results)} runs; give one per run."
+            )
+    else:
+        names = [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in args.runs]
+    table = compare_table(results, names)
+    print(table)
+    if args.output:
+        Path(args.output).write_text(table + "\n")
+    return 0
