@@ -330,7 +330,10 @@ class ResidualBound(LayerBound):
     ``b = B + ((1 + u)q + uB)/γ₁``: ``b ≥ B`` keeps the norm recursion valid, and
     ``γ₁·b ≥ (1 + u)q + uB`` covers the constant error terms. ``A`` and ``b`` are not a
     literal ‖|W|‖ and ‖bias‖, but they are what the recursion needs, and they are rounded up.
+    ``unit_roundoff`` (float64's by default) is the ``u`` of the evaluation precision.
     """
+
+    unit_roundoff: float = UNIT_ROUNDOFF_F64
 
     def __init__(self, layer: Residual, in_shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -363,7 +366,7 @@ class ResidualBound(LayerBound):
         return round_up(1.0 + product_upper(b.sound() for b in self.inner), 2)
 
     def fp_terms(self) -> tuple[int, float, float]:
-        u = UNIT_ROUNDOFF_F64
+        u = self.unit_roundoff
         norms = [b.sound() for b in self.inner]
         terms = [b.fp_terms() for b in self.inner]
         p, q = forward_error_coefficients(zip(norms, terms), unit_roundoff=u)

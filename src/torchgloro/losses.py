@@ -8,7 +8,15 @@ from torch import nn
 
 from torchgloro._errors import GloroInputError
 
-__all__ = ["GloroCrossEntropy", "GloroTrades", "check_labels"]
+__all__ = [
+    "GloroCrossEntropy",
+    "GloroTrades",
+    "GloroEMMA",
+    "GloroHinge",
+    "LOSSES",
+    "live_lipschitz",
+    "check_labels",
+]
 
 
 def check_labels(y: torch.Tensor, num_classes: int) -> None:
@@ -61,3 +69,210 @@ class GloroTrades(nn.Module):
 
     def extra_repr(self) -> str:
         return f"lam={self.lam:g}"
+
+
+def live_lipschitz(net: nn.Module) -> torch.Tensor:
+    """The class-pair bounds K that ``net``'s forward pass is using right now.
+
+    In training mode this is the live, *differentiable* power-iteration estimate (no extra
+    iterations are run: the forward pass already advanced the iterates), so a loss built on
+    it sends gradients into the Lipschitz constants. In eval mode it is the frozen constant.
+
+    Returns:
+        ``(C, C)`` (margin variant, K[j, i] bounds f_j − f_i) or ``(C,)`` (basic variant).
+    """
+    if net.training:
+        k_pen = net._penultimate_fast(0, differentiable=True)
+    else:
+        k_pen = net._k_pen_for_forward()
+    return net._class_bounds(net._head_weight(), k_pen)
+
+
+class _LipschitzLoss(nn.Module):
+    """A loss that needs the class-pair bounds K and the radius ε, not only the ⊥ logit.
+
+    K and ε come, in this order, from the ``K=``/``epsilon=`` keywords of ``forward``, the
+    ``epsilon`` given at construction, and the bound net (``net=`` at construction or
+    :meth:`bind`): K is then :func:`live_lipschitz` (differentiable in training) and ε is
+    ``net.epsilon`` at call time, so ε schedules that set ``net.epsilon`` apply.
+    """
+
+    def __init__(self, net: nn.Module | None = None, epsilon: float | None = None) -> None:
+        super().__init__()
+        self._net = None
+        self.epsilon = None if epsilon is None else float(epsilon)
+        if net is not None:
+            self.bind(net)
+
+    def bind(self, net: nn.Module) -> _LipschitzLoss:
+        """Uses ``net`` (a :class:`~torchgloro.GloroNet`) for K and ε; returns ``self``."""
+        object.__setattr__(self, "_net", net)  # not a submodule: its parameters stay the net's
+        return self
+
+    def _resolve(
+        self, logits: torch.Tensor, K: torch.Tensor | None, epsilon: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        net = self._net
+        if K is None:
+            if net is None:
+                raise GloroInputError(
+                    f"{self.__class__.__name__} needs the net's Lipschitz bounds: build it with "
+                    f"{self.__class__.__name__}(net=gloro_net), call .bind(gloro_net), or pass "
+                    f"K= to the call."
+                )
+            K = live_lipschitz(net)
+        if epsilon is None:
+            epsilon = self.epsilon if self.epsilon is not None else getattr(net, "epsilon", None)
+        if epsilon is None:
+            raise GloroInputError(f"{self.__class__.__name__} needs epsilon (or a bound net).")
+        num_classes = K.shape[0]
+        if logits.shape[1] not in (num_classes, num_classes + 1):
+            raise GloroInputError(
+                f"logits have {logits.shape[1]} columns but K is for {num_classes} classes; "
+                f"expected (B, {num_classes}) or (B, {num_classes + 1}) with ⊥ last."
+            )
+        return logits[:, :num_classes], K, float(epsilon)
+
+
+def _target_row(K: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``(B, C)`` K_{y,i}: row y of the (C, C) bounds, or K_y + K_i for the basic (C,) form."""
+    if K.dim() == 2:
+        return K[y]
+    return K[y].unsqueeze(1) + K.unsqueeze(0)
+
+
+class GloroEMMA(_LipschitzLoss):
+    """EMMA, Efficient Margin MAximization (Hu et al., NeurIPS 2023).
+
+    Instead of the single ⊥ logit, every non-target class i gets its own adaptive radius:
+    with f the class logits, y the label and K_yi the bound on the Lipschitz constant of
+    f_y − f_i,
+
+        ε_i = clip((f_y − f_i) / K_yi, min_fraction·ε, ε)        (no gradient through ε_i)
+        f̃_i = f_i + ε_i·K_yi  for i ≠ y,   f̃_y = f_y,
+        loss = CE(f̃, y).
+
+    ε_i is the distance to the i-th decision boundary as far as the bound can see, capped at ε:
+    a class that is already certifiably beaten at radius ε is pushed with the full ε, while a
+    class that is close (or wins) is pushed only as far as the boundary, so its gradient is not
+    drowned by an unreachable ε. The gradient still flows through K (and the logits), so the
+    loss shrinks the Lipschitz bounds as well as widening margins. The ⊥ column of the GloRo
+    logits is not used.
+
+    Args:
+        net: The :class:`~torchgloro.GloroNet` whose K and ε to use (or :meth:`bind` later, or
+            pass ``K=``/``epsilon=`` to each call).
+        epsilon: A fixed ε overriding ``net.epsilon``.
+        min_fraction: Lower clip of ε_i as a fraction of ε. 0 (the default) lets a class that
+            currently wins over the label be treated with plain cross-entropy; the authors'
+            reference code uses 0.01.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module | None = None,
+        epsilon: float | None = None,
+        min_fraction: float = 0.0,
+    ) -> None:
+        super().__init__(net, epsilon)
+        if not 0.0 <= min_fraction <= 1.0:
+            raise GloroInputError(f"min_fraction must lie in [0, 1], got {min_fraction!r}.")
+        self.min_fraction = float(min_fraction)
+
+    def robust_logits(
+        self,
+        logits: torch.Tensor,
+        y: torch.Tensor,
+        K: torch.Tensor | None = None,
+        epsilon: float | None = None,
+    ) -> torch.Tensor:
+        """``(B, C)`` the logits f̃ that the loss applies cross-entropy to."""
+        f, K, eps = self._resolve(logits, K, epsilon)
+        check_labels(y, f.shape[1])
+        ky = _target_row(K, y)  # (B, C)
+        margin = f.gather(1, y[:, None]) - f  # (B, C)
+        with torch.no_grad():
+            reach = eps * ky
+            frac = torch.where(reach > 0, margin / reach.clamp_min(1e-30), torch.ones_like(f))
+            frac = frac.clamp(self.min_fraction, 1.0)
+            eps_i = eps * frac  # (B, C)
+        robust = f + eps_i * ky
+        is_target = F.one_hot(y, f.shape[1]).bool()
+        return torch.where(is_target, f, robust)
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        K: torch.Tensor | None = None,
+        epsilon: float | None = None,
+    ) -> torch.Tensor:
+        """The EMMA loss on GloRo logits ``(B, C+1)`` (or class logits ``(B, C)``)."""
+        return F.cross_entropy(self.robust_logits(logits, y, K, epsilon), y)
+
+    def extra_repr(self) -> str:
+        return f"epsilon={self.epsilon}, min_fraction={self.min_fraction:g}"
+
+
+class GloroHinge(_LipschitzLoss):
+    """Multi-class hinge on the GloRo logits: ``mean(max(0, m − (z_y − max_{j≠y} z_j)))``.
+
+    With ``certified=False`` (default), z are the ``(B, C+1)`` GloRo logits, ⊥ included, so
+    the loss asks the label to beat every class *and* ⊥ by ``m``; no net is needed.
+    With ``certified=True``, z_j = f_j + ε·K_yj for j ≠ y (the target's own Lipschitz row,
+    as in GloRo's ⊥ when the prediction is right): the hinge on the certified margin
+    ``min_j (f_y − f_j − ε·K_yj)``; this needs K and ε like :class:`GloroEMMA`.
+
+    Args:
+        margin: The hinge margin m ≥ 0.
+        certified: Use the certified margin (see above).
+        net: The :class:`~torchgloro.GloroNet` for K and ε (``certified=True`` only).
+        epsilon: A fixed ε overriding ``net.epsilon`` (``certified=True`` only).
+    """
+
+    def __init__(
+        self,
+        margin: float = 1.0,
+        certified: bool = False,
+        net: nn.Module | None = None,
+        epsilon: float | None = None,
+    ) -> None:
+        super().__init__(net, epsilon)
+        if not margin >= 0:
+            raise GloroInputError(f"hinge margin must be >= 0, got {margin!r}.")
+        self.margin = float(margin)
+        self.certified = bool(certified)
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        K: torch.Tensor | None = None,
+        epsilon: float | None = None,
+    ) -> torch.Tensor:
+        if self.certified:
+            z, K, eps = self._resolve(logits, K, epsilon)
+            check_labels(y, z.shape[1])
+            z = z + eps * _target_row(K, y)
+        else:
+            z = logits
+            check_labels(y, z.shape[1] - 1)
+        is_target = F.one_hot(y, z.shape[1]).bool()
+        z_y = z.gather(1, y[:, None]).squeeze(1)  # (B,)
+        z_other = z.masked_fill(is_target, float("-inf")).amax(dim=1)  # (B,)
+        return F.relu(self.margin - (z_y - z_other)).mean()
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin:g}, certified={self.certified}"
+
+
+#: Loss classes by name (for configs and the CLI). GloroEMMA and certified GloroHinge need
+#: the net: construct with ``net=`` or call ``.bind(net)``.
+LOSSES: dict[str, type[nn.Module]] = {
+    "ce": GloroCrossEntropy,
+    "trades": GloroTrades,
+    "emma": GloroEMMA,
+    "hinge": GloroHinge,
+}
