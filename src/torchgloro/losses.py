@@ -255,7 +255,8 @@ class GloroHinge(_LipschitzLoss):
         if self.certified:
             z, K, eps = self._resolve(logits, K, epsilon)
             check_labels(y, z.shape[1])
-            z = z + eps * _target_row(K, y)
+            ky = _target_row(K, y)  # (B, C); the target's own entry is not added
+            z = z + eps * torch.where(F.one_hot(y, z.shape[1]).bool(), 0.0, ky)
         else:
             z = logits
             check_labels(y, z.shape[1] - 1)
