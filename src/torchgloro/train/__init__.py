@@ -1,0 +1,59 @@
+"""Training GloRo nets: configs, recipes, the loop, checkpoints, reports and DDP.
+
+>>> from torchgloro.train import load_config, train
+>>> cfg = load_config("digits-minicnn-gloro", ["run.epochs=5"])
+>>> result = train(cfg)                      # writes runs/<name>-<timestamp>/
+>>> result.final["vra_sound"]
+
+The same from the shell: ``gloro train digits-minicnn-gloro --epochs 5``.
+"""
+
+from torchgloro.train.config import (
+    DEFAULT_RECIPE,
+    DataConfig,
+    GloroConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    list_recipes,
+    load_config,
+    recipe_path,
+)
+from torchgloro.train.loop import (
+    LOSSES,
+    OPTIMIZERS,
+    TrainingDivergedError,
+    TrainResult,
+    evaluate,
+    train,
+)
+
+__all__ = [
+    "TrainConfig",
+    "RunConfig",
+    "DataConfig",
+    "ModelConfig",
+    "GloroConfig",
+    "LossConfig",
+    "OptimConfig",
+    "load_config",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "list_recipes",
+    "recipe_path",
+    "DEFAULT_RECIPE",
+    "train",
+    "evaluate",
+    "TrainResult",
+    "TrainingDivergedError",
+    "LOSSES",
+    "OPTIMIZERS",
+]

@@ -1,0 +1,60 @@
+"""``gloro certify RUN [--epsilon E] [--dataset NAME] [--data-dir D] [--mode sound|fast]``"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from torchgloro._errors import ConfigError
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN", help="a run folder or a .safetensors model file")
+    p.add_argument("--epsilon", type=float, help="radius (default: the run's gloro.epsilon_test)")
+    p.add_argument("--dataset", help="dataset name (default: the run's data.name)")
+    p.add_argument("--data-dir", metavar="DIR", help="data root (default: the run's data.root)")
+    p.add_argument("--mode", choices=("sound", "fast"), default="sound")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--download", action="store_true")
+
+
+def _run_config(path: Path) -> dict:
+    from torchgloro.train.config import read_toml
+
+    cfg_file = (path if path.is_dir() else path.parent) / "config.toml"
+    return read_toml(cfg_file) if cfg_file.is_file() else {}
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import torchgloro as tg
+    from torchgloro.train.loop import evaluate
+
+    path = Path(args.run_dir)
+    saved = _run_config(path)
+    data = saved.get("data", {})
+    name = args.dataset or data.get("name")
+    if not name:
+        raise ConfigError(f"No config.toml next to {path}: pass --dataset NAME.")
+    root = args.data_dir if args.data_dir is not None else data.get("root")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = tg.load(path, map_location=device)
+    eps = args.epsilon
+    if eps is None:
+        eps = saved.get("gloro", {}).get("epsilon_test") or net.epsilon
+    split = tg.data.get_dataset(name, "test", root=root, download=args.download).to(device)
+    r = evaluate(net, split, eps, args.mode, args.batch_size)
+    print(f"{path}: {split.info.name} test split ({r['n']} images), epsilon = {eps:g}, "
+          f"mode = {args.mode}")  # fmt: skip
+    print(f"  clean accuracy  {100 * r['clean']:.2f}%")
+    print(f"  VRA             {100 * r['vra']:.2f}%")
+    print(f"  rejection rate  {100 * r['rejection']:.2f}%")
+    sys.stdout.flush()
+    return 0

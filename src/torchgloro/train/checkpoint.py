@@ -1,0 +1,202 @@
+"""Resumable training checkpoints: ``checkpoint.safetensors`` + ``checkpoint.json``.
+
+``checkpoint.safetensors`` holds every tensor: the model under ``model.`` (so that
+:func:`torchgloro.load` can read the file), the optimizer state under ``optim.``, RNG states
+under ``rng.`` and loop accumulators under ``state.``. ``checkpoint.json`` holds the rest:
+the epoch and step, the optimizer's param groups and non-tensor state, the best result so far
+and the config. Both are written atomically (temp file + rename), tensors first and JSON
+second; both record the epoch and step, and :func:`read_checkpoint` refuses a pair that
+disagrees (an interrupted write).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchgloro import io
+from torchgloro._errors import CheckpointError
+from torchgloro.gloro import GloroNet
+
+__all__ = [
+    "TENSORS_FILE",
+    "JSON_FILE",
+    "FORMAT",
+    "Checkpoint",
+    "write_checkpoint",
+    "read_checkpoint",
+    "restore_model",
+    "optimizer_tensors",
+    "restore_optimizer",
+]
+
+TENSORS_FILE = "checkpoint.safetensors"
+JSON_FILE = "checkpoint.json"
+FORMAT = "torchgloro-train/1"
+_META_KEY = "torchgloro.train"
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read back from a run folder."""
+
+    tensors: dict[str, torch.Tensor]
+    info: dict[str, Any]  # the JSON file
+    model_spec: dict[str, Any] | None  # from the safetensors metadata
+
+    @property
+    def epoch(self) -> int:
+        return int(self.info["epoch"])
+
+    @property
+    def step(self) -> int:
+        return int(self.info["step"])
+
+    def prefixed(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Splits ``optimizer.state_dict()`` into tensors (``optim.<i>.<key>``) and JSON."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    groups = [
+        {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+        for g in sd["param_groups"]
+    ]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
+    """Loads the optimizer state written by :func:`optimizer_tensors`."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in ckpt.prefixed("optim.").items():
+        idx, _, key = name.partition(".")
+        state.setdefault(int(idx), {})[key] = value
+    info = ckpt.info["optim"]
+    for idx, scalars in info.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(scalars)
+    groups = [
+        {k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in info["param_groups"]
+    ]
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(
+            f"The optimizer state in the checkpoint does not fit this optimizer ({e}); was it "
+            f"written with another optim.name or model?"
+        ) from e
+
+
+def write_checkpoint(
+    run_dir: Path,
+    net: GloroNet,
+    tensors: dict[str, torch.Tensor],
+    info: dict[str, Any],
+    fresh_bound: bool,
+) -> None:
+    """Writes the checkpoint pair atomically: tensors first, JSON second.
+
+    Args:
+        run_dir: The run folder.
+        net: The model; saved under ``model.``.
+        tensors: Further tensors, already prefixed (``optim.``, ``rng.``, ``state.``).
+        info: JSON-able dict with at least ``epoch`` and ``step``.
+        fresh_bound: Whether ``net``'s frozen Lipschitz constants match its weights. If not
+            (a mid-epoch checkpoint), ``model._frozen_k_pen`` is saved as NaN so that
+            :func:`torchgloro.load` recomputes it; the exact value is kept for resuming.
+    """
+    model = io.model_tensors(net)
+    if not fresh_bound:
+        key = io.MODEL_PREFIX + "_frozen_k_pen"
+        tensors = {**tensors, "state.frozen_k_pen": model[key]}
+        model[key] = torch.full_like(model[key], float("nan"))
+    marker = {"epoch": int(info["epoch"]), "step": int(info["step"])}
+    meta = {
+        "torchgloro": json.dumps(io.gloro_metadata(net)),
+        _META_KEY: json.dumps(marker),
+    }
+    io.atomic_save_tensors(run_dir / TENSORS_FILE, {**model, **tensors}, meta)
+    text = json.dumps({"format": FORMAT, **info}, indent=2, allow_nan=True)
+    io.atomic_write_bytes(run_dir / JSON_FILE, text.encode())
+
+
+def read_checkpoint(run_dir: str | Path) -> Checkpoint:
+    """Reads and cross-checks the checkpoint pair of a run folder.
+
+    Raises:
+        CheckpointError: if a file is missing, corrupt, or the two disagree.
+    """
+    run_dir = Path(run_dir)
+    t_path, j_path = run_dir / TENSORS_FILE, run_dir / JSON_FILE
+    for p in (t_path, j_path):
+        if not p.is_file():
+            raise CheckpointError(
+                f"Cannot resume from {run_dir}: {p.name} is missing. Pass a run folder written "
+                f"by `gloro train` that has completed at least one checkpoint."
+            )
+    tensors, meta = io.read_safetensors(t_path)
+    try:
+        info = json.loads(j_path.read_text())
+        if info.get("format") != FORMAT:
+            raise ValueError(f"format is {info.get('format')!r}, expected {FORMAT!r}")
+        for key in ("epoch", "step", "config", "optim"):
+            if key not in info:
+                raise ValueError(f"missing {key!r}")
+    except (ValueError, OSError, AttributeError) as e:
+        raise CheckpointError(f"{j_path} is corrupt or not a training checkpoint ({e}).") from e
+    try:
+        marker = json.loads(meta[_META_KEY])
+        spec = json.loads(meta["torchgloro"]).get("model")
+    except (KeyError, ValueError, AttributeError) as e:
+        raise CheckpointError(
+            f"{t_path} is not a training checkpoint (missing metadata {e}); it may be a model "
+            f"file written by GloroNet.save, which cannot be resumed."
+        ) from e
+    if (marker.get("epoch"), marker.get("step")) != (info["epoch"], info["step"]):
+        raise CheckpointError(
+            f"{t_path.name} (epoch {marker.get('epoch')}, step {marker.get('step')}) and "
+            f"{j_path.name} (epoch {info['epoch']}, step {info['step']}) disagree: the run was "
+            f"interrupted while writing its checkpoint, so it cannot be resumed exactly."
+        )
+    return Checkpoint(tensors, info, spec)
+
+
+def restore_model(net: GloroNet, ckpt: Checkpoint, path: Path) -> None:
+    """Loads the ``model.`` tensors into ``net``, refusing another architecture."""
+    own = getattr(net.backbone, "gloro_spec", None)
+    if own is not None and ckpt.model_spec is not None:
+        diff = {
+            k: (ckpt.model_spec.get(k), own.get(k))
+            for k in set(own) | set(ckpt.model_spec)
+            if ckpt.model_spec.get(k) != own.get(k)
+        }
+        if diff:
+            detail = ", ".join(
+                f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items()
+            )
+            raise CheckpointError(
+                f"{path} was written for another architecture ({detail}); resume it with the "
+                f"config it was trained with."
+            )
+    state = ckpt.prefixed(io.MODEL_PREFIX)
+    io.load_state_checked(net, state, path)
+    if "state.frozen_k_pen" in ckpt.tensors:
+        net._frozen_k_pen.copy_(ckpt.tensors["state.frozen_k_pen"])
+
+
+def finite_or_nan(value: float) -> float | None:
+    """JSON has no NaN: ``None`` for non-finite floats."""
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None

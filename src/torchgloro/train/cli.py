@@ -1,0 +1,113 @@
+"""``gloro train [RECIPE | --config FILE.toml] [--set k=v ...] ...``"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from torchgloro._errors import CheckpointError, ConfigError
+from torchgloro.train.config import (
+    DEFAULT_RECIPE,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    list_recipes,
+    load_config,
+)
+
+__all__ = ["add_arguments", "run", "config_from_args", "RESUME_OVERRIDABLE"]
+
+# Keys that may change when resuming (they do not alter the trajectory of training).
+RESUME_OVERRIDABLE = {
+    "run.device",
+    "run.out",
+    "run.eval_batch_size",
+    "run.checkpoint_every",
+    "data.root",
+    "data.download",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = (
+        "recipes: " + ", ".join(list_recipes()) + f"\n(default: {DEFAULT_RECIPE}; see "
+        "docs/recipes.md). Resume an interrupted run with --resume RUN_DIR."
+    )
+    p.add_argument(
+        "recipe", nargs="?", metavar="RECIPE", help="a packaged recipe name or a .toml path"
+    )
+    p.add_argument("--config", metavar="FILE.toml", help="a TOML config file")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set gloro.epsilon_train=0.5 (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--data-dir", metavar="DIR", help="data root (data.root)")
+    p.add_argument("--out", metavar="RUNS", help="folder for run folders (run.out)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="run.device")
+    p.add_argument("--epochs", type=int, metavar="N", help="run.epochs (schedules scale)")
+    p.add_argument("--download", action="store_true", help="download missing data files")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--stop-after", type=float, default=None, help=argparse.SUPPRESS)
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    if args.data_dir is not None:
+        out.append(f"data.root={args.data_dir}")
+    if args.out is not None:
+        out.append(f"run.out={args.out}")
+    if args.device is not None:
+        out.append(f"run.device={args.device}")
+    if args.epochs is not None:
+        out.append(f"run.epochs={args.epochs}")
+    if args.download:
+        out.append("data.download=true")
+    return out
+
+
+def resume_config(run_dir: str | Path, overrides: list[str]) -> TrainConfig:
+    """The config a run was trained with (from its checkpoint), plus harmless overrides."""
+    path = Path(run_dir) / "checkpoint.json"
+    if not Path(run_dir).is_dir():
+        raise CheckpointError(f"Cannot resume: {run_dir} is not a run folder.")
+    try:
+        saved = json.loads(path.read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"Cannot resume from {run_dir}: {path.name} is missing or corrupt ({e})."
+        ) from e
+    cfg = config_from_dict(saved)
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key not in RESUME_OVERRIDABLE:
+            raise ConfigError(
+                f"Cannot change {key} when resuming: it would not continue the same run. "
+                f"Changeable: {', '.join(sorted(RESUME_OVERRIDABLE))}."
+            )
+    return apply_overrides(cfg, overrides).validate()
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = _flag_overrides(args) + list(args.overrides)
+    if args.resume:
+        if args.recipe or args.config:
+            raise ConfigError("--resume takes its config from the run folder; drop the recipe.")
+        return resume_config(args.resume, overrides)
+    if args.recipe and args.config:
+        raise ConfigError("Pass a RECIPE or --config FILE, not both.")
+    return load_config(args.config or args.recipe, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from torchgloro.train.loop import train
+
+    cfg = config_from_args(args)
+    result = train(
+        cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress
+    )
+    if result.interrupted and result.interrupted.startswith("SIG"):
+        return 130
+    return 0

@@ -1,0 +1,175 @@
+"""Run-folder outputs: ``metrics.csv`` (one row per epoch) and ``report.md`` with plots."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["METRICS", "MetricsLog", "read_metrics", "write_report", "epoch_line", "summary_text"]
+
+METRICS_FILE = "metrics.csv"
+REPORT_FILE = "report.md"
+
+# Columns of metrics.csv, in order.
+METRICS = (
+    "epoch",
+    "train_loss",
+    "train_clean_acc",
+    "train_vra",  # with the training (power-iteration) bound; NaN in CE epochs
+    "test_clean_acc",
+    "test_vra",  # mode="fast", at gloro.epsilon_test
+    "test_rejection",  # fraction of test points on which the GloRo net predicts ⊥
+    "epsilon",  # ε_train at the end of the epoch
+    "lam",
+    "lr",
+    "lipschitz",  # max entry of K (frozen, converged bound)
+    "seconds",
+    "peak_mem_mb_per_sample",
+)
+
+
+class MetricsLog:
+    """Appends one row per epoch to ``metrics.csv``, flushed at once."""
+
+    def __init__(self, run_dir: Path, keep_epochs: int | None = None) -> None:
+        self.path = Path(run_dir) / METRICS_FILE
+        rows = read_metrics(self.path) if self.path.exists() else []
+        if keep_epochs is not None:  # resuming: drop rows written after the checkpoint
+            rows = [r for r in rows if r["epoch"] <= keep_epochs]
+        self.rows: list[dict[str, float]] = rows
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=METRICS)
+            w.writeheader()
+            for r in rows:
+                w.writerow(_fmt(r))
+
+    def append(self, row: dict[str, float]) -> None:
+        self.rows.append(dict(row))
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=METRICS).writerow(_fmt(row))
+            f.flush()
+
+
+def _fmt(row: dict[str, Any]) -> dict[str, str]:
+    return {k: (str(int(row[k])) if k == "epoch" else f"{row[k]:.6g}") for k in METRICS}
+
+
+def read_metrics(path: str | Path) -> list[dict[str, float]]:
+    """Rows of a ``metrics.csv`` as floats (``epoch`` as int)."""
+    with open(path, newline="") as f:
+        rows = []
+        for r in csv.DictReader(f):
+            row = {k: float(v) for k, v in r.items() if k in METRICS}
+            row["epoch"] = int(row["epoch"])
+            rows.append(row)
+    return rows
+
+
+def epoch_line(row: dict[str, float], total: int) -> str:
+    """One human-readable log line per epoch."""
+    return (
+        f"epoch {int(row['epoch']):>{len(str(total))}}/{total}  loss {row['train_loss']:.4f}  "
+        f"train acc {row['train_clean_acc']:.3f}  test acc {row['test_clean_acc']:.3f}  "
+        f"VRA {row['test_vra']:.3f}  rej {row['test_rejection']:.3f}  "
+        f"eps {row['epsilon']:.4g}  lam {row['lam']:.3g}  lr {row['lr']:.2e}  "
+        f"K {row['lipschitz']:.4g}  {row['seconds']:.1f}s  "
+        f"{row['peak_mem_mb_per_sample']:.3g} MB/sample"
+    )
+
+
+def summary_text(final: dict[str, Any], run_dir: Path | None) -> str:
+    """The end-of-training summary (also embedded in ``report.md``)."""
+    lines = [
+        f"Test split ({final['n_test']} images), epsilon = {final['epsilon']:g}:",
+        f"  clean accuracy   {100 * final['clean']:.2f}%",
+        f"  VRA (fast)       {100 * final['vra_fast']:.2f}%   "
+        f"rejection {100 * final['rejection_fast']:.2f}%",
+    ]
+    if "vra_sound" in final:
+        lines.append(
+            f"  VRA (sound)      {100 * final['vra_sound']:.2f}%   "
+            f"rejection {100 * final['rejection_sound']:.2f}%"
+        )
+    if run_dir is not None:
+        lines.append(f"Run folder: {run_dir}")
+    return "\n".join(lines)
+
+
+def _plot(rows: Sequence[dict[str, float]], keys, labels, title, path, log=False) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    epochs = [r["epoch"] for r in rows]
+    for key, label in zip(keys, labels):
+        ys = [r[key] for r in rows]
+        if all(math.isnan(y) for y in ys):
+            continue
+        ax.plot(epochs, ys, marker="o" if len(rows) < 30 else None, markersize=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_title(title)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(
+    run_dir: Path, rows: Sequence[dict[str, float]], config_text: str, final: dict | None
+) -> None:
+    """Writes ``report.md`` and its PNG plots (loss, accuracy/VRA, Lipschitz bound)."""
+    run_dir = Path(run_dir)
+    if rows:
+        _plot(rows, ["train_loss"], ["train loss"], "Training loss", run_dir / "loss.png")
+        _plot(
+            rows,
+            ["train_clean_acc", "test_clean_acc", "test_vra"],
+            ["train clean accuracy", "test clean accuracy", "test VRA (fast)"],
+            "Clean accuracy and VRA",
+            run_dir / "accuracy.png",
+        )
+        _plot(
+            rows,
+            ["lipschitz"],
+            ["max K (converged bound)"],
+            "Lipschitz bound",
+            run_dir / "lipschitz.png",
+            log=True,
+        )
+    parts = [f"# Training report: {run_dir.name}", ""]
+    if final is not None:
+        parts += ["## Final results", "", "```", summary_text(final, None), "```", ""]
+    else:
+        parts += ["Training has not finished (interrupted or in progress).", ""]
+    if rows:
+        parts += [
+            "## Curves",
+            "",
+            "![loss](loss.png)",
+            "",
+            "![accuracy](accuracy.png)",
+            "",
+            "![lipschitz](lipschitz.png)",
+            "",
+            "## Metrics per epoch",
+            "",
+            "| epoch | loss | train acc | test acc | VRA | rejection | eps | lr | K | s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        parts += [
+            f"| {int(r['epoch'])} | {r['train_loss']:.4f} | {r['train_clean_acc']:.4f} | "
+            f"{r['test_clean_acc']:.4f} | {r['test_vra']:.4f} | {r['test_rejection']:.4f} | "
+            f"{r['epsilon']:.4g} | {r['lr']:.3g} | {r['lipschitz']:.4g} | {r['seconds']:.1f} |"
+            for r in rows
+        ]
+        parts.append("")
+    parts += ["## Config", "", "```toml", config_text.rstrip(), "```", ""]
+    (run_dir / REPORT_FILE).write_text("\n".join(parts))
