@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import os
@@ -156,17 +157,22 @@ def measure_certification_cost(
     """
     device = x.device
     n = x.shape[0]
+    # One-time setup, timed on copies so the net's own caches are left as they are.
     setup = {}
+    probe = copy.deepcopy(net)
     t0 = time.perf_counter()
-    if net.is_stale:
-        net.refresh()
-    net.lipschitz_constant("fast")
+    probe.refresh()
     _sync(device)
     setup["fast_setup_seconds"] = time.perf_counter() - t0
+    probe._sound_cache = None
     t0 = time.perf_counter()
-    net.lipschitz_constant("sound")
+    probe.lipschitz_constant("sound")
     _sync(device)
     setup["sound_setup_seconds"] = time.perf_counter() - t0
+    del probe
+    if net.is_stale:
+        net.refresh()
+    net.lipschitz_constant("sound")  # K is precomputed before the timed passes
 
     passes = {
         "inference": lambda xb: net.backbone(xb).argmax(1),
