@@ -61,7 +61,7 @@ def lmax_upper(
     if candidate is None:
         lam = torch.linalg.eigvalsh(h)[..., -1].clamp_min(0.0)
     else:
-        lam = candidate.to(torch.float64).clamp_min(0.0) * (1.0 + 1e-7)
+        lam = candidate.to(torch.float64).clamp_min(0.0) * (1.0 + 1e-5)
     fro = torch.linalg.matrix_norm(h, "fro")
     eye = torch.eye(n, dtype=h.dtype)
     # The Cholesky backward error is ~γ'·trace(A) ≈ n·γ'·t; start the shift above it.

@@ -121,7 +121,7 @@ def conv2d_norm_upper(
         dilation: int or pair.
         groups: Number of groups.
         method: ``"auto"`` (the smaller of the circular bound and, for operators with at
-            most 3200 rows or columns per group, the verified norm of the exact operator),
+            most 4096 rows or columns per group, the verified norm of the exact operator),
             ``"circular"`` or ``"exact"``.
 
     Returns:
@@ -179,7 +179,11 @@ def avgpool2d_norm(
         raise GloroInputError("avg-pool kernel_size and stride must be positive.")
     overlap = s[0] < k[0] or s[1] < k[1]
     if count_include_pad and not overlap:
-        return round_up(1.0 / math.sqrt(k[0] * k[1]), 2)
+        c = k[0] * k[1]
+        r = math.isqrt(c)
+        if r * r == c and r & (r - 1) == 0:  # 1/r is exact for r a power of two
+            return 1.0 / r
+        return round_up(1.0 / math.sqrt(c), 2)
     if in_hw is None:
         raise GloroInputError(
             "avgpool2d_norm needs in_hw for overlapping windows or count_include_pad=False."
@@ -248,4 +252,5 @@ def maxpool2d_norm(
     m = 1
     for kk, ss, dd in zip(k, s, d):
         m *= min(kk, -(-kk * math.gcd(dd, ss) // ss))
-    return 1.0 if m == 1 else round_up(math.sqrt(m), 2)
+    r = math.isqrt(m)
+    return float(r) if r * r == m else round_up(math.sqrt(m), 2)
