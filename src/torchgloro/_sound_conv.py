@@ -35,6 +35,8 @@ EXACT_MAX_SIDE = 4096
 #: ``auto`` skips the exact path when the circular bound is already within this factor of a
 #: Lanczos estimate of the exact norm.
 AUTO_SKIP_RATIO = 1.004
+#: Number of torus sizes ``N_min + j`` (``j < CIRCULAR_SIZES``) tried by the circular bound.
+CIRCULAR_SIZES = 4
 
 
 def pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -327,18 +329,20 @@ def conv_bound(
     nh = _torus_size(in_hw[0], top, bottom, stride[0], kd[0])
     nw = _torus_size(in_hw[1], left, right, stride[1], kd[1])
     best = math.inf
+    _, n_pos = _tap_map(in_hw, (kh, kw), stride, pad, dilation)
+    side = min(n_pos * co, in_hw[0] * in_hw[1] * cig * groups) // groups
+    exact = method == "exact" or (method == "auto" and side <= EXACT_MAX_SIDE)
     if method in ("auto", "circular"):
         k = polyphase_kernel(dilate_kernel(w, dilation), stride)
         k = k.reshape(groups, co // groups, *k.shape[1:])
         nh = max(nh, k.shape[-2])
         nw = max(nw, k.shape[-1])
-        best = circular_bound(k, (nh, nw))
-    if method in ("auto", "exact"):
-        _, n_pos = _tap_map(in_hw, (kh, kw), stride, pad, dilation)
-        side = min(n_pos * co, in_hw[0] * in_hw[1] * cig * groups) // groups
-        if method == "exact" or side <= EXACT_MAX_SIDE:
-            skip = best if method == "auto" else None
-            best = min(best, exact_bound(w, in_hw, stride, pad, dilation, groups, skip))
+        # Any torus at least (nh, nw) works; the DFT grids differ, so try a few sizes.
+        for extra in range(1 if exact else CIRCULAR_SIZES):
+            best = min(best, circular_bound(k, (nh + extra, nw + extra)))
+    if exact:
+        skip = best if method == "auto" else None
+        best = min(best, exact_bound(w, in_hw, stride, pad, dilation, groups, skip))
     if not math.isfinite(best):
         raise GloroInputError(f"unknown method {method!r}: use 'auto', 'circular', 'exact'.")
     return best
