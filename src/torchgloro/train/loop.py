@@ -330,6 +330,8 @@ def _train(cfg, env, device, resume, stop_after, progress) -> TrainResult:  # no
     say = print if env.is_main else (lambda *a, **k: None)
     # -- data --
     d = cfg.data
+    if d.root and Path(d.root).expanduser().exists():  # config.toml works from any folder
+        d.root = str(Path(d.root).expanduser().resolve())
     train_split = get_dataset(d.name, "train", root=d.root, download=d.download and env.is_main)
     test_split = get_dataset(d.name, "test", root=d.root, download=d.download and env.is_main)
     if d.train_subset:

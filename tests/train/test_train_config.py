@@ -1,0 +1,161 @@
+"""Config parsing, overrides, errors, and every packaged recipe."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import torchgloro as tg
+from torchgloro.train import (
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    dump_config,
+    list_recipes,
+    load_config,
+)
+from torchgloro.train.loop import build_net, parse_lr
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+TABLE1 = {
+    # recipe: (epochs, eps_train, eps_test, init, lr, lr_schedule, loss, lam, eps_sched, power)
+    "mnist-2c2f-gloro": (500, 0.45, 0.3, "glorot", 1e-3, "decay_to_1e-6", "ce", None, "single", 10),
+    "mnist-2c2f-gloro-t": (500, 0.45, 0.3, "glorot", 1e-3, "decay_to_1e-6", "trades", "0,2,500", "single", 10),
+    "mnist-4c3f-gloro": (300, 1.75, 1.58, "glorot", 1e-3, "decay_to_5e-6", "ce", None, "single", 10),
+    "mnist-4c3f-gloro-t": (300, 1.75, 1.58, "glorot", 1e-3, "decay_to_5e-6", "trades", "0,3,300", "single", 10),
+    "cifar10-6c2f-gloro": (800, 0.1551, 0.141, "orthogonal", 1e-3, "decay_to_1e-6", "ce", None, "log", 5),
+    "cifar10-6c2f-gloro-t": (800, 0.1551, 0.141, "glorot", 1e-3, "decay_to_1e-6", "trades", "1.2", "log", 5),
+    "tinyimagenet-7c1f-gloro": (250, 0.16, 0.141, "glorot", 2.5e-4, "decay_to_5e-7", "ce", None, "single", 5),
+    "tinyimagenet-7c1f-gloro-t": (500, 0.16, 0.141, "glorot", 2.5e-4, "decay_to_5e-7", "trades", "1,10,500", "single", 1),
+}  # fmt: skip
+
+SHAPES = {"digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10),
+          "tiny-imagenet": ((3, 64, 64), 200)}  # fmt: skip
+
+
+def test_recipe_list_is_complete():
+    names = set(list_recipes())
+    expected = set(TABLE1) | {
+        "digits-minicnn-gloro",
+        "mnist-2c2f-standard",
+        "mnist-4c3f-standard",
+        "cifar10-6c2f-standard",
+        "tinyimagenet-7c1f-standard",
+    }
+    assert expected <= names
+
+
+@pytest.mark.parametrize("name", sorted(list_recipes()))
+def test_every_recipe_parses_and_builds(name):
+    cfg = load_config(name)
+    in_shape, classes = SHAPES[cfg.data.name]
+    torch.manual_seed(0)
+    net = build_net(cfg, in_shape, classes)
+    net.train()
+    out = net(torch.rand(2, *in_shape))
+    assert out.shape == (2, classes + 1)
+    assert cfg.run.batch_size == 256 and cfg.optim.eps == 1e-7 and cfg.optim.name == "adam"
+    assert cfg.optim.betas == (0.9, 0.999)
+    if name.endswith("-standard"):
+        assert cfg.gloro.robust is False
+    else:
+        assert cfg.gloro.robust is True
+
+
+@pytest.mark.parametrize("name", sorted(TABLE1))
+def test_recipes_match_table1(name):
+    cfg = load_config(name)
+    epochs, etr, ete, init, lr, lrs, loss, lam, esch, power = TABLE1[name]
+    assert cfg.run.epochs == epochs
+    assert (cfg.gloro.epsilon_train, cfg.gloro.epsilon_test) == (etr, ete)
+    assert cfg.model.init == init and cfg.optim.lr == lr and cfg.optim.lr_schedule == lrs
+    assert cfg.loss.name == loss and cfg.gloro.epsilon_schedule == esch
+    assert cfg.gloro.power_iterations == power
+    if lam is not None:
+        assert cfg.loss.lam_schedule == lam
+    cifar = name.startswith("cifar10")
+    assert cfg.optim.warmup_epochs == (20 if cifar else 0)
+    assert cfg.data.augment == (not name.startswith("mnist"))
+
+
+def test_defaults_are_the_digits_recipe():
+    assert load_config(None) == load_config("digits-minicnn-gloro")
+    assert TrainConfig().validate() == load_config(None)
+
+
+def test_set_overrides_parse_by_type():
+    cfg = apply_overrides(
+        TrainConfig(),
+        [
+            "gloro.epsilon_train=0.5",
+            "run.epochs=7",
+            "data.augment=true",
+            "optim.betas=0.8,0.99",
+            "loss.lam_schedule=0,2,500",
+            "data.root=/tmp/x",
+        ],
+    )
+    assert cfg.gloro.epsilon_train == 0.5 and cfg.run.epochs == 7 and cfg.data.augment is True
+    assert cfg.optim.betas == (0.8, 0.99) and cfg.loss.lam_schedule == "0,2,500"
+    assert cfg.data.root == "/tmp/x"
+    with pytest.raises(tg.ConfigError, match="run.epochs"):
+        apply_overrides(TrainConfig(), ["run.epochs=abc"])
+    with pytest.raises(tg.ConfigError):
+        apply_overrides(TrainConfig(), ["data.augment=maybe"])
+    with pytest.raises(tg.ConfigError, match="key=value"):
+        apply_overrides(TrainConfig(), ["run.epochs"])
+
+
+def test_unknown_keys_suggest():
+    with pytest.raises(tg.ConfigError, match="did you mean 'gloro.epsilon_train'"):
+        apply_overrides(TrainConfig(), ["gloro.epsilon_trian=0.5"])
+    with pytest.raises(tg.ConfigError, match="did you mean 'optim.lr'"):
+        config_from_dict({"optim": {"lrr": 0.1}})
+    with pytest.raises(tg.ConfigError, match="did you mean 'optim'"):
+        config_from_dict({"optimizer": {"lr": 0.1}})
+    with pytest.raises(tg.ConfigError, match="did you mean 'mnist-2c2f-gloro'"):
+        load_config("mnist-2c2f-glro")
+
+
+def test_bad_values_are_config_errors():
+    for bad in (
+        "model.arch=resnet",
+        "run.device=tpu",
+        "loss.name=hinge",
+        "optim.name=sgd",
+        "gloro.epsilon_schedule=wiggle",
+        "optim.lr_schedule=decay_to_x",
+        "run.epochs=0",
+    ):
+        with pytest.raises(tg.ConfigError):
+            load_config(None, [bad])
+
+
+def test_toml_round_trip_and_reader_keys(tmp_path):
+    cfg = load_config("mnist-2c2f-gloro-t", ["data.root=/data/mnist"])
+    text = dump_config(cfg)
+    data = tomllib.loads(text)
+    assert data["data"]["name"] == "mnist" and data["data"]["root"] == "/data/mnist"
+    assert data["gloro"]["epsilon_test"] == 0.3 and data["run"]["seed"] == 0
+    assert data["model"]["arch"] == "2c2f"
+    assert config_from_dict(data) == cfg
+    assert "root" not in tomllib.loads(dump_config(TrainConfig()))["data"]  # None is omitted
+    path = tmp_path / "my.toml"
+    path.write_text(text)
+    assert load_config(str(path)) == cfg
+
+
+def test_lr_schedules():
+    cos = parse_lr("cosine", 2)
+    assert cos.value(0, 10, 1.0) == 0 and cos.value(1, 10, 1.0) == 0.5
+    assert cos.value(2, 10, 1.0) == 1.0 and abs(cos.value(10, 10, 1.0)) < 1e-12
+    warm = parse_lr("constant", 4)
+    assert warm.value(1, 10, 1.0) == 0.25 and warm.value(5, 10, 1.0) == 1.0
+    decay = parse_lr("decay_to_1e-6")
+    assert decay.value(5, 10, 1e-3) == 1e-3 and abs(decay.value(10, 10, 1e-3) - 1e-6) < 1e-15

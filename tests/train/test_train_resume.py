@@ -1,0 +1,148 @@
+"""Exact resume, SIGINT, corrupt/foreign checkpoints, and divergence."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import torchgloro as tg
+from torchgloro.cli import main
+from torchgloro.losses import GloroCrossEntropy
+from torchgloro.train import LOSSES, TrainingDivergedError, train
+from torchgloro.train.checkpoint import read_checkpoint
+from torchgloro.train.cli import resume_config
+from torchgloro.train.report import read_metrics
+
+
+def _state(run_dir):
+    """Model + optimizer tensors of a run's checkpoint."""
+    t = load_file(str(run_dir / "checkpoint.safetensors"))
+    return {k: v for k, v in t.items() if k.startswith(("model.", "optim."))}
+
+
+def _assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]) or (a[k].isnan().all() and b[k].isnan().all()), k
+
+
+@pytest.fixture
+def straight(tiny):
+    """A 4-epoch tiny run, uninterrupted."""
+    return train(tiny(), progress=False)
+
+
+def test_resume_is_bit_identical(tiny, straight):
+    first = train(tiny(), stop_after=2, progress=False)
+    assert first.interrupted == "--stop-after" and first.epochs_done == 2
+    ck = read_checkpoint(first.run_dir)
+    assert (ck.epoch, ck.step) == (2, 0)
+    second = train(resume_config(first.run_dir, []), resume=first.run_dir, progress=False)
+    assert second.interrupted is None
+    _assert_identical(_state(straight.run_dir), _state(second.run_dir))
+    a, b = (
+        read_metrics(straight.run_dir / "metrics.csv"),
+        read_metrics(second.run_dir / "metrics.csv"),
+    )
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+    assert second.final["vra_sound"] == straight.final["vra_sound"]
+
+
+def test_resume_via_cli(tiny, straight, tmp_path):
+    run_dir = train(tiny(), stop_after=1, progress=False).run_dir
+    assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+    _assert_identical(_state(straight.run_dir), _state(run_dir))
+    with pytest.raises(tg.ConfigError, match="when resuming"):
+        resume_config(run_dir, ["optim.lr=0.1"])
+
+
+class _SigintAt(torch.nn.Module):
+    """Cross-entropy that sends this process SIGINT during its ``n``-th call."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.calls, self.ce = n, 0, GloroCrossEntropy()
+
+    def forward(self, logits, y):
+        self.calls += 1
+        if self.calls == self.n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.ce(logits, y)
+
+
+def test_sigint_mid_epoch_leaves_exact_checkpoint(tiny, straight, monkeypatch, capsys):
+    handler = signal.getsignal(signal.SIGINT)
+    monkeypatch.setitem(LOSSES, "ce", lambda cfg: _SigintAt(6))  # epoch 2, step 2
+    first = train(tiny(), progress=False)
+    assert first.interrupted == "SIGINT"
+    assert signal.getsignal(signal.SIGINT) is handler  # handlers restored
+    assert "gloro train --resume" in capsys.readouterr().out
+    ck = read_checkpoint(first.run_dir)
+    assert (ck.epoch, ck.step) == (1, 2)
+    # A mid-epoch checkpoint is still a loadable model file (bound recomputed on use).
+    assert torch.isnan(ck.tensors["model._frozen_k_pen"])
+    monkeypatch.setitem(LOSSES, "ce", lambda cfg: GloroCrossEntropy())
+    second = train(resume_config(first.run_dir, []), resume=first.run_dir, progress=False)
+    _assert_identical(_state(straight.run_dir), _state(second.run_dir))
+
+
+def test_corrupt_checkpoint_is_refused(tiny):
+    run_dir = train(tiny(), stop_after=1, progress=False).run_dir
+    cfg = resume_config(run_dir, [])
+    path = run_dir / "checkpoint.safetensors"
+    backup = path.read_bytes()
+    path.write_bytes(backup[: len(backup) // 2])
+    with pytest.raises(tg.CheckpointError, match="corrupt"):
+        train(cfg, resume=run_dir, progress=False)
+    path.write_bytes(backup)
+    (run_dir / "checkpoint.json").write_text('{"format": "torchgloro-train/1", "epo')
+    with pytest.raises(tg.CheckpointError, match="corrupt"):
+        train(cfg, resume=run_dir, progress=False)
+    assert main(["train", "--resume", str(run_dir)]) == 2  # a clean error, no traceback
+
+
+def test_disagreeing_pair_is_refused(tiny):
+    run_dir = train(tiny(), stop_after=1, progress=False).run_dir
+    info = json.loads((run_dir / "checkpoint.json").read_text())
+    info["epoch"] = 3
+    (run_dir / "checkpoint.json").write_text(json.dumps(info))
+    with pytest.raises(tg.CheckpointError, match="disagree"):
+        train(resume_config(run_dir, []), resume=run_dir, progress=False)
+
+
+def test_checkpoint_of_another_architecture_is_refused(tiny):
+    mine = train(tiny(), stop_after=1, progress=False).run_dir
+    other = train(tiny("model.arch=2c2f"), stop_after=1, progress=False).run_dir
+    shutil.copy(other / "checkpoint.safetensors", mine / "checkpoint.safetensors")
+    with pytest.raises(tg.CheckpointError, match="another architecture"):
+        train(resume_config(mine, []), resume=mine, progress=False)
+
+
+class _NanAt(torch.nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.calls, self.ce = n, 0, GloroCrossEntropy()
+
+    def forward(self, logits, y):
+        self.calls += 1
+        loss = self.ce(logits, y)
+        return loss * float("nan") if self.calls >= self.n else loss
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, monkeypatch, tmp_path):
+    monkeypatch.setitem(LOSSES, "ce", lambda cfg: _NanAt(7))  # epoch 2, step 3
+    with pytest.raises(TrainingDivergedError, match="epoch 1"):
+        train(tiny(), progress=False)
+    (run_dir,) = list((tmp_path / "runs").iterdir())
+    ck = read_checkpoint(run_dir)
+    assert (ck.epoch, ck.step) == (1, 0)
+    for k, v in ck.tensors.items():
+        if k.startswith(("model.", "optim.")):
+            assert torch.isfinite(v).all(), k
+    assert len(read_metrics(run_dir / "metrics.csv")) == 1

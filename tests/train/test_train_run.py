@@ -1,0 +1,90 @@
+"""The default `gloro train` end to end, its run folder, and `gloro certify`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchgloro.cli import main
+from torchgloro.train.report import METRICS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+RUN_FILES = (
+    "config.toml",
+    "metrics.csv",
+    "checkpoint.safetensors",
+    "checkpoint.json",
+    "best.safetensors",
+    "report.md",
+    "loss.png",
+    "accuracy.png",
+    "lipschitz.png",
+)
+DEFAULT_VRA = 0.6  # measured: 0.763 (fast and sound) with seed 0
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("runs")
+    try:
+        assert main(["train", "--out", str(out), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(old)
+    (run_dir,) = list(out.iterdir())
+    return run_dir
+
+
+def test_default_run_is_complete(default_run: Path, capsys):
+    for name in RUN_FILES:
+        path = default_run / name
+        assert path.is_file() and path.stat().st_size > 0, name
+    assert default_run.name.startswith("digits-minicnn-gloro-")
+    cfg = tomllib.loads((default_run / "config.toml").read_text())
+    assert cfg["data"]["name"] == "digits" and cfg["model"]["arch"] == "minicnn"
+    assert cfg["gloro"]["epsilon_test"] == 0.3 and cfg["run"]["seed"] == 0
+    with open(default_run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == cfg["run"]["epochs"] and tuple(rows[0]) == METRICS
+    assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1))
+    info = json.loads((default_run / "checkpoint.json").read_text())
+    assert info["epoch"] == cfg["run"]["epochs"] and info["step"] == 0
+    report = (default_run / "report.md").read_text()
+    assert "VRA (sound)" in report and "accuracy.png" in report
+
+
+def test_default_run_reaches_vra(default_run: Path):
+    with open(default_run / "metrics.csv") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert float(last["test_vra"]) >= DEFAULT_VRA
+    assert float(last["test_clean_acc"]) >= 0.85
+    assert float(last["test_vra"]) + float(last["test_rejection"]) <= 1.0 + 1e-9
+
+
+def test_certify_cli(default_run: Path, capsys):
+    assert main(["certify", str(default_run), "--mode", "sound"]) == 0
+    out = capsys.readouterr().out
+    assert "VRA" in out and "clean accuracy" in out and "rejection" in out
+    vra = float(out.split("VRA")[1].split("%")[0])
+    assert vra >= 100 * DEFAULT_VRA
+    assert main(["certify", str(default_run), "--mode", "fast", "--epsilon", "0.01"]) == 0
+
+
+def test_loaded_model_matches_the_run(default_run: Path):
+    import torchgloro as tg
+
+    net = tg.load(default_run)
+    assert net.epsilon == pytest.approx(0.3)
+    test = tg.data.get_dataset("digits", "test")
+    c = net.certify(test.x, mode="fast")
+    assert float((c.certified & (c.pred == test.y)).float().mean()) >= DEFAULT_VRA
