@@ -1,3 +1,4 @@
+# ruff: noqa: E501
 """Config parsing, overrides, errors, and every packaged recipe."""
 
 from __future__ import annotations
