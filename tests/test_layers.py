@@ -287,3 +287,26 @@ def test_lln_head_in_gloronet_uses_normalized_rows():
     assert (Ks[off] >= K.double()[off] * (1 - 1e-4)).all()
     x = torch.randn(4, 6)
     assert net.certify(x).logits.shape == (4, 3)
+
+
+def test_bounds_survive_module_dtype_and_device_moves():
+    """``nn.Module.to()`` (used by ``tg.load``) must work on these bound modules."""
+    for layer, shape in (
+        (LiResBlock(4), (4, 5, 5)),
+        (LLNLinear(6, 3), (6,)),
+        (Residual(nn.Sequential(tg.MinMax())), (4,)),
+    ):
+        b = bound_for(layer, shape)
+        b.to("cpu")
+        b.double()
+        b.float()
+
+
+def test_estimate_graph_survives_later_iterations():
+    """A differentiable estimate stays valid after more power iterations (two forwards)."""
+    blk = LiResBlock(4)
+    b = bound_for(blk, (4, 5, 5))
+    est = b.estimate(differentiable=True)
+    b.estimate(n_iter=3)
+    est.backward()
+    assert blk.conv.weight.grad is not None

@@ -32,7 +32,6 @@ from torchgloro import sound
 from torchgloro._errors import GloroInputError, UnsupportedLayerError
 from torchgloro.lipschitz import (
     LayerBound,
-    PowerIterationBound,
     bound_for,
     flatten_layers,
     linear_fp_terms,
@@ -218,10 +217,29 @@ class LLNLinear(nn.Module):
 # ---- bounds ----------------------------------------------------------------------------------
 
 
-class _DerivedWeightPowerIteration(PowerIterationBound):
-    """Power iteration on an operator whose matrix is a derived weight (``_weight()``)."""
+class _DerivedWeightPowerIteration(LayerBound):
+    """Power iteration on a linear operator whose matrix is a derived weight (``_weight()``).
+
+    Subclasses set the unit iterate buffer ``u`` and provide ``_op(u, weight)`` (A u) and
+    ``_op_adjoint(v, weight)`` (Aᵀ v). (Deliberately not named ``_apply``: that name belongs
+    to ``nn.Module`` and is what ``.to()``/``.double()`` call.)
+    """
+
+    u: torch.Tensor
+
+    def __init__(self, layer: nn.Module, u_shape: tuple[int, ...], ref: torch.Tensor) -> None:
+        super().__init__()
+        object.__setattr__(self, "layer", layer)  # not a submodule: owned by the backbone
+        u = torch.randn(u_shape, device=ref.device, dtype=ref.dtype)
+        self.register_buffer("u", u / u.norm())
 
     def _weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _op(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _op_adjoint(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     @torch.no_grad()
@@ -229,8 +247,9 @@ class _DerivedWeightPowerIteration(PowerIterationBound):
         w = self._weight().detach()
         u = self.u
         for _ in range(n_iter):
-            z = self._adjoint(self._apply(u, w), w)
+            z = self._op_adjoint(self._op(u, w), w)
             norm = z.norm()
+            # A zero weight gives z = 0: keep the old unit iterate (no collapse to 0 or NaN).
             u = torch.where(norm > 1e-30, z / norm.clamp_min(1e-30), u)
         self.u.copy_(u)
 
@@ -241,7 +260,18 @@ class _DerivedWeightPowerIteration(PowerIterationBound):
             w = self._weight()
             if not differentiable:
                 w = w.detach()
-            return self._apply(self.u, w).norm()
+            # A copy of u: a later in-place update must not invalidate this graph.
+            return self._op(self.u.clone(), w).norm()
+
+    @torch.no_grad()
+    def converge(self, tol: float = 1e-5, max_iter: int = 10_000) -> torch.Tensor:
+        sigma = self.estimate()
+        for _ in range(0, max_iter, 10):
+            new = self.estimate(n_iter=10)
+            if (new - sigma).abs() <= tol * new.clamp_min(1e-30):
+                return new
+            sigma = new
+        return sigma
 
 
 class LiResBlockBound(_DerivedWeightPowerIteration):
@@ -257,19 +287,15 @@ class LiResBlockBound(_DerivedWeightPowerIteration):
                 f"LiResBlock({layer.channels}) needs (C={layer.channels}, H, W) inputs, got "
                 f"{in_shape}."
             )
-        LayerBound.__init__(self)
-        object.__setattr__(self, "layer", layer)  # not a submodule: owned by the backbone
-        w = layer.conv.weight
-        u = torch.randn((1, *in_shape), device=w.device, dtype=w.dtype)
-        self.register_buffer("u", u / u.norm())
+        super().__init__(layer, (1, *in_shape), layer.conv.weight)
 
     def _weight(self) -> torch.Tensor:
         return self.layer.folded_kernel()
 
-    def _apply(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _op(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.conv2d(u, weight, None, padding=self.layer.padding)
 
-    def _adjoint(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _op_adjoint(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.conv_transpose2d(v, weight, None, padding=self.layer.padding)
 
     def sound(self) -> float:
@@ -289,19 +315,15 @@ class LLNLinearBound(_DerivedWeightPowerIteration):
     """:class:`LLNLinear` used inside a network: a dense bound on the effective weight."""
 
     def __init__(self, layer: LLNLinear, in_shape: tuple[int, ...]) -> None:
-        LayerBound.__init__(self)
-        object.__setattr__(self, "layer", layer)  # not a submodule: owned by the backbone
-        w = layer.weight
-        u = torch.randn((layer.in_features,), device=w.device, dtype=w.dtype)
-        self.register_buffer("u", u / u.norm())
+        super().__init__(layer, (layer.in_features,), layer.weight)
 
     def _weight(self) -> torch.Tensor:
         return self.layer.effective_weight()
 
-    def _apply(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _op(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return weight @ u
 
-    def _adjoint(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _op_adjoint(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return weight.t() @ v
 
     def sound(self) -> float:
