@@ -20,7 +20,7 @@ def standard_model():
     f = tg.models.create_model("minicnn", (1, 8, 8), 10)
     opt = torch.optim.Adam(f.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(1)
-    for _ in range(5):
+    for _ in range(4):
         perm = torch.randperm(len(train), generator=gen)
         for i in range(0, len(perm), 128):
             idx = perm[i : i + 128]

@@ -1,0 +1,134 @@
+"""`gloro evaluate` / `gloro compare` end to end on run folders built here."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchgloro as tg
+from torchgloro.evaluate import EvalOptions, evaluate_run
+from torchgloro.evaluate.cost import read_training_cost
+
+FAST_ARGS = [
+    "--limit", "120", "--pgd-steps", "8", "--lower-bounds", "--lb-steps", "20",
+    "--lb-pairs", "8", "--local-steps", "15", "--local-points", "8", "--lb-lr", "1e-2",
+    "--local-lr", "1e-2",
+]  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1)
+def _standard_weights() -> dict:
+    """A GloroNet whose backbone was trained with plain cross-entropy (a standard model)."""
+    torch.manual_seed(2)
+    train = tg.data.get_dataset("digits", "train")
+    f = tg.models.create_model("minicnn", (1, 8, 8), 10)
+    net = tg.GloroNet(f, epsilon=0.3, power_iterations=5)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(2)
+    net.train()
+    for _ in range(3):
+        perm = torch.randperm(len(train), generator=gen)
+        for i in range(0, len(perm), 128):
+            idx = perm[i : i + 128]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(f(train.x[idx]), train.y[idx]).backward()
+            opt.step()
+    net.eval()
+    net.refresh()
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def make_run(path: Path, state: dict, metrics_csv: bool = True) -> Path:
+    """A run folder like `gloro train` writes: best.safetensors, config.toml, metrics.csv."""
+    f = tg.models.create_model("minicnn", (1, 8, 8), 10)
+    net = tg.GloroNet(f, epsilon=0.3, power_iterations=5)
+    net.load_state_dict(state)
+    net.eval()
+    path.mkdir(parents=True)
+    net.save(path / "best.safetensors")
+    (path / "config.toml").write_text(
+        '[run]\nseed = 7\n[data]\nname = "digits"\n[gloro]\nepsilon_test = 0.3\n'
+        '[model]\narch = "minicnn"\n'
+    )
+    if metrics_csv:
+        (path / "metrics.csv").write_text(
+            "epoch,train_loss,seconds_per_epoch,peak_mem_mb_per_instance\n"
+            "1,2.1,0.50,0.020\n2,1.5,0.40,0.030\n3,1.2,0.45,\n"
+        )
+    return path
+
+
+def _strip(d: dict) -> dict:
+    d = dict(d)
+    for k in ("cost", "timings", "run"):
+        d.pop(k, None)
+    return d
+
+
+def test_evaluate_and_compare_cli(tmp_path, capsys, trained_digits_net):
+    from torchgloro.cli import main
+
+    glo = make_run(tmp_path / "gloro-1", trained_digits_net[0].state_dict())
+    std = make_run(tmp_path / "standard-1", _standard_weights(), metrics_csv=False)
+    assert main(["evaluate", str(glo), *FAST_ARGS, "--cost", "--cost-repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "VRA sound (%)" in out and "global LB" in out and "certify (sound)" in out
+    for name in (
+        "evaluation.json",
+        "evaluation.md",
+        "certified_accuracy.csv",
+        "certified_accuracy.png",
+        "radius_histogram.png",
+    ):
+        assert (glo / name).is_file() and (glo / name).stat().st_size > 0, name
+    ev = json.loads((glo / "evaluation.json").read_text())
+    assert ev["n"] == 120 and ev["epsilon"] == 0.3 and ev["seed"] == 7
+    m = ev["metrics"]
+    assert m["vra_sound"] <= m["pgd_accuracy"] <= m["clean_accuracy"]
+    assert ev["lipschitz"]["global_lb"] <= ev["lipschitz"]["global_ub_sound"]
+    assert ev["cost"]["training"]["sec_per_epoch"] == pytest.approx(0.45)
+    assert ev["cost"]["training"]["mem_mb_per_instance"] == pytest.approx(0.03)
+    assert ev["cost"]["certification"]["certify_sound"]["seconds"] > 0
+    md = (glo / "evaluation.md").read_text()
+    assert "certified_accuracy.png" in md and "| evaluation" not in md
+    rows = (glo / "certified_accuracy.csv").read_text().splitlines()
+    assert rows[0] == "epsilon,certified_accuracy" and len(rows) > 100
+
+    assert main(["evaluate", str(std), *FAST_ARGS, "--epsilon", "1.0"]) == 0
+    ev_std = json.loads((std / "evaluation.json").read_text())
+    assert ev_std["cost"]["training"] is None
+    assert ev_std["metrics"]["pgd_accuracy"] < ev_std["metrics"]["clean_accuracy"] - 0.3
+    capsys.readouterr()
+    assert main(["compare", str(std), str(glo), "--names", "Standard,GloRo"]) == 0
+    table = capsys.readouterr().out
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    assert len(lines) == 3 and "Standard" in lines[1] and "GloRo" in lines[2]
+    assert main(["compare", str(tmp_path / "nope")]) == 2  # clear error, no traceback
+
+
+def test_evaluation_is_reproducible(tmp_path, trained_digits_net):
+    run = make_run(tmp_path / "r", trained_digits_net[0].state_dict())
+    opts = EvalOptions(
+        limit=80, pgd_steps=5, lower_bounds=True, lb_steps=10, lb_pairs=6, local_steps=10,
+        local_points=6, lb_lr=1e-2, local_lr=1e-2,
+    )  # fmt: skip
+    a = evaluate_run(run, opts, write=False)
+    b = evaluate_run(run, opts, write=False)
+    assert _strip(a) == _strip(b)
+    assert a["seed"] == 7  # from config.toml
+    c = evaluate_run(run, EvalOptions(**{**opts.__dict__, "seed": 8}), write=False)
+    assert c["lipschitz"]["global_lb"] != a["lipschitz"]["global_lb"]
+
+
+def test_training_cost_tolerates_missing_columns(tmp_path):
+    (tmp_path / "metrics.csv").write_text("epoch,loss\n1,0.5\n")
+    tc = read_training_cost(tmp_path)
+    assert tc["epochs"] == 1 and tc["sec_per_epoch"] is None and tc["mem_mb_per_instance"] is None
+    (tmp_path / "metrics.csv").write_text("epoch,epoch_seconds,peak_mem_bytes\n1,2,1048576\n")
+    tc = read_training_cost(tmp_path)
+    assert tc["sec_per_epoch"] == 2 and tc["mem_mb_per_instance"] == pytest.approx(1.0)
+    assert read_training_cost(tmp_path / "missing") is None
