@@ -5,7 +5,7 @@ non-⊥ prediction is certified robust on the whole ℓ2 ball of radius ε (Lein
 Fredrikson, ICML 2021).
 """
 
-from torchgloro import data, losses, models, schedules
+from torchgloro import data, layers, liresnet, losses, models, schedules
 from torchgloro._errors import (
     CheckpointError,
     ConfigError,
@@ -19,7 +19,8 @@ from torchgloro.activations import GroupSort, MinMax
 from torchgloro.gloro import Certificate, GloroNet
 from torchgloro.io import load
 from torchgloro.lipschitz import register_bound, supported_layers
-from torchgloro.losses import GloroCrossEntropy, GloroTrades
+from torchgloro.layers import LiResBlock, LLNLinear, Residual
+from torchgloro.losses import LOSSES, GloroCrossEntropy, GloroEMMA, GloroHinge, GloroTrades
 from torchgloro.models import create_model, list_models
 
 __version__ = "0.1.0"
@@ -32,6 +33,12 @@ __all__ = [
     "list_models",
     "GloroCrossEntropy",
     "GloroTrades",
+    "GloroEMMA",
+    "GloroHinge",
+    "LOSSES",
+    "LiResBlock",
+    "LLNLinear",
+    "Residual",
     "MinMax",
     "GroupSort",
     "register_bound",
@@ -44,6 +51,8 @@ __all__ = [
     "ConfigError",
     "UnsoundBoundError",
     "data",
+    "layers",
+    "liresnet",
     "losses",
     "models",
     "schedules",

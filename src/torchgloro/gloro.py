@@ -123,6 +123,7 @@ class GloroNet(nn.Module):
         self.register_buffer("_frozen_k_pen", torch.tensor(float("nan")))
         self._frozen_at: tuple | None = None
         self._sound_cache: _SoundState | None = None
+        self.last_class_bounds: torch.Tensor | None = None
 
     # ---- configuration ---------------------------------------------------------------------
 
@@ -260,6 +261,7 @@ class GloroNet(nn.Module):
         y = self.backbone(x)  # (B, C)
         k_pen = self._k_pen_for_forward()  # ()
         K = self._class_bounds(self._head_weight(), k_pen)  # (C, C) or (C,)
+        self.last_class_bounds = K  # reused by margin-aware losses (EMMA, certified hinge)
         bot = margins.bottom_logit(y, K, self._epsilon.to(y.dtype))  # (B,)
         return torch.cat([y, bot.unsqueeze(1)], dim=1)  # (B, C+1)
 

@@ -146,13 +146,15 @@ def load(
             )
         name = spec.pop("name")
         backbone = create_model(name, tuple(spec.pop("in_shape")), spec.pop("num_classes"), **spec)
-    net = GloroNet(
-        backbone,
-        g["epsilon"],
-        in_shape=tuple(g["in_shape"]),
-        power_iterations=g["power_iterations"],
-        lipschitz=g["lipschitz"],
-    )
+    try:
+        net = GloroNet(backbone, g["epsilon"], in_shape=tuple(g["in_shape"]),
+                       power_iterations=g["power_iterations"], lipschitz=g["lipschitz"])
+    except RuntimeError as e:  # the backbone cannot even run on the saved input shape
+        raise CheckpointError(
+            f"{path} does not match this architecture: the backbone fails on the saved input "
+            f"shape {tuple(g['in_shape'])} ({e}). Load it with the architecture it was "
+            f"trained with."
+        ) from e
     state = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
     load_state_checked(net, state, path)
     net.to(map_location).eval()

@@ -119,7 +119,7 @@ class LayerBound(nn.Module):
         """
         raise NotImplementedError
 
-    def converge(self, tol: float = 1e-5, max_iter: int = 10_000) -> torch.Tensor:
+    def converge(self, tol: float = 1e-5, max_iter: int = 1_000) -> torch.Tensor:
         """Runs the estimate to convergence (relative change below ``tol``)."""
         return self.estimate()
 
@@ -168,7 +168,7 @@ class ConstantBound(LayerBound):
 class PowerIterationBound(LayerBound):
     """Power iteration on a linear operator ``A`` with a persistent iterate ``u``.
 
-    Subclasses provide ``_apply(u, weight)`` (A u) and ``_adjoint(v, weight)`` (Aᵀ v).
+    Subclasses provide ``_op(u, weight)`` (A u) and ``_op_adjoint(v, weight)`` (Aᵀ v).
     """
 
     def __init__(self, layer: nn.Module, u_shape: tuple[int, ...]) -> None:
@@ -178,10 +178,10 @@ class PowerIterationBound(LayerBound):
         u = torch.randn(u_shape, device=w.device, dtype=w.dtype)
         self.register_buffer("u", u / u.norm())
 
-    def _apply(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _op(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _adjoint(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _op_adjoint(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     @torch.no_grad()
@@ -189,7 +189,7 @@ class PowerIterationBound(LayerBound):
         w = self.layer.weight.detach()
         u = self.u
         for _ in range(n_iter):
-            z = self._adjoint(self._apply(u, w), w)
+            z = self._op_adjoint(self._op(u, w), w)
             norm = z.norm()
             # A zero (or vanishing) weight gives z = 0: keep the old unit iterate instead of
             # collapsing it to 0 or NaN, which would freeze the bound at 0 forever (TF gloro #8).
@@ -201,10 +201,10 @@ class PowerIterationBound(LayerBound):
             self._iterate(n_iter)
         w = self.layer.weight if differentiable else self.layer.weight.detach()
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-            return self._apply(self.u, w).norm()
+            return self._op(self.u.clone(), w).norm()
 
     @torch.no_grad()
-    def converge(self, tol: float = 1e-5, max_iter: int = 10_000) -> torch.Tensor:
+    def converge(self, tol: float = 1e-5, max_iter: int = 1_000) -> torch.Tensor:
         sigma = self.estimate()
         for _ in range(0, max_iter, 10):
             new = self.estimate(n_iter=10)
@@ -220,10 +220,10 @@ class DenseBound(PowerIterationBound):
     def __init__(self, layer: nn.Linear, in_shape: tuple[int, ...]) -> None:
         super().__init__(layer, (layer.in_features,))
 
-    def _apply(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _op(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return weight @ u
 
-    def _adjoint(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _op_adjoint(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return weight.t() @ v
 
     def sound(self) -> float:
@@ -249,13 +249,13 @@ class Conv2dBound(PowerIterationBound):
         self.padding = _numeric_padding(layer, in_shape)  # (left, right, top, bottom)
         super().__init__(layer, (1, *in_shape))
 
-    def _apply(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _op(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         layer = self.layer
         return F.conv2d(
             F.pad(u, self.padding), weight, None, layer.stride, 0, layer.dilation, layer.groups
         )
 
-    def _adjoint(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _op_adjoint(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         layer = self.layer
         left, right, top, bottom = self.padding
         padded_shape = (
@@ -281,7 +281,7 @@ class Conv2dBound(PowerIterationBound):
 
     def fp_terms(self) -> tuple[int, float, float]:
         # Bias is added once per output position: ‖b‖ over the output map.
-        n_out = self._apply(self.u, self.layer.weight.detach()).shape[2:].numel()
+        n_out = self._op(self.u, self.layer.weight.detach()).shape[2:].numel()
         return linear_fp_terms(self.layer.weight, self.layer.bias, positions=n_out)
 
 

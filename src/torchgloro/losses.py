@@ -74,18 +74,16 @@ class GloroTrades(nn.Module):
 def live_lipschitz(net: nn.Module) -> torch.Tensor:
     """The class-pair bounds K that ``net``'s forward pass is using right now.
 
-    In training mode this is the live, *differentiable* power-iteration estimate (no extra
-    iterations are run: the forward pass already advanced the iterates), so a loss built on
-    it sends gradients into the Lipschitz constants. In eval mode it is the frozen constant.
+    This is the K of the last forward pass: in training mode the live, *differentiable*
+    power-iteration estimate, so a loss built on it sends gradients into the Lipschitz
+    constants; in eval mode the frozen constant.
 
     Returns:
         ``(C, C)`` (margin variant, K[j, i] bounds f_j − f_i) or ``(C,)`` (basic variant).
     """
-    if net.training:
-        k_pen = net._penultimate_fast(0, differentiable=True)
-    else:
-        k_pen = net._k_pen_for_forward()
-    return net._class_bounds(net._head_weight(), k_pen)
+    if net.last_class_bounds is not None:
+        return net.last_class_bounds
+    return net.lipschitz_constant("fast")
 
 
 class _LipschitzLoss(nn.Module):

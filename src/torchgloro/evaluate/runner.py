@@ -248,43 +248,9 @@ def evaluate_net(net, x: torch.Tensor, y: torch.Tensor, opts: EvalOptions) -> tu
 
 
 def _load_net(run: Path, dev: torch.device):
-    """``torchgloro.load``, with a CPU fallback for a core bug: ``PowerIterationBound._apply``
-    shadows ``nn.Module._apply``, so ``GloroNet.to(...)`` (called by ``load``) raises
-    ``TypeError`` for nets with Linear/Conv2d bounds. The fallback rebuilds the net exactly as
-    ``load`` does, without the ``.to`` call (remove once the core is fixed)."""
-    import json
-
     import torchgloro as tg
-    from torchgloro import io
 
-    try:
-        return tg.load(run, map_location=str(dev))
-    except TypeError as e:
-        if "_apply" not in str(e) or dev.type != "cpu":
-            raise
-    path = io._resolve(run)
-    tensors, meta = io.read_safetensors(path)
-    info = json.loads(meta["torchgloro"])
-    g, spec = info["gloro"], dict(info.get("model") or {})
-    if not spec:
-        raise ConfigError(f"{path} holds a custom backbone; gloro evaluate needs a registry model.")
-    name = spec.pop("name")
-    backbone = tg.create_model(name, tuple(spec.pop("in_shape")), spec.pop("num_classes"), **spec)
-    net = tg.GloroNet(
-        backbone,
-        g["epsilon"],
-        in_shape=tuple(g["in_shape"]),
-        power_iterations=g["power_iterations"],
-        lipschitz=g["lipschitz"],
-    )
-    state = {
-        k[len(io.MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(io.MODEL_PREFIX)
-    }
-    io.load_state_checked(net, state, path)
-    net.eval()
-    if not torch.isnan(net._frozen_k_pen):
-        net._frozen_at = net._fingerprint()
-    return net
+    return tg.load(run, map_location=str(dev))
 
 
 def _pick_device(device: str | None) -> torch.device:

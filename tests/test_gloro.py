@@ -1,0 +1,170 @@
+"""GloroNet: the ⊥ logit, certification, ties, errors, and Theorem 1 checked empirically."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import torchgloro as tg
+
+
+def tiny_net(w_head, bias=None, eps=0.1):
+    """A 2-feature net: Flatten → Linear(head) with a given weight, for hand-made cases."""
+    head = nn.Linear(w_head.shape[1], w_head.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(w_head)
+        head.bias.copy_(bias if bias is not None else torch.zeros(w_head.shape[0]))
+    return tg.GloroNet(nn.Sequential(nn.Flatten(), head), eps, in_shape=(1, 1, w_head.shape[1]))
+
+
+def test_forward_shape_and_bottom_logit_formula():
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    net = tiny_net(w, eps=0.5).eval()
+    x = torch.tensor([[[[2.0, 0.5]]]])
+    out = net(x)  # y = (2, 0.5, -2); j = 0
+    assert out.shape == (1, 4)
+    # K_0i = ‖w_0 − w_i‖ (K_pen = 1): K_01 = √2, K_02 = 2
+    expected = max(0.5 + 0.5 * 2**0.5, -2 + 0.5 * 2)
+    assert float(out[0, 3]) == pytest.approx(expected, rel=1e-5)
+    assert int(net.predict(x, mode="fast")) == 0  # 2 > 1.207
+    assert float(net.certified_radius(x)) == pytest.approx(1.5 / 2**0.5, rel=1e-6)
+
+
+def test_tied_top_logits_are_never_certified():
+    w = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # rows 0 and 1 identical: K_01 = 0
+    net = tiny_net(w, eps=0.1).eval()
+    x = torch.tensor([[[[3.0, 0.0]]]])
+    for mode in ("sound", "fast"):
+        c = net.certify(x, mode=mode)
+        assert not bool(c.certified[0]) and float(c.radius[0]) == 0.0
+        assert int(net.predict(x, mode=mode)[0]) == net.ABSTAIN == 3
+
+
+def test_margin_exactly_at_eps_times_k_is_not_certified():
+    w = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # K_01 = 1
+    net = tiny_net(w, eps=0.5).eval()
+    x = torch.tensor([[[[0.5, 0.0]]]])  # margin 0.5 = ε·K exactly
+    assert not bool(net.certify(x, mode="sound").certified[0])
+    assert not bool(net.certify(x, mode="fast").certified[0])
+    assert bool(net.certify(x, epsilon=0.49, mode="sound").certified[0])
+
+
+def test_near_zero_weights_never_certify_wrongly():
+    """TF gloro #8: tiny weights must not make the bound (and the certificate) degenerate."""
+    f = tg.create_model("minicnn", (1, 8, 8), 10)
+    with torch.no_grad():
+        for p in f.parameters():
+            p.mul_(1e-20)
+    net = tg.GloroNet(f, 0.3).eval()
+    x = torch.rand(16, 1, 8, 8)
+    c = net.certify(x)
+    K = net.lipschitz_constant("sound")
+    assert torch.isfinite(K).all() and bool((K[~torch.eye(10, dtype=bool)] > 0).all())
+    margins = c.logits.max(1).values[:, None] - c.logits
+    # Whatever is certified has a margin beyond ε·K for every other class.
+    for b in torch.nonzero(c.certified).flatten():
+        j = c.pred[b]
+        others = torch.arange(10) != j
+        assert bool((margins[b, others] > 0.3 * K[j, others]).all())
+
+
+def test_epsilon_validation_and_setter():
+    net = tg.GloroNet(tg.create_model("minicnn", (1, 8, 8), 10), 0.3)
+    for bad in (0.0, -1.0, float("nan"), float("inf"), "abc"):
+        with pytest.raises(tg.GloroInputError, match="epsilon"):
+            net.epsilon = bad
+        with pytest.raises(tg.GloroInputError):
+            tg.GloroNet(tg.create_model("minicnn", (1, 8, 8), 10), bad)
+    net.epsilon = 0.7
+    assert net.epsilon == pytest.approx(0.7)
+    with pytest.raises(tg.GloroInputError):
+        net.certify(torch.rand(2, 1, 8, 8), epsilon=0)
+
+
+def test_input_errors_are_clear():
+    net = tg.GloroNet(tg.create_model("minicnn", (1, 8, 8), 10), 0.3).eval()
+    with pytest.raises(tg.GloroInputError, match=r"\(B, 1, 8, 8\)"):
+        net(torch.rand(2, 1, 9, 9))
+    with pytest.raises(tg.GloroInputError, match="unsqueeze"):
+        net.predict(torch.rand(1, 8, 8))
+    x = torch.rand(2, 1, 8, 8)
+    x[1, 0, 3, 3] = float("nan")
+    with pytest.raises(tg.GloroInputError, match="NaN"):
+        net.certify(x)
+    with pytest.raises(tg.GloroInputError, match="NaN"):
+        net(x)
+    with pytest.raises(tg.GloroInputError, match="floating"):
+        net(torch.ones(2, 1, 8, 8, dtype=torch.long))
+
+
+def test_refresh_tracks_weight_changes():
+    net = tg.GloroNet(tg.create_model("minicnn", (1, 8, 8), 10), 0.3).eval()
+    k1 = float(net.refresh())
+    assert not net.is_stale
+    with torch.no_grad():
+        net.backbone[0].weight.mul_(2)
+    assert net.is_stale
+    net(torch.rand(1, 1, 8, 8))  # auto-refresh in eval mode
+    assert not net.is_stale and float(net._frozen_k_pen) == pytest.approx(2 * k1, rel=1e-3)
+
+
+def test_sound_bound_dominates_fast_and_is_tight(trained_digits_net):
+    net, _, _ = trained_digits_net
+    off = ~torch.eye(10, dtype=bool)
+    ks, kf = net.lipschitz_constant("sound")[off], net.lipschitz_constant("fast")[off].double()
+    assert bool((ks >= kf * (1 - 1e-6)).all())
+    assert float((ks / kf).max()) < 1.05
+
+
+def test_trained_net_certifies_and_sound_vra_close_to_fast(trained_digits_net):
+    net, _, test = trained_digits_net
+    sound, fast = net.certify(test.x), net.certify(test.x, mode="fast")
+    vra_s = float((sound.certified & (sound.pred == test.y)).float().mean())
+    vra_f = float((fast.certified & (fast.pred == test.y)).float().mean())
+    assert vra_s > 0.3  # far above chance (0.1)
+    assert vra_s <= vra_f + 1e-9 and vra_f - vra_s < 0.02
+    assert bool((sound.certified <= fast.certified).all())
+
+
+def _pgd_l2(f, x, target, eps, steps=60):
+    """Untargeted ℓ2 PGD that pushes away from ``target``; returns the worst points found."""
+    delta = torch.randn_like(x)
+    delta = delta / delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * eps * 0.5
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        y = f(x + delta)
+        top_other = y.masked_fill(nn.functional.one_hot(target, y.shape[1]).bool(), -1e9).amax(1)
+        margin = y.gather(1, target[:, None]).squeeze(1) - top_other
+        (g,) = torch.autograd.grad(margin.sum(), delta)
+        with torch.no_grad():
+            g = g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            delta = delta - 2.5 * eps / steps * 4 * g
+            norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            delta = delta * (eps / norm).clamp(max=1.0)
+    return (x + delta).detach()
+
+
+def test_theorem1_certified_points_survive_attacks(trained_digits_net):
+    """Every certified point keeps its prediction under PGD and on random sphere points."""
+    net, _, test = trained_digits_net
+    eps = net.epsilon
+    c = net.certify(test.x)
+    xs, preds = test.x[c.certified], c.pred[c.certified]
+    assert len(xs) > 50
+    adv = _pgd_l2(net.backbone, xs, preds, eps)
+    assert bool(((adv - xs).flatten(1).norm(dim=1) <= eps * (1 + 1e-5)).all())
+    with torch.no_grad():
+        assert bool((net.backbone(adv).argmax(1) == preds).all())
+        for _ in range(20):
+            d = torch.randn_like(xs)
+            d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * eps
+            assert bool((net.backbone(xs + d).argmax(1) == preds).all())
+
+
+def test_basic_variant_is_looser_but_sound(trained_digits_net):
+    net, _, test = trained_digits_net
+    basic = tg.GloroNet(net.backbone, net.epsilon, lipschitz="basic").eval()
+    cm, cb = net.certify(test.x), basic.certify(test.x)
+    assert bool((cb.certified <= cm.certified).all())
+    assert bool((cb.radius <= cm.radius + 1e-9).all())

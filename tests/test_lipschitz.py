@@ -1,0 +1,136 @@
+"""Layer bounds: known answers, exact operator norms, and 'measured <= bound' properties."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchgloro as tg
+from torchgloro.lipschitz import bound_for, flatten_layers
+
+
+def explicit_operator(fn, in_shape):
+    """The matrix of a linear map, built column by column from basis vectors (float64)."""
+    n = int(torch.tensor(in_shape).prod())
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, *in_shape)
+    with torch.no_grad():
+        return fn(basis).reshape(n, -1).t()
+
+
+def converged(layer, in_shape):
+    b = bound_for(layer, in_shape)
+    return b, float(b.converge(tol=1e-10, max_iter=20_000))
+
+
+def test_orthogonal_dense_has_bound_one():
+    lin = nn.Linear(16, 16)
+    nn.init.orthogonal_(lin.weight)
+    b, est = converged(lin, (16,))
+    assert est == pytest.approx(1.0, rel=1e-5)
+    assert b.sound() == pytest.approx(1.0, rel=1e-5) and b.sound() >= 1.0 - 1e-7
+
+
+def test_scaled_identity_has_bound_equal_to_scale():
+    lin = nn.Linear(8, 8, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(3.5 * torch.eye(8))
+    b, est = converged(lin, (8,))
+    assert est == pytest.approx(3.5, rel=1e-6)
+    assert 3.5 <= b.sound() <= 3.5 * (1 + 1e-6)
+
+
+def test_avgpool_2x2_stride_2_is_half():
+    b = bound_for(nn.AvgPool2d(2, 2), (3, 8, 8))
+    assert float(b.estimate()) == pytest.approx(0.5)
+    assert b.sound() == pytest.approx(0.5)
+
+
+def test_overlapping_avgpool_matches_explicit_operator():
+    pool = nn.AvgPool2d(3, 1, padding=1)
+    shape = (1, 6, 6)
+    A = explicit_operator(lambda x: pool(x), shape)
+    exact = float(torch.linalg.matrix_norm(A, 2))
+    b = bound_for(pool, shape).sound()
+    assert exact <= b <= exact * 1.01
+    assert b < 1.0  # not the loose "1" bound
+
+
+def test_maxpool_nonoverlapping_is_one_and_overlapping_is_bounded():
+    assert bound_for(nn.MaxPool2d(2, 2), (1, 8, 8)).sound() == 1.0
+    pool = nn.MaxPool2d(3, 1)
+    b = bound_for(pool, (1, 8, 8)).sound()
+    x1, x2 = torch.randn(200, 1, 8, 8), torch.randn(200, 1, 8, 8)
+    ratio = (pool(x1) - pool(x2)).flatten(1).norm(dim=1) / (x1 - x2).flatten(1).norm(dim=1)
+    assert b > 1.0 and float(ratio.max()) <= b
+
+
+@pytest.mark.parametrize(
+    "cin,cout,k,stride,padding,dilation,groups,hw",
+    [
+        (2, 3, 3, 1, 1, 1, 1, (7, 7)),  # SAME, stride 1
+        (2, 3, 3, 1, 0, 1, 1, (7, 7)),  # valid
+        (2, 4, 4, 2, 1, 1, 1, (8, 8)),  # SAME (TF) stride 2
+        (2, 4, 4, 2, 0, 1, 1, (8, 8)),  # valid stride 2
+        (4, 4, 3, 1, 2, 2, 2, (7, 6)),  # dilation + groups
+        (3, 2, 3, 2, "valid", 1, 1, (9, 9)),
+        (3, 2, 3, 1, "same", 1, 1, (6, 6)),
+    ],
+)
+def test_conv_power_iteration_matches_explicit_svd(cin, cout, k, stride, padding, dilation,
+                                                   groups, hw):
+    conv = nn.Conv2d(cin, cout, k, stride, padding, dilation, groups).double()
+    shape = (cin, *hw)
+    A = explicit_operator(lambda x: F.conv2d(x, conv.weight, None, stride, padding, dilation,
+                                             groups), shape)
+    exact = float(torch.linalg.matrix_norm(A, 2))
+    b, est = converged(conv, shape)
+    assert est == pytest.approx(exact, rel=1e-4)
+    sound = b.sound()
+    assert exact * (1 - 1e-12) <= sound <= exact * 1.01
+
+
+def test_unsupported_layer_raises_with_names():
+    with pytest.raises(tg.UnsupportedLayerError, match="BatchNorm2d.*Supported layers"):
+        bound_for(nn.BatchNorm2d(3), (3, 4, 4))
+    with pytest.raises(tg.UnsupportedLayerError, match="Tanh"):
+        tg.GloroNet(nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)),
+                    0.1, in_shape=(1, 2, 2))
+    with pytest.raises(tg.UnsupportedLayerError, match="padding_mode"):
+        bound_for(nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"), (1, 5, 5))
+
+
+def test_subclass_of_supported_layer_is_not_silently_accepted():
+    class Doubling(nn.ReLU):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.raises(tg.UnsupportedLayerError):
+        bound_for(Doubling(), (4,))
+
+
+def test_nested_sequentials_flatten_in_order():
+    a, b, c = nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2)
+    assert flatten_layers(nn.Sequential(nn.Sequential(a, b), c)) == [a, b, c]
+
+
+def test_zero_weights_do_not_collapse_the_iterate():
+    """TF gloro #8: a zero weight must not leave a 0/NaN iterate that sticks at bound 0."""
+    lin = nn.Linear(5, 5, bias=False)
+    b = bound_for(lin, (5,))
+    with torch.no_grad():
+        lin.weight.zero_()
+    assert float(b.estimate(n_iter=3)) == 0.0
+    assert torch.isfinite(b.u).all() and float(b.u.norm()) == pytest.approx(1.0)
+    with torch.no_grad():
+        lin.weight.copy_(2 * torch.eye(5))
+    assert float(b.estimate(n_iter=3)) == pytest.approx(2.0, rel=1e-5)
+
+
+def test_differentiable_estimate_gives_weight_gradients():
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    b = bound_for(conv, (2, 6, 6))
+    b.estimate(n_iter=20).detach()
+    b.estimate(n_iter=1, differentiable=True).backward()
+    assert conv.weight.grad is not None and float(conv.weight.grad.abs().sum()) > 0

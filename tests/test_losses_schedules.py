@@ -1,0 +1,80 @@
+"""Losses (hand-computed cases), schedules, and activations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torchgloro as tg
+from torchgloro import schedules as S
+
+
+def test_gloro_cross_entropy_treats_bottom_as_never_correct():
+    logits = torch.tensor([[2.0, 0.0, 1.0]])  # classes 0, 1 then ⊥
+    loss = tg.GloroCrossEntropy()(logits, torch.tensor([0]))
+    expected = -2.0 + math.log(math.exp(2) + 1 + math.e)
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+
+def test_trades_matches_hand_formula():
+    logits = torch.tensor([[1.0, -1.0, 0.5]], requires_grad=True)
+    lam = 2.0
+    loss = tg.GloroTrades(lam)(logits, torch.tensor([1]))
+    y = logits.detach()[0]
+    p = torch.softmax(y[:2], 0)
+    q = torch.softmax(y, 0)[:2]
+    expected = F.cross_entropy(y[None, :2], torch.tensor([1])) + lam * (p * (p / q).log()).sum()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    loss.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_labels_out_of_range_raise():
+    with pytest.raises(tg.GloroInputError, match=r"\[0, 2\)"):
+        tg.GloroCrossEntropy()(torch.zeros(2, 3), torch.tensor([0, 2]))
+    with pytest.raises(tg.GloroInputError):
+        tg.GloroTrades()(torch.zeros(2, 3), torch.tensor([-1, 0]))
+
+
+def test_epsilon_schedules():
+    assert S.parse_epsilon_schedule("single").value(3, 10, 0.45) == 0.45
+    lin = S.parse_epsilon_schedule("0.1,0.5,10")
+    assert lin.value(5, 100, 0.45) == pytest.approx(0.3)
+    assert lin.value(11, 100, 0.45) == 0.45
+    log = S.parse_epsilon_schedule("log")
+    vals = [log.value(t, 100, 0.2) for t in range(0, 101, 5)]
+    assert 0 < vals[0] < 1e-5 and vals[10] == pytest.approx(0.2) and vals[-1] == 0.2
+    assert all(a <= b for a, b in zip(vals, vals[1:]))
+    assert vals[2] > 0.2 * 0.2  # logarithmic: fast early growth (above the linear ramp)
+    with pytest.raises(tg.ConfigError):
+        S.parse_epsilon_schedule("cosine")
+
+
+def test_lambda_and_lr_schedules():
+    lam = S.parse_lambda_schedule("0,2,500")
+    assert lam.value(250, 500) == pytest.approx(1.0) and lam.value(600, 500) == 2.0
+    assert S.parse_lambda_schedule("1.2").value(7, 800) == 1.2
+    lr = S.parse_lr_schedule("decay_to_1e-6")
+    assert lr.value(100, 500, 1e-3) == 1e-3
+    assert lr.value(500, 500, 1e-3) == pytest.approx(1e-6)
+    assert lr.value(375, 500, 1e-3) == pytest.approx(math.sqrt(1e-3 * 1e-6))
+    with pytest.raises(tg.ConfigError):
+        S.parse_lr_schedule("decay_to_-1")
+
+
+def test_minmax_and_groupsort_are_lipschitz_one_and_gradient_norm_preserving():
+    x = torch.randn(64, 8, 3, 3, requires_grad=True)
+    for act in (tg.MinMax(), tg.GroupSort(4)):
+        y = act(x)
+        assert torch.equal(y.sort(1).values, x.sort(1).values)  # a permutation per sample
+        x2 = torch.randn(64, 8, 3, 3)
+        ratio = (act(x2) - y).flatten(1).norm(dim=1) / (x2 - x).flatten(1).norm(dim=1)
+        assert float(ratio.max()) <= 1 + 1e-6
+        (g,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        assert float(g.abs().sum()) == pytest.approx(x.numel())
+    assert torch.equal(tg.MinMax()(torch.tensor([[3.0, 1.0]])), torch.tensor([[1.0, 3.0]]))
+    with pytest.raises(tg.GloroInputError, match="divisible"):
+        tg.MinMax()(torch.randn(2, 3))
