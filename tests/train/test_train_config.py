@@ -17,7 +17,7 @@ from torchgloro.train import (
     list_recipes,
     load_config,
 )
-from torchgloro.train.loop import build_net, parse_lr
+from torchgloro.train.build import build_net, parse_lr
 
 if sys.version_info >= (3, 11):
     import tomllib

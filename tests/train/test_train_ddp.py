@@ -47,6 +47,7 @@ def test_ddp_gloo_two_processes_match_single(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "x 2 ranks" in proc.stdout
     assert proc.stdout.count("Finished") == 1  # only rank 0 prints
+    assert "buffers differ across ranks" not in proc.stdout  # power iterates stayed in sync
     (ddp_dir,) = list(out.iterdir())  # only rank 0 writes
 
     single = train(load_config(None, [*DDP_SET, f"run.out={tmp_path / 'single'}"]), progress=False)

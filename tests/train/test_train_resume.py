@@ -60,6 +60,8 @@ def test_resume_via_cli(tiny, straight, tmp_path):
     _assert_identical(_state(straight.run_dir), _state(run_dir))
     with pytest.raises(tg.ConfigError, match="when resuming"):
         resume_config(run_dir, ["optim.lr=0.1"])
+    with pytest.raises(tg.ConfigError, match=r"differs .*optim\.lr"):
+        train(tiny("optim.lr=0.1"), resume=run_dir, progress=False)
 
 
 class _SigintAt(torch.nn.Module):

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import torchgloro as tg
-    from torchgloro.train.loop import evaluate
+    from torchgloro.train.build import evaluate
 
     path = Path(args.run_dir)
     saved = _run_config(path)

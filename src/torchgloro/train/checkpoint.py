@@ -12,7 +12,6 @@ disagrees (an interrupted write).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 
 from torchgloro import io
-from torchgloro._errors import CheckpointError
+from torchgloro._errors import CheckpointError, ConfigError
 from torchgloro.gloro import GloroNet
 
 __all__ = [
@@ -33,12 +32,25 @@ __all__ = [
     "restore_model",
     "optimizer_tensors",
     "restore_optimizer",
+    "rng_tensors",
+    "check_same_run",
+    "RESUME_OVERRIDABLE",
 ]
 
 TENSORS_FILE = "checkpoint.safetensors"
 JSON_FILE = "checkpoint.json"
 FORMAT = "torchgloro-train/1"
 _META_KEY = "torchgloro.train"
+
+# Config keys that may change when resuming (they do not alter the trajectory of training).
+RESUME_OVERRIDABLE = {
+    "run.device",
+    "run.out",
+    "run.eval_batch_size",
+    "run.checkpoint_every",
+    "data.root",
+    "data.download",
+}
 
 
 @dataclass
@@ -197,6 +209,29 @@ def restore_model(net: GloroNet, ckpt: Checkpoint, path: Path) -> None:
         net._frozen_k_pen.copy_(ckpt.tensors["state.frozen_k_pen"])
 
 
-def finite_or_nan(value: float) -> float | None:
-    """JSON has no NaN: ``None`` for non-finite floats."""
-    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+def rng_tensors(data_gen, aug_gen, data_epoch_start, device) -> dict[str, torch.Tensor]:
+    """RNG states: torch CPU (+ CUDA), the data order and the augmentation generators."""
+    out = {
+        "rng.torch_cpu": torch.get_rng_state(),
+        "rng.data": data_gen.get_state(),
+        "rng.data_epoch_start": data_epoch_start,
+        "rng.augment": aug_gen.get_state(),
+    }
+    if device.type == "cuda":
+        out["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def check_same_run(now: dict, saved: dict, run_dir: Path) -> None:
+    """Refuses to resume with a config that differs in a key that changes the run."""
+    changed = sorted(
+        f"{s}.{k}"
+        for s in now.keys() | saved.keys()
+        for k in now.get(s, {}).keys() | saved.get(s, {}).keys()
+        if f"{s}.{k}" not in RESUME_OVERRIDABLE and now.get(s, {}).get(k) != saved.get(s, {}).get(k)
+    )
+    if changed:
+        raise ConfigError(
+            f"The config differs from the one {run_dir} was trained with ({', '.join(changed)}); "
+            f"resume with the run's own config (gloro train --resume {run_dir})."
+        )

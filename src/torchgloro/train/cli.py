@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from torchgloro._errors import CheckpointError, ConfigError
+from torchgloro.train.checkpoint import RESUME_OVERRIDABLE
 from torchgloro.train.config import (
     DEFAULT_RECIPE,
     TrainConfig,
@@ -17,16 +18,6 @@ from torchgloro.train.config import (
 )
 
 __all__ = ["add_arguments", "run", "config_from_args", "RESUME_OVERRIDABLE"]
-
-# Keys that may change when resuming (they do not alter the trajectory of training).
-RESUME_OVERRIDABLE = {
-    "run.device",
-    "run.out",
-    "run.eval_batch_size",
-    "run.checkpoint_every",
-    "data.root",
-    "data.download",
-}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -108,6 +99,5 @@ def run(args: argparse.Namespace) -> int:
     result = train(
         cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress
     )
-    if result.interrupted and result.interrupted.startswith("SIG"):
-        return 130
-    return 0
+    codes = {"SIGINT": 130, "SIGTERM": 143}  # 128 + signal number, as shells report it
+    return codes.get(result.interrupted or "", 0)

@@ -120,7 +120,7 @@ class TrainConfig:
         """Checks choices and ranges; returns ``self``. Raises :class:`ConfigError`."""
         from torchgloro import schedules
         from torchgloro.models import ACTIVATIONS, list_models
-        from torchgloro.train.loop import LOSSES, OPTIMIZERS, parse_lr
+        from torchgloro.train.build import LOSSES, OPTIMIZERS, parse_lr
 
         def choice(key: str, value: str, options) -> None:
             if value not in options:

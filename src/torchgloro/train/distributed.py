@@ -19,7 +19,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistEnv", "detect", "setup", "teardown", "wrap", "all_reduce_sum", "buffers_in_sync"]
+__all__ = [
+    "DistEnv",
+    "detect",
+    "setup",
+    "teardown",
+    "wrap",
+    "all_reduce_sum",
+    "barrier",
+    "buffers_in_sync",
+]
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,11 @@ def wrap(module: nn.Module, env: DistEnv, device: torch.device) -> nn.Module:
 
     ids = [device.index] if device.type == "cuda" else None
     return DDP(module, device_ids=ids, broadcast_buffers=True)
+
+
+def barrier(env: DistEnv) -> None:
+    if env.enabled:
+        dist.barrier()
 
 
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:

@@ -16,7 +16,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,19 @@ from torch import nn
 
 from torchgloro import schedules
 from torchgloro._errors import ConfigError, GloroError
-from torchgloro.data import Augment, DeviceBatches, Split, get_dataset
-from torchgloro.gloro import GloroNet
-from torchgloro.losses import GloroCrossEntropy, GloroTrades
-from torchgloro.models import create_model
+from torchgloro.data import Augment, DeviceBatches, get_dataset
 from torchgloro.train import checkpoint as ckpt_io
 from torchgloro.train import distributed as ddp
+from torchgloro.train.build import (
+    LOSSES,
+    OPTIMIZERS,
+    TrainModule,
+    build_net,
+    build_optimizer,
+    evaluate,
+    parse_lr,
+    resolve_epsilons,
+)
 from torchgloro.train.config import TrainConfig, config_to_dict, dump_config
 from torchgloro.train.report import MetricsLog, epoch_line, summary_text, write_report
 
@@ -50,133 +56,9 @@ __all__ = [
 
 SYNC_EVERY = 20  # steps between host syncs (progress bar, NaN check, DDP stop flag)
 
-# name -> factory(config) -> loss module on (B, C+1) logits. A loss with a ``lam``
-# attribute gets λ from loss.lam_schedule at every batch.
-LOSSES: dict[str, Callable[[TrainConfig], nn.Module]] = {
-    "ce": lambda cfg: GloroCrossEntropy(),
-    "trades": lambda cfg: GloroTrades(),
-}
-
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "nadam": torch.optim.NAdam,
-}
-
 
 class TrainingDivergedError(GloroError, FloatingPointError):
     """The training loss became NaN or Inf; the last good checkpoint is kept."""
-
-
-# ---- schedules the core module does not have -----------------------------------------------
-
-
-@dataclass(frozen=True)
-class CosineLR:
-    """``cosine``: linear warm-up over ``warmup`` epochs, then cosine decay to 0."""
-
-    warmup: float = 0.0
-
-    def value(self, t: float, total: int, init_lr: float) -> float:
-        if t < self.warmup:
-            return init_lr * t / self.warmup
-        frac = min((t - self.warmup) / max(total - self.warmup, 1e-12), 1.0)
-        return init_lr * 0.5 * (1.0 + math.cos(math.pi * frac))
-
-
-@dataclass(frozen=True)
-class WarmupLR:
-    """Any schedule, multiplied by a linear ramp from 0 over ``warmup`` epochs."""
-
-    base: Any
-    warmup: float
-
-    def value(self, t: float, total: int, init_lr: float) -> float:
-        return self.base.value(t, total, init_lr) * min(1.0, t / self.warmup)
-
-
-def parse_lr(text: str, warmup_lr_epochs: float = 0.0):
-    """``constant``, ``decay_to_X`` or ``cosine``, with an optional linear warm-up."""
-    if text.strip() == "cosine":
-        return CosineLR(warmup_lr_epochs)
-    base = schedules.parse_lr_schedule(text)
-    return WarmupLR(base, warmup_lr_epochs) if warmup_lr_epochs > 0 else base
-
-
-# ---- building blocks ---------------------------------------------------------------------
-
-
-def resolve_epsilons(cfg: TrainConfig, default_epsilon: float) -> None:
-    """Fills ``epsilon_test = 0`` with the dataset default and ``epsilon_train = 0`` with it."""
-    if cfg.gloro.epsilon_test <= 0:
-        cfg.gloro.epsilon_test = float(default_epsilon)
-    if cfg.gloro.epsilon_train <= 0:
-        cfg.gloro.epsilon_train = cfg.gloro.epsilon_test
-
-
-def build_net(cfg: TrainConfig, in_shape, num_classes: int) -> GloroNet:
-    backbone = create_model(
-        cfg.model.arch, tuple(in_shape), num_classes, cfg.model.activation, cfg.model.init
-    )
-    return GloroNet(
-        backbone,
-        cfg.gloro.epsilon_test if cfg.gloro.epsilon_test > 0 else 1.0,
-        power_iterations=cfg.gloro.power_iterations,
-        lipschitz=cfg.gloro.lipschitz,
-    )
-
-
-def build_optimizer(cfg: TrainConfig, net: GloroNet, device: torch.device):
-    """The optimizer; weight decay only on ≥2-d weights (never biases or buffers)."""
-    o = cfg.optim
-    params = [p for p in net.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    kwargs: dict[str, Any] = {"lr": o.lr, "betas": tuple(o.betas), "eps": o.eps}
-    cls = OPTIMIZERS[o.name]
-    fused = o.fused == "on" or (o.fused == "auto" and device.type == "cuda")
-    if fused and "fused" in cls.__init__.__code__.co_varnames:
-        kwargs["fused"] = True
-    return cls([g for g in groups if g["params"]], **kwargs)
-
-
-class _TrainModule(nn.Module):
-    """What DDP wraps: ``forward(x, robust)`` gives the GloRo logits or f's logits.
-
-    With ``amp="bf16"`` the backbone alone runs under autocast (hooks on the backbone), so
-    the Lipschitz bound and ⊥ stay in float32.
-    """
-
-    def __init__(self, net: GloroNet, amp: bool) -> None:
-        super().__init__()
-        self.net = net
-        self._amp_ctx = None
-        if amp:
-            net.backbone.register_forward_pre_hook(self._enter_amp)
-            net.backbone.register_forward_hook(self._exit_amp)
-        self._amp = amp
-        self._amp_active = False
-
-    def _enter_amp(self, module, args):
-        if self._amp_active:
-            self._amp_ctx = torch.autocast("cuda", dtype=torch.bfloat16)
-            self._amp_ctx.__enter__()
-
-    def _exit_amp(self, module, args, output):
-        if self._amp_ctx is not None:
-            self._amp_ctx.__exit__(None, None, None)
-            self._amp_ctx = None
-            return output.float()
-        return None
-
-    def forward(self, x: torch.Tensor, robust: bool) -> torch.Tensor:
-        self._amp_active = self._amp
-        try:
-            return self.net(x) if robust else self.net.backbone(x)
-        finally:
-            self._amp_active = False
 
 
 class _StopFlag:
@@ -213,38 +95,6 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-@torch.no_grad()
-def evaluate(
-    net: GloroNet,
-    split: Split,
-    epsilon: float,
-    mode: str = "fast",
-    batch_size: int = 1000,
-    env: ddp.DistEnv | None = None,
-) -> dict[str, float]:
-    """Clean accuracy, VRA and rejection rate of ``net`` on ``split`` (sharded over ranks)."""
-    env = env or ddp.DistEnv()
-    idx = torch.tensor_split(torch.arange(len(split)), env.world_size)[env.rank]
-    x, y = split.x[idx.to(split.x.device)], split.y[idx.to(split.y.device)]
-    counts = torch.zeros(4, dtype=torch.float64, device=x.device)  # n, clean, vra, rejected
-    for i in range(0, len(x), batch_size):
-        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-        c = net.certify(xb, epsilon=epsilon, mode=mode)
-        correct = c.pred.to(yb.device) == yb
-        cert = c.certified.to(yb.device)
-        counts += torch.stack(
-            [
-                torch.tensor(float(len(yb)), dtype=torch.float64, device=x.device),
-                correct.sum().double(),
-                (correct & cert).sum().double(),
-                (~cert).sum().double(),
-            ]
-        )
-    n, clean, vra, rej = ddp.all_reduce_sum(counts, env).tolist()
-    n = max(n, 1.0)
-    return {"clean": clean / n, "vra": vra / n, "rejection": rej / n, "n": int(n)}
-
-
 def _peak_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -269,18 +119,6 @@ def _new_run_dir(cfg: TrainConfig) -> Path:
         run_dir = base.with_name(f"{base.name}-{k}")
     run_dir.mkdir(parents=True)
     return run_dir
-
-
-def _rng_tensors(data_gen, aug_gen, data_epoch_start, device) -> dict[str, torch.Tensor]:
-    out = {
-        "rng.torch_cpu": torch.get_rng_state(),
-        "rng.data": data_gen.get_state(),
-        "rng.data_epoch_start": data_epoch_start,
-        "rng.augment": aug_gen.get_state(),
-    }
-    if device.type == "cuda":
-        out["rng.cuda"] = torch.cuda.get_rng_state(device)
-    return out
 
 
 def _diverged(where: str, value: float, run_dir: Path | None, last_good: int) -> Exception:
@@ -332,8 +170,11 @@ def _train(cfg, env, device, resume, stop_after, progress) -> TrainResult:  # no
     d = cfg.data
     if d.root and Path(d.root).expanduser().exists():  # config.toml works from any folder
         d.root = str(Path(d.root).expanduser().resolve())
-    train_split = get_dataset(d.name, "train", root=d.root, download=d.download and env.is_main)
-    test_split = get_dataset(d.name, "test", root=d.root, download=d.download and env.is_main)
+    for turn in (True, False):  # rank 0 first (it may download), then the others
+        if env.is_main == turn:
+            train_split = get_dataset(d.name, "train", d.root, download=d.download and turn)
+            test_split = get_dataset(d.name, "test", d.root, download=d.download and turn)
+        ddp.barrier(env)
     if d.train_subset:
         train_split = train_split.subset(min(d.train_subset, len(train_split)))
     info = train_split.info
@@ -358,7 +199,7 @@ def _train(cfg, env, device, resume, stop_after, progress) -> TrainResult:  # no
     )  # fmt: skip
     test_split = test_split.to(device)
     num_batches = len(batches)
-    module = _TrainModule(net, amp=cfg.run.amp == "bf16" and device.type == "cuda")
+    module = TrainModule(net, amp=cfg.run.amp == "bf16" and device.type == "cuda")
     model = ddp.wrap(module, env, device)
     if cfg.run.compile:
         model = torch.compile(model)
@@ -370,6 +211,7 @@ def _train(cfg, env, device, resume, stop_after, progress) -> TrainResult:  # no
     if resume is not None:
         run_dir = Path(resume)
         ck = ckpt_io.read_checkpoint(run_dir)
+        ckpt_io.check_same_run(config_to_dict(cfg), ck.info["config"], run_dir)
         ckpt_io.restore_model(net, ck, run_dir / ckpt_io.TENSORS_FILE)
         ckpt_io.restore_optimizer(optimizer, ck)
         start_epoch, start_step, best = ck.epoch, ck.step, dict(ck.info["best"])
@@ -399,7 +241,7 @@ def _train(cfg, env, device, resume, stop_after, progress) -> TrainResult:  # no
         opt_tensors, opt_info = ckpt_io.optimizer_tensors(optimizer)
         tensors = {
             **opt_tensors,
-            **_rng_tensors(data_gen, aug_gen, epoch_start_state, device),
+            **ckpt_io.rng_tensors(data_gen, aug_gen, epoch_start_state, device),
             "state.acc": acc if acc_now is None else acc_now,
         }
         meta = {
