@@ -148,3 +148,34 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, monkeypatch, tmp_pa
         if k.startswith(("model.", "optim.")):
             assert torch.isfinite(v).all(), k
     assert len(read_metrics(run_dir / "metrics.csv")) == 1
+
+
+@pytest.mark.slow
+def test_sigint_to_cli_process_exits_cleanly(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "torchgloro.cli", "train", "--out", str(out), "--no-progress",
+           "--epochs", "500", "--set", "data.train_subset=512"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # wait for the first epoch's checkpoint
+            if list(out.glob("*/checkpoint.json")):
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert "gloro train --resume" in stdout
+    (run_dir,) = list(out.iterdir())
+    ck = read_checkpoint(run_dir)
+    assert 1 <= ck.epoch < 500
+    assert (run_dir / "report.md").is_file()
