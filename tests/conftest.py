@@ -13,6 +13,11 @@ MNIST_DIR = SHARED / "mnist"
 CIFAR_NPZ = SHARED / "cifar10" / "cifar10-train50k-test1k.npz"
 
 
+def pytest_configure(config):
+    # The suite is many small ops: one thread per process is fastest and stable on 2 cores.
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
