@@ -38,7 +38,7 @@ def product_upper(values: Iterable[float]) -> float:
     for v in values:
         if not (v >= 0 and math.isfinite(v)):
             raise ValueError(f"a layer bound must be finite and >= 0, got {v}")
-        out = round_up(out * v, 1)
+        out = 0.0 if (v == 0.0 or out == 0.0) else math.nextafter(out * v, math.inf)
     return out
 
 

@@ -31,8 +31,9 @@ from torchgloro._sound_conv import (
     resolve_padding,
     space_to_depth,
 )
-from torchgloro._sound_fp import abs_forward_error, margin_rounding_slack, prod_upper
 from torchgloro._sound_linalg import U64, sigma_max_upper
+from torchgloro.margins import product_upper as prod_upper
+from torchgloro.margins import round_up
 
 __all__ = [
     "round_up",
@@ -41,30 +42,12 @@ __all__ = [
     "conv2d_norm_upper",
     "avgpool2d_norm",
     "maxpool2d_norm",
-    "abs_forward_error",
-    "margin_rounding_slack",
     "resolve_padding",
     "polyphase_kernel",
     "space_to_depth",
     "dilate_kernel",
     "explicit_matrix",
 ]
-
-
-def round_up(x: float, ulps: int = 4) -> float:
-    """Nudges a float64 up by ``ulps`` units in the last place (toward +inf).
-
-    Args:
-        x: The value.
-        ulps: How many representable steps to move up.
-
-    Returns:
-        A float ``>= x`` (strictly greater for finite ``x`` and ``ulps >= 1``).
-    """
-    x = float(x)
-    for _ in range(ulps):
-        x = math.nextafter(x, math.inf)
-    return x
 
 
 def _check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
