@@ -12,7 +12,13 @@ from torch import nn
 
 from torchgloro import margins, sound
 from torchgloro._errors import GloroInputError, UnsupportedLayerError
-from torchgloro.lipschitz import bound_for, flatten_layers, linear_fp_terms, trace_input_shapes
+from torchgloro.lipschitz import (
+    ConstantBound,
+    bound_for,
+    flatten_layers,
+    linear_fp_terms,
+    trace_input_shapes,
+)
 
 __all__ = ["GloroNet", "Certificate", "check_epsilon"]
 
@@ -151,10 +157,13 @@ class GloroNet(nn.Module):
     # ---- Lipschitz constants ---------------------------------------------------------------
 
     def _penultimate_fast(self, n_iter: int, differentiable: bool) -> torch.Tensor:
-        k = self._epsilon.new_ones(())
+        k = None
         for b in self.bounds:
-            k = k * b.estimate(n_iter=n_iter, differentiable=differentiable)
-        return k
+            if isinstance(b, ConstantBound) and b.value == 1.0:
+                continue  # ReLU, Flatten, ...: k * 1 == k exactly; skip the op (and its grad)
+            e = b.estimate(n_iter=n_iter, differentiable=differentiable)
+            k = e if k is None else k * e
+        return self._epsilon.new_ones(()) if k is None else k
 
     @torch.no_grad()
     def refresh(self, converge: bool = True, tol: float = 1e-5) -> torch.Tensor:

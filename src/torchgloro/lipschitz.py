@@ -186,15 +186,24 @@ class PowerIterationBound(LayerBound):
 
     @torch.no_grad()
     def _iterate(self, n_iter: int) -> None:
+        if n_iter <= 0:
+            return
         w = self.layer.weight.detach()
         u = self.u
+        min_norm = None
         for _ in range(n_iter):
             z = self._op_adjoint(self._op(u, w), w)
-            norm = z.norm()
-            # A zero (or vanishing) weight gives z = 0: keep the old unit iterate instead of
-            # collapsing it to 0 or NaN, which would freeze the bound at 0 forever (TF gloro #8).
-            u = torch.where(norm > 1e-30, z / norm.clamp_min(1e-30), u)
-        self.u.copy_(u)
+            norm = torch.linalg.vector_norm(z)
+            u = z / norm.clamp_min(1e-30)
+            min_norm = norm if min_norm is None else torch.minimum(min_norm, norm)
+        # A zero (or vanishing) weight gives z = 0: keep the old unit iterate instead of
+        # collapsing it to 0 or NaN, which would freeze the bound at 0 forever (TF gloro #8).
+        # One guard per call instead of one per iteration: with the weight fixed, ‖AᵀA u_k‖
+        # is non-decreasing in k for unit iterates (log-convexity of uᵀ(AᵀA)ʲu), so a
+        # vanishing norm shows up at the first iteration, where the per-iteration guard
+        # would also have kept the old iterate for good. NaN norms also keep it (minimum
+        # propagates NaN, and NaN > 1e-30 is False).
+        self.u.copy_(torch.where(min_norm > 1e-30, u, self.u))
 
     def estimate(self, n_iter: int = 0, differentiable: bool = False) -> torch.Tensor:
         if n_iter:
@@ -248,15 +257,30 @@ class Conv2dBound(PowerIterationBound):
             )
         self.padding = _numeric_padding(layer, in_shape)  # (left, right, top, bottom)
         super().__init__(layer, (1, *in_shape))
+        left, right, top, bottom = self.padding
+        # Symmetric padding (the usual case) is passed to the convolution itself: no F.pad
+        # copy in A u, and Aᵀ v comes out already cropped. Same operator, fewer ops.
+        self._sym_pad = (top, left) if (left == right and top == bottom) else None
+        self._stride = tuple(layer.stride)
+        self._dilation = tuple(layer.dilation)
 
     def _op(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         layer = self.layer
+        if self._sym_pad is not None:
+            return F.conv2d(u, weight, None, self._stride, self._sym_pad, self._dilation,
+                            layer.groups)  # fmt: skip
         return F.conv2d(
             F.pad(u, self.padding), weight, None, layer.stride, 0, layer.dilation, layer.groups
         )
 
     def _op_adjoint(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         layer = self.layer
+        if self._sym_pad is not None:  # torch.nn.grad.conv2d_input without its wrapper
+            shape_like = v.new_empty(1).expand(self.u.shape)
+            return torch.ops.aten.convolution_backward(
+                v, shape_like, weight, None, self._stride, self._sym_pad, self._dilation,
+                False, [0], layer.groups, (True, False, False),
+            )[0]  # fmt: skip
         left, right, top, bottom = self.padding
         padded_shape = (
             *self.u.shape[:2],
