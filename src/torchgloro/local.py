@@ -63,7 +63,7 @@ class _Step:
     norm: float  # global proven bound on the layer's operator norm
     err: tuple[float, float]  # ‖fl(out) − out‖₂ ≤ err[0]·‖x‖ + err[1] for this prefix
     fan_in: int = 0
-    explicit: torch.Tensor | None = None  # (out, in) float64 operator of a small conv
+    explicit: torch.Tensor | None = None  # (out, in) float64 CPU matrix (dense, small conv)
     relu_next: bool = False
 
 
@@ -71,6 +71,7 @@ class _Step:
 class _Plan:
     fingerprint: tuple
     steps: list[_Step]
+    head: nn.Module  # the float64 head, evaluated exactly as certify evaluates it
     head_w: torch.Tensor  # (C, D) float64
     k_pen: float
     pair_glob: torch.Tensor  # (C, C) global class-pair factor (without k_pen), upper
@@ -88,7 +89,8 @@ def _plan(net) -> _Plan:
     cached = _PLANS.get(net)
     if cached is not None and cached.fingerprint == fp:
         return cached
-    layers = flatten_layers(st.backbone64)[:-1]
+    all_layers = flatten_layers(st.backbone64)
+    layers = all_layers[:-1]
     norms = [b.sound() for b in net.bounds]
     fps = [b.fp_terms() for b in net.bounds]
     steps = []
@@ -98,13 +100,18 @@ def _plan(net) -> _Plan:
         t = type(m)
         if t in (nn.Linear, nn.Conv2d):
             fan_in = m.weight[0].numel() + 1
-            ex = None
+            ex = m.weight.detach().cpu() if t is nn.Linear else None
             if t is nn.Conv2d:
                 shp = b.u.shape  # (1, Cin, H, W): the conv's input shape
                 n_out = m(torch.zeros(shp, dtype=torch.float64)).numel()
                 if n_out * shp.numel() <= EXPLICIT_CONV_LIMIT:
                     ex = explicit_matrix(
-                        m.weight, tuple(shp[2:]), m.stride, b.padding, m.dilation, m.groups
+                        m.weight.detach().cpu(),
+                        tuple(shp[2:]),
+                        m.stride,
+                        b.padding,
+                        m.dilation,
+                        m.groups,
                     )
             steps.append(_Step("affine", m, norms[i], err, fan_in, ex, relu_next))
         elif t is nn.ReLU:
@@ -123,7 +130,7 @@ def _plan(net) -> _Plan:
     Kg = net._class_bounds(w, torch.tensor(k_pen, dtype=torch.float64), upper=True)
     if Kg.dim() == 1:  # "basic": certified_radius uses K_j + K_i
         Kg = Kg[:, None] + Kg[None, :]
-    plan = _Plan(fp, steps, w, k_pen, pair_glob, Kg, st.err_coef, st.err_const)
+    plan = _Plan(fp, steps, all_layers[-1], w, k_pen, pair_glob, Kg, st.err_coef, st.err_const)
     _PLANS[net] = plan
     return plan
 
@@ -154,14 +161,10 @@ def _masked_norm(step: _Step, rows: torch.Tensor, cols: torch.Tensor) -> float:
         return 0.0
     if rows.all() and cols.all():
         return step.norm
-    m = step.module
-    if isinstance(m, nn.Linear):
-        a = m.weight
-    elif step.explicit is not None:
-        a = step.explicit
-    else:
+    a = step.explicit
+    if a is None:  # a large conv: masking cannot raise the norm, keep the global bound
         return step.norm
-    sub = a[rows.flatten()][:, cols.flatten()]
+    sub = a[rows.flatten().cpu()][:, cols.flatten().cpu()]
     val = sound.round_up(float(sigma_max_upper(sub)), 4)
     return min(val, step.norm)
 
@@ -233,20 +236,15 @@ def _err(step: _Step, x_norm: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _local_one(net, plan: _Plan, x1: torch.Tensor, eps: float):
+def _local_one(plan: _Plan, x1: torch.Tensor, eps: float):
     with torch.backends.cudnn.flags(enabled=False):
         feats, L, mask = _one(plan, x1, eps)
-        y = F.linear(feats, plan.head_w, _head_bias(net))
+        y = plan.head(feats)
     w = plan.head_w[:, mask.flatten()]
     pair = torch.minimum(margins.pairwise_row_distances(w, upper=True), plan.pair_glob)
     k = torch.tensor(min(L, plan.k_pen), dtype=torch.float64)
     K = torch.minimum(pair * k, plan.K_glob)
     return y, K
-
-
-def _head_bias(net):
-    b = getattr(net._head, "bias", None)
-    return None if b is None else b.detach().to(torch.float64)
 
 
 def _check(net, x: torch.Tensor, epsilon: float) -> float:
@@ -267,7 +265,7 @@ def local_margin_lipschitz(net, x: torch.Tensor, epsilon: float) -> torch.Tensor
     """
     eps = _check(net, x, epsilon)
     plan = _plan(net)
-    out = [_local_one(net, plan, x[b : b + 1], eps)[1] for b in range(x.shape[0])]
+    out = [_local_one(plan, x[b : b + 1], eps)[1] for b in range(x.shape[0])]
     c = plan.head_w.shape[0]
     return torch.stack(out) if out else torch.zeros(0, c, c, dtype=torch.float64)
 
@@ -299,10 +297,12 @@ def certify_local(net, x: torch.Tensor, epsilon: float, cert) -> torch.Tensor:
     slack = 2.02 * (plan.err_coef * x_norm + plan.err_const)  # exactly as certify computes it
     for b in torch.nonzero(~cert.certified).flatten().tolist():
         yb = cert.logits[b].to(torch.float64)
-        gap = (yb[cert.pred[b]] - yb).masked_fill(torch.arange(yb.numel()) == cert.pred[b], _INF)
+        gap = (yb[cert.pred[b]] - yb).masked_fill(
+            torch.arange(yb.numel(), device=yb.device) == cert.pred[b], _INF
+        )
         if bool((gap <= slack[b]).any()):  # no bound K ≥ 0 can certify it: skip the costly part
             continue
-        y, K = _local_one(net, plan, x[b : b + 1], eps)
+        y, K = _local_one(plan, x[b : b + 1], eps)
         pred, radius = margins.certified_radius(y, K, slack[b : b + 1], lipschitz="margin")
         out[b] = bool(radius[0] > eps) and int(pred[0]) == int(cert.pred[b])
     return out
