@@ -156,3 +156,39 @@ def test_rejects_fast_certificates_and_eps_mismatch(toy):
         certify_local(net, xt[:4], 0.3, net.certify(xt[:4], 0.3, mode="fast"))
     with pytest.raises(GloroInputError):
         certify_local(net, xt[:4], 0.2, net.certify(xt[:4], 0.3))
+
+
+def test_other_layer_kinds_are_bounded_soundly():
+    """Zero padding, pooling, MinMax and a standalone ReLU: K_loc ≤ K_glob, and K_loc bounds
+    the difference quotients of random pairs inside the ball."""
+    torch.manual_seed(3)
+    f = nn.Sequential(
+        nn.ZeroPad2d((1, 2, 1, 2)),
+        nn.Conv2d(1, 4, 4, 1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, 1, padding=1),
+        tg.MinMax(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(12, 12),
+        nn.ReLU(),
+        nn.Linear(12, 4),
+    )
+    net = tg.GloroNet(f, epsilon=0.2, in_shape=(1, 8, 6)).eval()
+    x = torch.randn(6, 1, 8, 6)
+    K = local_margin_lipschitz(net, x, 0.2)
+    assert bool((K <= net.lipschitz_constant("sound")).all())
+    f64 = net._sound_state().backbone64
+    gen = torch.Generator().manual_seed(0)
+    for b in range(x.shape[0]):
+        d = torch.randn(4000, 1, 8, 6, dtype=torch.float64, generator=gen)
+        d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * 0.2 * torch.rand(4000, 1, 1, 1)
+        with torch.no_grad():
+            y = f64(x[b].double() + d)
+        a, c = y[:2000], y[2000:]
+        dist = (d[:2000] - d[2000:]).flatten(1).norm(dim=1)
+        for j in range(4):
+            quot = ((a[:, j : j + 1] - a) - (c[:, j : j + 1] - c)).abs() / dist[:, None]
+            assert bool((quot <= K[b, j] * (1 + 1e-9) + 1e-12).all())
