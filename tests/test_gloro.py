@@ -168,3 +168,17 @@ def test_basic_variant_is_looser_but_sound(trained_digits_net):
     cm, cb = net.certify(test.x), basic.certify(test.x)
     assert bool((cb.certified <= cm.certified).all())
     assert bool((cb.radius <= cm.radius + 1e-9).all())
+
+
+def test_local_fallback_through_certify(trained_digits_net):
+    net, _, test = trained_digits_net
+    x = test.x[:100]
+    plain = net.certify(x)
+    local = net.certify(x, fallback="local")
+    assert bool((plain.certified <= local.certified).all())
+    again = net.certify(x, fallback="local")
+    assert torch.equal(local.certified, again.certified)
+    with pytest.raises(tg.GloroInputError, match="sound"):
+        net.certify(x, mode="fast", fallback="local")
+    with pytest.raises(tg.GloroInputError, match="fallback"):
+        net.certify(x, fallback="global")

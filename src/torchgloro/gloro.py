@@ -278,14 +278,30 @@ class GloroNet(nn.Module):
 
     @torch.no_grad()
     def certify(
-        self, x: torch.Tensor, epsilon: float | None = None, mode: Mode = "sound"
+        self,
+        x: torch.Tensor,
+        epsilon: float | None = None,
+        mode: Mode = "sound",
+        fallback: Literal["local"] | None = None,
     ) -> Certificate:
         """Certifies each point of a batch at radius ``epsilon`` (default: ``self.epsilon``).
 
         A point is certified only when its top logit beats every other by strictly more than
         ε·K (plus, in ``sound`` mode, a proven bound on float64 round-off). Ties are never
         certified.
+
+        Args:
+            x: ``(B, *in_shape)`` inputs.
+            epsilon: The radius; defaults to the net's ε.
+            mode: ``"sound"`` (proven bounds) or ``"fast"`` (power-iteration estimate).
+            fallback: ``"local"`` gives points the global bound leaves as ⊥ a second, costlier
+                but still sound chance with a Lipschitz bound local to their ε-ball
+                (:mod:`torchgloro.local`; sound mode only). ``radius`` stays the global one.
         """
+        if fallback not in (None, "local"):
+            raise GloroInputError(f"fallback must be None or 'local', got {fallback!r}.")
+        if fallback == "local" and mode != "sound":
+            raise GloroInputError("fallback='local' needs mode='sound' (it is a proven bound).")
         eps = self.epsilon if epsilon is None else check_epsilon(epsilon)
         self._check_input(x, check_finite=True)
         if mode == "sound":
@@ -311,11 +327,22 @@ class GloroNet(nn.Module):
         else:
             raise GloroInputError(f"mode must be 'sound' or 'fast', got {mode!r}.")
         pred, radius = margins.certified_radius(y, K, slack, lipschitz=self.lipschitz)
-        return Certificate(pred, radius > eps, radius, y, eps, mode)
+        cert = Certificate(pred, radius > eps, radius, y, eps, mode)
+        if fallback == "local":
+            from torchgloro.local import certify_local
 
-    def predict(self, x: torch.Tensor, epsilon: float | None = None, mode: Mode = "sound"):
+            cert.certified = certify_local(self, x, eps, cert)
+        return cert
+
+    def predict(
+        self,
+        x: torch.Tensor,
+        epsilon: float | None = None,
+        mode: Mode = "sound",
+        fallback: Literal["local"] | None = None,
+    ) -> torch.Tensor:
         """(B,) predicted class where certified, else ``ABSTAIN`` (= C)."""
-        c = self.certify(x, epsilon, mode)
+        c = self.certify(x, epsilon, mode, fallback)
         return torch.where(c.certified, c.pred, torch.full_like(c.pred, self.ABSTAIN))
 
     def certified_radius(self, x: torch.Tensor, mode: Mode = "sound") -> torch.Tensor:
