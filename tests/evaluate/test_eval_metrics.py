@@ -91,3 +91,15 @@ def test_exact_ratio_on_linear_model_equals_row_distance():
     d = (w[0] - w[1]).expand(5, 4)
     v, j, i = lower_bounds.exact_margin_ratios(f, x1, x1 + d, j=torch.zeros(5, dtype=torch.long))
     assert float(v.min()) >= float(torch.linalg.vector_norm(w[0] - w[1])) * (1 - 1e-12)
+
+
+def test_fallback_section_adds_sound_vra(trained_digits_net):
+    from torchgloro.evaluate.runner import EvalOptions, evaluate_net
+
+    net, _, test = trained_digits_net
+    res, _ = evaluate_net(net, test.x[:150], test.y[:150],
+                          EvalOptions(attack=None, fallback=True, seed=0))
+    fb = res["fallback"]
+    assert fb["vra"] >= res["metrics"]["vra_sound"]
+    assert fb["points_tried"] == round(res["metrics"]["rejection_sound"] * 150)
+    assert 0 <= fb["points_added"] <= fb["points_tried"]

@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="optimize empirical global/local Lipschitz lower bounds (Appendix E)",
     )  # fmt: skip
     parser.add_argument(
+        "--fallback", action="store_true",
+        help="also certify ⊥ points with the sound local-bound fallback (costlier)",
+    )  # fmt: skip
+    parser.add_argument(
         "--cost", action="store_true",
         help="measure certification time/memory vs plain inference (Figure 3b)",
     )  # fmt: skip
@@ -81,6 +85,7 @@ def options_from_args(args: argparse.Namespace):
         epsilon=args.epsilon,
         attack=None if args.attack == "none" else args.attack,
         lower_bounds=args.lower_bounds,
+        fallback=args.fallback,
         cost=args.cost,
         limit=args.limit,
         seed=args.seed,

@@ -204,6 +204,16 @@ def markdown_report(result: dict) -> str:
         f"VRA sound {pct(m.get('vra_sound'))}% vs fast {pct(m.get('vra_fast'))}%: sound mode "
         f"uses proven float64 bounds, fast mode converged power iteration.",
         "",
+    ]
+    fb = result.get("fallback")
+    if fb:
+        lines += [
+            f"Local-bound fallback: VRA {pct(fb['vra'])}% ({100 * fb['vra_added']:+.2f} pp; "
+            f"{fb['points_added']} of {fb['points_tried']} ⊥ points certified, "
+            f"{1000 * fb['seconds_per_point_tried']:.1f} ms per point tried).",
+            "",
+        ]
+    lines += [
         "## Certified accuracy vs ε",
         "",
         f"![certified accuracy]({FILES['curve_png']})",
