@@ -21,6 +21,16 @@ __all__ = ["save_gloro", "load", "atomic_write_bytes", "atomic_save_tensors", "F
 
 FORMAT = "torchgloro/1"
 MODEL_PREFIX = "model."
+
+
+def _default_file_mode() -> int:
+    """The mode ``open()`` would give a new file (mkstemp's temp files are 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _default_file_mode()
 _RUN_FILES = ("best.safetensors", "checkpoint.safetensors", "model.safetensors")
 
 
@@ -33,6 +43,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -49,6 +60,7 @@ def atomic_save_tensors(
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

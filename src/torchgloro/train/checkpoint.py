@@ -47,6 +47,7 @@ RESUME_OVERRIDABLE = {
     "run.device",
     "run.out",
     "run.eval_batch_size",
+    "run.threads",
     "run.checkpoint_every",
     "data.root",
     "data.download",

@@ -59,6 +59,7 @@ class RunConfig:
     checkpoint_every: int = 1  # epochs
     compile: bool = False
     amp: str = "off"  # off | bf16 (autocast of the backbone on CUDA; the bound stays fp32)
+    threads: int = 0  # CPU threads for torch (0 = torch's default); small models like 1
 
 
 @dataclass
@@ -139,6 +140,7 @@ class TrainConfig:
         at_least("run.epochs", r.epochs, 1)
         at_least("run.batch_size", r.batch_size, 1)
         at_least("run.eval_batch_size", r.eval_batch_size, 1)
+        at_least("run.threads", r.threads, 0)
         at_least("run.checkpoint_every", r.checkpoint_every, 1)
         at_least("data.train_subset", d.train_subset, 0)
         if not d.name:

@@ -155,6 +155,8 @@ def train(
     Raises:
         TrainingDivergedError: the loss became NaN/Inf (the last good checkpoint is kept).
     """
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
     env = ddp.detect()
     device = _resolve_device(cfg.run.device, env)
     ddp.setup(env, device)
