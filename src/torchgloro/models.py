@@ -15,6 +15,7 @@ from torch import nn
 
 from torchgloro._errors import GloroInputError
 from torchgloro.activations import MinMax
+from torchgloro.layers import LLNLinear
 
 __all__ = ["create_model", "list_models", "register_model", "ACTIVATIONS", "same_padding"]
 
@@ -105,11 +106,16 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 
 def build_plan(
-    plan: list[tuple], in_shape: tuple[int, ...], num_classes: int, activation: str
+    plan: list[tuple],
+    in_shape: tuple[int, ...],
+    num_classes: int,
+    activation: str,
+    lln: bool = False,
 ) -> nn.Sequential:
     """Builds ``c``/``d`` layers from a plan such as ``[("c", 16, 4, 2), ("d", 100)]``.
 
-    The final ``d`` layer gets ``num_classes`` outputs.
+    The final ``d`` layer gets ``num_classes`` outputs; with ``lln`` it is an
+    :class:`~torchgloro.layers.LLNLinear` (last-layer normalization, learnable common scale).
     """
     channels, h, w = in_shape
     layers: list[nn.Module] = []
@@ -129,7 +135,10 @@ def build_plan(
                 layers.append(nn.Flatten())
                 channels, flat = channels * h * w, True
             out = num_classes if last else step[1]
-            layers.append(nn.Linear(channels, out))
+            if last and lln:
+                layers.append(LLNLinear(channels, out, learn_scale=True))
+            else:
+                layers.append(nn.Linear(channels, out))
             channels = out
         if not last:
             layers.append(ACTIVATIONS[activation]())
@@ -173,8 +182,8 @@ _PLANS: dict[str, list[tuple]] = {
 
 
 def _plan_factory(plan: list[tuple]) -> ModelFactory:
-    def factory(in_shape, num_classes, activation):
-        return build_plan(plan, in_shape, num_classes, activation)
+    def factory(in_shape, num_classes, activation, lln: bool = False):
+        return build_plan(plan, in_shape, num_classes, activation, lln=bool(lln))
 
     return factory
 

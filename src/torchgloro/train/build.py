@@ -14,7 +14,7 @@ from torch import nn
 from torchgloro import schedules
 from torchgloro.data import Split
 from torchgloro.gloro import GloroNet
-from torchgloro.losses import GloroCrossEntropy, GloroTrades
+from torchgloro.losses import GloroCrossEntropy, GloroEMMA, GloroHinge, GloroTrades
 from torchgloro.models import create_model
 from torchgloro.train import distributed as ddp
 from torchgloro.train.config import TrainConfig
@@ -37,6 +37,9 @@ __all__ = [
 LOSSES: dict[str, Callable[[TrainConfig], nn.Module]] = {
     "ce": lambda cfg: GloroCrossEntropy(),
     "trades": lambda cfg: GloroTrades(),
+    "emma": lambda cfg: GloroEMMA(),  # bound to the net by the loop (loss.bind(net))
+    "hinge": lambda cfg: GloroHinge(),
+    "certified-hinge": lambda cfg: GloroHinge(certified=True),
 }
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -94,7 +97,8 @@ def resolve_epsilons(cfg: TrainConfig, default_epsilon: float) -> None:
 
 def build_net(cfg: TrainConfig, in_shape, num_classes: int) -> GloroNet:
     backbone = create_model(
-        cfg.model.arch, tuple(in_shape), num_classes, cfg.model.activation, cfg.model.init
+        cfg.model.arch, tuple(in_shape), num_classes, cfg.model.activation, cfg.model.init,
+        **cfg.model.options,
     )
     return GloroNet(
         backbone,

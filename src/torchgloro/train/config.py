@@ -9,8 +9,10 @@ overrides. Every value is parsed and checked against its field's type; unknown k
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import json
 import sys
 import types
 import typing
@@ -76,6 +78,9 @@ class ModelConfig:
     arch: str = "minicnn"
     activation: str = "relu"
     init: str = "glorot"
+    # Architecture options passed to create_model, e.g. {lln = true} or, for liresnet,
+    # {depth = 12, width = 128}; from the CLI: --set 'model.options={"lln": true}'.
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -198,6 +203,15 @@ def _coerce(key: str, value: Any, tp: Any, from_text: bool) -> Any:
         if from_text and str(value).strip().lower() in ("", "none", "null"):
             return None
         return _coerce(key, value, inner[0], from_text)
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise bad from None
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
     if origin is tuple:
         if isinstance(value, str):
             text = value.strip().strip("()[]")
@@ -275,7 +289,7 @@ def config_from_dict(data: dict[str, Any], base: TrainConfig | None = None) -> T
 
 
 def _deepcopy(cfg: TrainConfig) -> TrainConfig:
-    return TrainConfig(**{s: dataclasses.replace(getattr(cfg, s)) for s in _SECTIONS})
+    return TrainConfig(**{s: copy.deepcopy(getattr(cfg, s)) for s in _SECTIONS})
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, dict[str, Any]]:

@@ -189,6 +189,8 @@ def _train(cfg, env, device, resume, stop_after, progress) -> TrainResult:  # no
         net = build_net(cfg, info.in_shape, info.num_classes)
     optimizer = build_optimizer(cfg, net, device)
     loss_fn = LOSSES[cfg.loss.name](cfg)
+    if hasattr(loss_fn, "bind"):  # margin-aware losses read K and ε from the net
+        loss_fn.bind(net)
     eps_sched = schedules.parse_epsilon_schedule(g.epsilon_schedule)
     lam_sched = schedules.parse_lambda_schedule(cfg.loss.lam_schedule)
     lr_sched = parse_lr(o.lr_schedule, o.warmup_lr_epochs)
