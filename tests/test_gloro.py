@@ -26,7 +26,7 @@ def test_forward_shape_and_bottom_logit_formula():
     assert out.shape == (1, 4)
     # K_0i = ‖w_0 − w_i‖ (K_pen = 1): K_01 = √2, K_02 = 2
     expected = max(0.5 + 0.5 * 2**0.5, -2 + 0.5 * 2)
-    assert float(out[0, 3]) == pytest.approx(expected, rel=1e-5)
+    assert float(out[0, 3].detach()) == pytest.approx(expected, rel=1e-5)
     assert int(net.predict(x, mode="fast")) == 0  # 2 > 1.207
     assert float(net.certified_radius(x)) == pytest.approx(1.5 / 2**0.5, rel=1e-6)
 
