@@ -70,11 +70,12 @@ def read_metrics(path: str | Path) -> list[dict[str, float]]:
 
 def epoch_line(row: dict[str, float], total: int) -> str:
     """One human-readable log line per epoch."""
+    lam = "" if math.isnan(row["lam"]) else f"lam {row['lam']:.3g}  "
     return (
         f"epoch {int(row['epoch']):>{len(str(total))}}/{total}  loss {row['train_loss']:.4f}  "
         f"train acc {row['train_clean_acc']:.3f}  test acc {row['test_clean_acc']:.3f}  "
         f"VRA {row['test_vra']:.3f}  rej {row['test_rejection']:.3f}  "
-        f"eps {row['epsilon']:.4g}  lam {row['lam']:.3g}  lr {row['lr']:.2e}  "
+        f"eps {row['epsilon']:.4g}  {lam}lr {row['lr']:.2e}  "
         f"K {row['lipschitz']:.4g}  {row['seconds']:.1f}s  "
         f"{row['peak_mem_mb_per_sample']:.3g} MB/sample"
     )
