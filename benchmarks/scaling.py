@@ -87,9 +87,11 @@ def plot(by_batch, by_width, path) -> None:
     ax[2].set(xscale="log", xlabel="width multiplier", ylabel="GloRo / standard",
               title="vs width (batch 256)")  # fmt: skip
     ax[2].legend()
+    ax[2].minorticks_off()
     ax[2].set_xticks(w)
     ax[2].set_xticklabels([f"{x:g}" for x in w])
     for a in ax[:2]:
+        a.minorticks_off()
         a.set_xticks(b)
         a.set_xticklabels([str(x) for x in b])
     fig.tight_layout()

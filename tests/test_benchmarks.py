@@ -1,0 +1,67 @@
+"""The benchmarks' --quick mode runs and writes a JSON with the expected keys.
+
+No speed assertions, ever: timings on shared machines are noise for a test.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # benchmarks/ is a top-level package of the checkout
+    sys.path.insert(0, str(REPO))
+
+PROVENANCE = {"command", "git_commit", "device", "torch", "threads", "date", "quick"}
+
+pytestmark = pytest.mark.slow
+
+
+def _run(module, tmp_path):
+    module.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)])
+    name = module.__name__.rsplit(".", 1)[1]
+    path = tmp_path / f"{name}-cpu-quick.json"
+    assert path.exists()
+    data = json.loads(path.read_text())
+    assert data["benchmark"] == name
+    assert PROVENANCE <= set(data["provenance"])
+    assert data["provenance"]["threads"] == 1 and data["provenance"]["quick"] is True
+    return data
+
+
+def test_train_overhead_quick(tmp_path):
+    from benchmarks import train_overhead
+
+    data = _run(train_overhead, tmp_path)
+    assert [r["arch"] for r in data["results"]] == ["2c2f", "4c3f", "6c2f"]
+    for r in data["results"]:
+        assert {"ratio_time", "ratio_peak_memory", "ratio_saved_for_backward"} <= set(r)
+        for k in ("standard", "gloro"):
+            assert {"sec_per_step_median", "sec_per_epoch",
+                    "peak_mem_growth_per_instance_bytes",
+                    "saved_for_backward_per_instance_bytes"} <= set(r[k])  # fmt: skip
+
+
+def test_certify_overhead_quick(tmp_path):
+    from benchmarks import certify_overhead
+
+    data = _run(certify_overhead, tmp_path)
+    for r in data["results"]:
+        assert {"ratio_fast_over_f32_inference", "ratio_sound_over_f64_inference",
+                "sound_state_seconds_median", "inference_f32", "certify_fast",
+                "inference_f64", "certify_sound"} <= set(r)  # fmt: skip
+
+
+def test_scaling_quick(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks import scaling
+
+    data = _run(scaling, tmp_path)
+    assert data["by_batch_size"] and data["by_width"]
+    assert {"batch_size", "ratio", "gloro_sec_per_step", "standard_sec_per_step"} <= set(
+        data["by_batch_size"][0]
+    )
+    assert (tmp_path / "scaling-cpu-quick.png").exists()
