@@ -32,6 +32,7 @@ from torchgloro import sound
 from torchgloro._errors import GloroInputError, UnsupportedLayerError
 from torchgloro.lipschitz import (
     LayerBound,
+    PowerIterationBound,
     bound_for,
     flatten_layers,
     linear_fp_terms,
@@ -217,64 +218,7 @@ class LLNLinear(nn.Module):
 # ---- bounds ----------------------------------------------------------------------------------
 
 
-class _DerivedWeightPowerIteration(LayerBound):
-    """Power iteration on a linear operator whose matrix is a derived weight (``_weight()``).
-
-    Subclasses set the unit iterate buffer ``u`` and provide ``_op(u, weight)`` (A u) and
-    ``_op_adjoint(v, weight)`` (Aᵀ v). (Deliberately not named ``_apply``: that name belongs
-    to ``nn.Module`` and is what ``.to()``/``.double()`` call.)
-    """
-
-    u: torch.Tensor
-
-    def __init__(self, layer: nn.Module, u_shape: tuple[int, ...], ref: torch.Tensor) -> None:
-        super().__init__()
-        object.__setattr__(self, "layer", layer)  # not a submodule: owned by the backbone
-        u = torch.randn(u_shape, device=ref.device, dtype=ref.dtype)
-        self.register_buffer("u", u / u.norm())
-
-    def _weight(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _op(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _op_adjoint(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def _iterate(self, n_iter: int) -> None:
-        w = self._weight().detach()
-        u = self.u
-        for _ in range(n_iter):
-            z = self._op_adjoint(self._op(u, w), w)
-            norm = z.norm()
-            # A zero weight gives z = 0: keep the old unit iterate (no collapse to 0 or NaN).
-            u = torch.where(norm > 1e-30, z / norm.clamp_min(1e-30), u)
-        self.u.copy_(u)
-
-    def estimate(self, n_iter: int = 0, differentiable: bool = False) -> torch.Tensor:
-        if n_iter:
-            self._iterate(n_iter)
-        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-            w = self._weight()
-            if not differentiable:
-                w = w.detach()
-            # A copy of u: a later in-place update must not invalidate this graph.
-            return self._op(self.u.clone(), w).norm()
-
-    @torch.no_grad()
-    def converge(self, tol: float = 1e-5, max_iter: int = 10_000) -> torch.Tensor:
-        sigma = self.estimate()
-        for _ in range(0, max_iter, 10):
-            new = self.estimate(n_iter=10)
-            if (new - sigma).abs() <= tol * new.clamp_min(1e-30):
-                return new
-            sigma = new
-        return sigma
-
-
-class LiResBlockBound(_DerivedWeightPowerIteration):
+class LiResBlockBound(PowerIterationBound):
     """:class:`LiResBlock`: power iteration and proven bound on the folded convolution.
 
     The operator is ``x ↦ conv2d(x, K', padding=k//2)`` with ``K' = γ ⊙ (I + α·W)``; its
@@ -287,7 +231,7 @@ class LiResBlockBound(_DerivedWeightPowerIteration):
                 f"LiResBlock({layer.channels}) needs (C={layer.channels}, H, W) inputs, got "
                 f"{in_shape}."
             )
-        super().__init__(layer, (1, *in_shape), layer.conv.weight)
+        super().__init__(layer, (1, *in_shape))
 
     def _weight(self) -> torch.Tensor:
         return self.layer.folded_kernel()
@@ -311,11 +255,11 @@ class LiResBlockBound(_DerivedWeightPowerIteration):
         )
 
 
-class LLNLinearBound(_DerivedWeightPowerIteration):
+class LLNLinearBound(PowerIterationBound):
     """:class:`LLNLinear` used inside a network: a dense bound on the effective weight."""
 
     def __init__(self, layer: LLNLinear, in_shape: tuple[int, ...]) -> None:
-        super().__init__(layer, (layer.in_features,), layer.weight)
+        super().__init__(layer, (layer.in_features,))
 
     def _weight(self) -> torch.Tensor:
         return self.layer.effective_weight()

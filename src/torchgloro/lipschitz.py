@@ -168,15 +168,21 @@ class ConstantBound(LayerBound):
 class PowerIterationBound(LayerBound):
     """Power iteration on a linear operator ``A`` with a persistent iterate ``u``.
 
-    Subclasses provide ``_op(u, weight)`` (A u) and ``_op_adjoint(v, weight)`` (Aᵀ v).
+    Subclasses provide ``_op(u, weight)`` (A u) and ``_op_adjoint(v, weight)`` (Aᵀ v), and
+    override ``_weight()`` when the operator's matrix is derived from the layer's parameters
+    (a folded kernel, normalized rows) rather than ``layer.weight`` itself. (Not ``_apply``:
+    that name belongs to ``nn.Module`` and is what ``.to()`` calls.)
     """
 
     def __init__(self, layer: nn.Module, u_shape: tuple[int, ...]) -> None:
         super().__init__()
         object.__setattr__(self, "layer", layer)  # not a submodule: owned by the backbone
-        w = layer.weight
-        u = torch.randn(u_shape, device=w.device, dtype=w.dtype)
+        ref = next(layer.parameters())
+        u = torch.randn(u_shape, device=ref.device, dtype=ref.dtype)
         self.register_buffer("u", u / u.norm())
+
+    def _weight(self) -> torch.Tensor:
+        return self.layer.weight
 
     def _op(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -188,7 +194,7 @@ class PowerIterationBound(LayerBound):
     def _iterate(self, n_iter: int) -> None:
         if n_iter <= 0:
             return
-        w = self.layer.weight.detach()
+        w = self._weight().detach()
         u = self.u
         min_norm = None
         for _ in range(n_iter):
@@ -208,8 +214,9 @@ class PowerIterationBound(LayerBound):
     def estimate(self, n_iter: int = 0, differentiable: bool = False) -> torch.Tensor:
         if n_iter:
             self._iterate(n_iter)
-        w = self.layer.weight if differentiable else self.layer.weight.detach()
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            w = self._weight() if differentiable else self._weight().detach()
+            # A copy of u: a later in-place update must not invalidate this graph.
             return self._op(self.u.clone(), w).norm()
 
     @torch.no_grad()
