@@ -27,7 +27,7 @@ def test_trades_matches_hand_formula():
     p = torch.softmax(y[:2], 0)
     q = torch.softmax(y, 0)[:2]
     expected = F.cross_entropy(y[None, :2], torch.tensor([1])) + lam * (p * (p / q).log()).sum()
-    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    assert loss.item() == pytest.approx(float(expected), rel=1e-6)
     loss.backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
 
