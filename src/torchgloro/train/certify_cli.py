@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from torchgloro._errors import ConfigError
+from torchgloro._errors import CheckpointError, ConfigError
 
 __all__ = ["add_arguments", "run"]
 
@@ -36,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from torchgloro.train.build import evaluate
 
     path = Path(args.run_dir)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: pass a run folder or a model file.")
     saved = _run_config(path)
     data = saved.get("data", {})
     name = args.dataset or data.get("name")
