@@ -130,6 +130,7 @@ class GloroNet(nn.Module):
         self._frozen_at: tuple | None = None
         self._sound_cache: _SoundState | None = None
         self.last_class_bounds: torch.Tensor | None = None
+        self._frozen_K: tuple[tuple, torch.Tensor] | None = None
 
     # ---- configuration ---------------------------------------------------------------------
 
@@ -227,19 +228,27 @@ class GloroNet(nn.Module):
         if mode != "fast":
             raise GloroInputError(f"mode must be 'sound' or 'fast', got {mode!r}.")
         with torch.no_grad():
-            return self._class_bounds(self._head_weight(), self._k_pen_for_forward())
+            if self.training:  # the live estimate, without advancing the iterates
+                return self._class_bounds(self._head_weight(), self._penultimate_fast(0, False))
+            return self._current_class_bounds().clone()
 
     def _class_bounds(self, w: torch.Tensor, k_pen: torch.Tensor, upper: bool = False):
         if self.lipschitz == "margin":
             return margins.pairwise_row_distances(w, upper=upper) * k_pen  # (C, C)
         return margins.row_norms(w, upper=upper) * k_pen  # (C,)
 
-    def _k_pen_for_forward(self) -> torch.Tensor:
+    def _current_class_bounds(self) -> torch.Tensor:
+        """K for the forward pass: live and differentiable in training, else frozen (cached)."""
         if self.training:
-            return self._penultimate_fast(self.power_iterations, differentiable=True)
+            k_pen = self._penultimate_fast(self.power_iterations, differentiable=True)
+            return self._class_bounds(self._head_weight(), k_pen)
         if self.is_stale:
             self.refresh()
-        return self._frozen_k_pen
+        if self._frozen_K is None or self._frozen_K[0] != self._frozen_at:
+            with torch.no_grad():
+                K = self._class_bounds(self._head_weight(), self._frozen_k_pen)
+            self._frozen_K = (self._frozen_at, K)
+        return self._frozen_K[1]
 
     # ---- forward -----------------------------------------------------------------------------
 
@@ -259,7 +268,9 @@ class GloroNet(nn.Module):
                 f"Expected input of shape (B, {', '.join(map(str, self.in_shape))}), got "
                 f"{tuple(x.shape)}.{hint}"
             )
-        if check_finite and not bool(torch.isfinite(x).all()):
+        # One cheap reduction first; the elementwise test only if the sum is not finite
+        # (NaN/Inf input, or a finite input whose sum overflows).
+        if check_finite and not bool(x.sum().isfinite()) and not bool(x.isfinite().all()):
             raise GloroInputError(
                 "Input contains NaN or Inf values; clean or clip the input before certifying."
             )
@@ -268,8 +279,7 @@ class GloroNet(nn.Module):
         """Returns ``(B, C+1)`` logits: f(x), then ⊥."""
         self._check_input(x, check_finite=not self.training)
         y = self.backbone(x)  # (B, C)
-        k_pen = self._k_pen_for_forward()  # ()
-        K = self._class_bounds(self._head_weight(), k_pen)  # (C, C) or (C,)
+        K = self._current_class_bounds()  # (C, C) or (C,)
         self.last_class_bounds = K  # reused by margin-aware losses (EMMA, certified hinge)
         bot = margins.bottom_logit(y, K, self._epsilon.to(y.dtype))  # (B,)
         return torch.cat([y, bot.unsqueeze(1)], dim=1)  # (B, C+1)
@@ -321,7 +331,7 @@ class GloroNet(nn.Module):
             was_training = self.training
             self.eval()
             y = self.backbone(x)
-            K = self._class_bounds(self._head_weight().detach(), self._k_pen_for_forward())
+            K = self._current_class_bounds()
             self.train(was_training)
             slack = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
         else:
