@@ -44,8 +44,10 @@ def summarize(run: Path) -> dict:
         "train_seconds_total": sum(seconds),
         "sec_per_epoch_median": sorted(seconds)[len(seconds) // 2] if seconds else None,
         "final_epoch": rows[-1] if rows else None,
-        "evaluation": {k: evaluation.get(k) for k in ("epsilon", "n", "metrics", "lipschitz",
-                                                      "fallback", "cost", "pgd")},
+        "evaluation": {
+            k: evaluation.get(k)
+            for k in ("epsilon", "n", "metrics", "lipschitz", "fallback", "cost", "pgd")
+        },
     }
 
 

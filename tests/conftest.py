@@ -24,27 +24,47 @@ def _seed():
     yield
 
 
+def _fit_digits(model, loss_fn, epochs: int, seed: int):
+    """Trains ``model`` on the embedded digits data with Adam; returns (model, train, test)."""
+    import torchgloro as tg
+
+    train = tg.data.get_dataset("digits", "train")
+    test = tg.data.get_dataset("digits", "test")
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(train), generator=gen)
+        for i in range(0, len(perm), 128):
+            idx = perm[i : i + 128]
+            opt.zero_grad()
+            loss_fn(model(train.x[idx]), train.y[idx]).backward()
+            opt.step()
+    model.eval()
+    return model, train, test
+
+
 @pytest.fixture(scope="session")
 def trained_digits_net():
     """A minicnn GloRo net trained for a few seconds on the embedded digits data."""
     import torchgloro as tg
 
     torch.manual_seed(0)
-    train = tg.data.get_dataset("digits", "train")
-    test = tg.data.get_dataset("digits", "test")
-    f = tg.models.create_model("minicnn", train.info.in_shape, train.info.num_classes)
+    f = tg.models.create_model("minicnn", (1, 8, 8), 10)
     net = tg.GloroNet(f, epsilon=0.3, power_iterations=5)
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    loss_fn = tg.GloroCrossEntropy()
-    gen = torch.Generator().manual_seed(0)
-    net.train()
-    for _ in range(25):
-        perm = torch.randperm(len(train), generator=gen)
-        for i in range(0, len(perm), 128):
-            idx = perm[i : i + 128]
-            opt.zero_grad()
-            loss_fn(net(train.x[idx]), train.y[idx]).backward()
-            opt.step()
-    net.eval()
+    net, train, test = _fit_digits(net, tg.GloroCrossEntropy(), epochs=25, seed=0)
     net.refresh()
     return net, train, test
+
+
+@pytest.fixture(scope="session")
+def standard_digits_net():
+    """A GloroNet whose minicnn backbone was trained with plain cross-entropy (standard)."""
+    import torchgloro as tg
+
+    torch.manual_seed(1)
+    f = tg.models.create_model("minicnn", (1, 8, 8), 10)
+    _fit_digits(f, torch.nn.functional.cross_entropy, epochs=4, seed=1)
+    net = tg.GloroNet(f, epsilon=0.3, power_iterations=5).eval()
+    net.refresh()
+    return net

@@ -78,12 +78,14 @@ def test_maxpool_nonoverlapping_is_one_and_overlapping_is_bounded():
         (3, 2, 3, 1, "same", 1, 1, (6, 6)),
     ],
 )
-def test_conv_power_iteration_matches_explicit_svd(cin, cout, k, stride, padding, dilation,
-                                                   groups, hw):
+def test_conv_power_iteration_matches_explicit_svd(
+    cin, cout, k, stride, padding, dilation, groups, hw
+):
     conv = nn.Conv2d(cin, cout, k, stride, padding, dilation, groups).double()
     shape = (cin, *hw)
-    A = explicit_operator(lambda x: F.conv2d(x, conv.weight, None, stride, padding, dilation,
-                                             groups), shape)
+    A = explicit_operator(
+        lambda x: F.conv2d(x, conv.weight, None, stride, padding, dilation, groups), shape
+    )
     exact = float(torch.linalg.matrix_norm(A, 2))
     b, est = converged(conv, shape)
     assert est == pytest.approx(exact, rel=1e-4)
@@ -95,8 +97,11 @@ def test_unsupported_layer_raises_with_names():
     with pytest.raises(tg.UnsupportedLayerError, match="BatchNorm2d.*Supported layers"):
         bound_for(nn.BatchNorm2d(3), (3, 4, 4))
     with pytest.raises(tg.UnsupportedLayerError, match="Tanh"):
-        tg.GloroNet(nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)),
-                    0.1, in_shape=(1, 2, 2))
+        tg.GloroNet(
+            nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)),
+            0.1,
+            in_shape=(1, 2, 2),
+        )
     with pytest.raises(tg.UnsupportedLayerError, match="padding_mode"):
         bound_for(nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"), (1, 5, 5))
 

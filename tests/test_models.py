@@ -7,8 +7,13 @@ import torch
 
 import torchgloro as tg
 
-SHAPES = {"minicnn": (1, 8, 8), "2c2f": (1, 28, 28), "4c3f": (1, 28, 28), "6c2f": (3, 32, 32),
-          "7c1f": (3, 32, 32)}
+SHAPES = {
+    "minicnn": (1, 8, 8),
+    "2c2f": (1, 28, 28),
+    "4c3f": (1, 28, 28),
+    "6c2f": (3, 32, 32),
+    "7c1f": (3, 32, 32),
+}
 
 
 @pytest.mark.parametrize("name", tg.list_models())
@@ -32,8 +37,10 @@ def test_paper_architectures_match_appendix_b():
     f = tg.create_model("2c2f", (1, 28, 28), 10)
     convs = [m for m in f if isinstance(m, torch.nn.Conv2d)]
     dense = [m for m in f if isinstance(m, torch.nn.Linear)]
-    assert [(c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs] == [(16, 4, 2),
-                                                                               (32, 4, 2)]
+    assert [(c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs] == [
+        (16, 4, 2),
+        (32, 4, 2),
+    ]
     assert [d.out_features for d in dense] == [100, 10]
     assert f(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
     f = tg.create_model("4c3f", (1, 28, 28), 10)

@@ -382,10 +382,11 @@ def test_float64_forward_error_bound_holds():
     layers = _tiny_net(torch.float32)
     p, q = _slack_coefficients(layers, (2, 8, 8), 2.0**-53)
     x = torch.randn(16, 2, 8, 8) * 3
-    net64 = nn.Sequential(*[m for m in layers]).double()
-    y = net64(x.double())
+    net64 = nn.Sequential(*layers).double()
+    with torch.no_grad():
+        y = net64(x.double())
     ref = _reference_longdouble(list(net64), x.double())
-    err = np.sqrt(((y.detach().numpy().astype(np.longdouble) - ref) ** 2).sum(axis=1))
+    err = np.sqrt(((y.numpy().astype(np.longdouble) - ref) ** 2).sum(axis=1))
     bound = p * x.flatten(1).double().norm(dim=1).numpy() + q
     assert (err <= bound.astype(np.longdouble)).all()
     assert float(bound.max()) < 1e-10 * float(y.abs().max() + 1)  # small, not vacuous

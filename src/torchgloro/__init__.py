@@ -18,8 +18,8 @@ from torchgloro._errors import (
 from torchgloro.activations import GroupSort, MinMax
 from torchgloro.gloro import Certificate, GloroNet
 from torchgloro.io import load
-from torchgloro.lipschitz import register_bound, supported_layers
 from torchgloro.layers import LiResBlock, LLNLinear, Residual
+from torchgloro.lipschitz import register_bound, supported_layers
 from torchgloro.losses import LOSSES, GloroCrossEntropy, GloroEMMA, GloroHinge, GloroTrades
 from torchgloro.models import create_model, list_models
 

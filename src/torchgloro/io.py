@@ -159,8 +159,13 @@ def load(
         name = spec.pop("name")
         backbone = create_model(name, tuple(spec.pop("in_shape")), spec.pop("num_classes"), **spec)
     try:
-        net = GloroNet(backbone, g["epsilon"], in_shape=tuple(g["in_shape"]),
-                       power_iterations=g["power_iterations"], lipschitz=g["lipschitz"])
+        net = GloroNet(
+            backbone,
+            g["epsilon"],
+            in_shape=tuple(g["in_shape"]),
+            power_iterations=g["power_iterations"],
+            lipschitz=g["lipschitz"],
+        )
     except RuntimeError as e:  # the backbone cannot even run on the saved input shape
         raise CheckpointError(
             f"{path} does not match this architecture: the backbone fails on the saved input "

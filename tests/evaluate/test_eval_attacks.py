@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pytest
 import torch
@@ -12,32 +10,13 @@ import torchgloro as tg
 from torchgloro.evaluate.attacks import pgd_l2
 
 
-@functools.lru_cache(maxsize=1)
-def standard_model():
-    """A minicnn trained with plain cross-entropy (no GloRo) on digits."""
-    torch.manual_seed(1)
-    train = tg.data.get_dataset("digits", "train")
-    f = tg.models.create_model("minicnn", (1, 8, 8), 10)
-    opt = torch.optim.Adam(f.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(4):
-        perm = torch.randperm(len(train), generator=gen)
-        for i in range(0, len(perm), 128):
-            idx = perm[i : i + 128]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(f(train.x[idx]), train.y[idx]).backward()
-            opt.step()
-    f.eval()
-    return f
-
-
 def _test_points(n=200):
     test = tg.data.get_dataset("digits", "test")
     return test.x[:n], test.y[:n]
 
 
-def test_pgd_breaks_standard_model_and_stays_in_ball():
-    f = standard_model()
+def test_pgd_breaks_standard_model_and_stays_in_ball(standard_digits_net):
+    f = standard_digits_net.backbone
     x, y = _test_points()
     clean = float((f(x).argmax(1) == y).double().mean())
     res = pgd_l2(f, x, y, epsilon=1.0, steps=20, seed=0)
@@ -54,12 +33,12 @@ def test_pgd_breaks_standard_model_and_stays_in_ball():
     assert torch.equal(wrong, res.fooled)
 
 
-def test_pgd_agrees_with_art():
+def test_pgd_agrees_with_art(standard_digits_net):
     pytest.importorskip("art")
     from art.attacks.evasion import ProjectedGradientDescent
     from art.estimators.classification import PyTorchClassifier
 
-    f = standard_model()
+    f = standard_digits_net.backbone
     x, y = _test_points()
     clf = PyTorchClassifier(
         model=f,

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
 import pytest
-import torch
 
 import torchgloro as tg
 from torchgloro.evaluate import EvalOptions, evaluate_run
@@ -18,28 +16,6 @@ FAST_ARGS = [
     "--lb-pairs", "8", "--local-steps", "15", "--local-points", "8", "--lb-lr", "1e-2",
     "--local-lr", "1e-2",
 ]  # fmt: skip
-
-
-@functools.lru_cache(maxsize=1)
-def _standard_weights() -> dict:
-    """A GloroNet whose backbone was trained with plain cross-entropy (a standard model)."""
-    torch.manual_seed(2)
-    train = tg.data.get_dataset("digits", "train")
-    f = tg.models.create_model("minicnn", (1, 8, 8), 10)
-    net = tg.GloroNet(f, epsilon=0.3, power_iterations=5)
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(2)
-    net.train()
-    for _ in range(3):
-        perm = torch.randperm(len(train), generator=gen)
-        for i in range(0, len(perm), 128):
-            idx = perm[i : i + 128]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(f(train.x[idx]), train.y[idx]).backward()
-            opt.step()
-    net.eval()
-    net.refresh()
-    return {k: v.clone() for k, v in net.state_dict().items()}
 
 
 def make_run(path: Path, state: dict, metrics_csv: bool = True) -> Path:
@@ -69,11 +45,15 @@ def _strip(d: dict) -> dict:
     return d
 
 
-def test_evaluate_and_compare_cli(tmp_path, capsys, trained_digits_net):
+def test_evaluate_and_compare_cli(tmp_path, capsys, trained_digits_net, standard_digits_net):
     from torchgloro.cli import main
 
     glo = make_run(tmp_path / "gloro-1", trained_digits_net[0].state_dict())
-    std = make_run(tmp_path / "standard-1", _standard_weights(), metrics_csv=False)
+    std = make_run(
+        tmp_path / "standard-1",
+        {k: v.clone() for k, v in standard_digits_net.state_dict().items()},
+        metrics_csv=False,
+    )
     assert main(["evaluate", str(glo), *FAST_ARGS, "--cost", "--cost-repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "VRA sound (%)" in out and "global LB" in out and "certify (sound)" in out

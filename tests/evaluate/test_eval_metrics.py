@@ -97,8 +97,9 @@ def test_fallback_section_adds_sound_vra(trained_digits_net):
     from torchgloro.evaluate.runner import EvalOptions, evaluate_net
 
     net, _, test = trained_digits_net
-    res, _ = evaluate_net(net, test.x[:150], test.y[:150],
-                          EvalOptions(attack=None, fallback=True, seed=0))
+    res, _ = evaluate_net(
+        net, test.x[:150], test.y[:150], EvalOptions(attack=None, fallback=True, seed=0)
+    )
     fb = res["fallback"]
     assert fb["vra"] >= res["metrics"]["vra_sound"]
     assert fb["points_tried"] == round(res["metrics"]["rejection_sound"] * 150)

@@ -97,7 +97,11 @@ def resolve_epsilons(cfg: TrainConfig, default_epsilon: float) -> None:
 
 def build_net(cfg: TrainConfig, in_shape, num_classes: int) -> GloroNet:
     backbone = create_model(
-        cfg.model.arch, tuple(in_shape), num_classes, cfg.model.activation, cfg.model.init,
+        cfg.model.arch,
+        tuple(in_shape),
+        num_classes,
+        cfg.model.activation,
+        cfg.model.init,
         **cfg.model.options,
     )
     return GloroNet(
