@@ -76,6 +76,8 @@ def test_maxpool_nonoverlapping_is_one_and_overlapping_is_bounded():
         (4, 4, 3, 1, 2, 2, 2, (7, 6)),  # dilation + groups
         (3, 2, 3, 2, "valid", 1, 1, (9, 9)),
         (3, 2, 3, 1, "same", 1, 1, (6, 6)),
+        (2, 3, 4, 1, "same", 1, 1, (7, 7)),  # even kernel: asymmetric padding
+        (2, 2, 3, 3, 1, 1, 1, (8, 7)),  # stride 3: output_padding needed
     ],
 )
 def test_conv_power_iteration_matches_explicit_svd(
@@ -139,3 +141,24 @@ def test_differentiable_estimate_gives_weight_gradients():
     b.estimate(n_iter=20).detach()
     b.estimate(n_iter=1, differentiable=True).backward()
     assert conv.weight.grad is not None and float(conv.weight.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize(
+    "k,stride,padding,dilation,groups,hw",
+    [
+        (4, 2, 1, 1, 1, (28, 28)),
+        (4, 1, "same", 1, 1, (9, 9)),
+        (3, 3, 1, 2, 2, (11, 10)),
+        (5, 2, 0, 1, 1, (12, 13)),
+    ],
+)
+def test_conv_adjoint_identity(k, stride, padding, dilation, groups, hw):
+    """<A u, v> = <u, Aᵀ v> for the operator the power iteration uses."""
+    conv = nn.Conv2d(4, 6, k, stride, padding, dilation, groups).double()
+    b = bound_for(conv, (4, *hw))
+    u = torch.randn(1, 4, *hw, dtype=torch.float64)
+    Au = b._op(u, conv.weight.detach())
+    v = torch.randn_like(Au)
+    Atv = b._op_adjoint(v, conv.weight.detach())
+    assert Atv.shape == u.shape
+    assert float((Au * v).sum()) == pytest.approx(float((u * Atv).sum()), rel=1e-10)

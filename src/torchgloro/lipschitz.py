@@ -270,6 +270,19 @@ class Conv2dBound(PowerIterationBound):
         self._sym_pad = (top, left) if (left == right and top == bottom) else None
         self._stride = tuple(layer.stride)
         self._dilation = tuple(layer.dilation)
+        # Aᵀ is a transposed convolution; output_padding makes it return exactly the
+        # (padded) input shape, which floor division in the forward shape may have lost.
+        pad = self._sym_pad or (0, 0)
+        padded = (in_shape[1] + (0 if self._sym_pad else top + bottom),
+                  in_shape[2] + (0 if self._sym_pad else left + right))  # fmt: skip
+        with torch.no_grad():
+            out_hw = self._op(self.u, layer.weight).shape[2:]
+        self._out_pad = tuple(
+            n - ((o - 1) * st - 2 * p + d * (k - 1) + 1)
+            for n, o, st, p, d, k in zip(
+                padded, out_hw, self._stride, pad, self._dilation, layer.kernel_size
+            )
+        )
 
     def _op(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         layer = self.layer
@@ -281,22 +294,13 @@ class Conv2dBound(PowerIterationBound):
         )
 
     def _op_adjoint(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        layer = self.layer
-        if self._sym_pad is not None:  # torch.nn.grad.conv2d_input without its wrapper
-            shape_like = v.new_empty(1).expand(self.u.shape)
-            return torch.ops.aten.convolution_backward(
-                v, shape_like, weight, None, self._stride, self._sym_pad, self._dilation,
-                False, [0], layer.groups, (True, False, False),
-            )[0]  # fmt: skip
+        groups = self.layer.groups
+        if self._sym_pad is not None:
+            return F.conv_transpose2d(v, weight, None, self._stride, self._sym_pad,
+                                      self._out_pad, groups, self._dilation)  # fmt: skip
         left, right, top, bottom = self.padding
-        padded_shape = (
-            *self.u.shape[:2],
-            self.u.shape[2] + top + bottom,
-            self.u.shape[3] + left + right,
-        )
-        g = torch.nn.grad.conv2d_input(
-            padded_shape, weight, v, layer.stride, 0, layer.dilation, layer.groups
-        )
+        g = F.conv_transpose2d(v, weight, None, self._stride, 0, self._out_pad, groups,
+                               self._dilation)  # fmt: skip
         return g[..., top : g.shape[2] - bottom, left : g.shape[3] - right]
 
     def sound(self) -> float:
