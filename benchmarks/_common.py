@@ -298,3 +298,22 @@ def synthetic_split(n: int, in_shape: tuple[int, int, int], seed: int = 0):
     y = torch.randint(0, 10, (n,), generator=g)
     info = DatasetInfo("synthetic", tuple(str(i) for i in range(10)), in_shape, 0.3)
     return Split(x, y, info)
+
+
+def run_per_model(name: str, doc: str, models, run_model, notes: list[str], targets, argv=None):
+    """The shared ``main`` of the per-model benchmarks: parse args, run each model, write JSON.
+
+    Args:
+        name: Result name (``benchmarks/results/<name>-<device>.json``).
+        doc: The benchmark module's docstring (its first line is the CLI description).
+        models: Argument tuples, one per model, passed to ``run_model(*m, args, device)``.
+        run_model: Measures one model and returns its JSON-able result.
+        notes: How to read the figures.
+        targets: The issue's targets, recorded with the results.
+    """
+    args = parser(doc.splitlines()[0]).parse_args(argv)
+    device = setup(args)
+    results = [run_model(*m, args, device) for m in models]
+    payload = {"targets": targets, "results": results, "notes": notes}
+    write_result(name, args, device, payload)
+    return payload

@@ -117,23 +117,15 @@ def run_model(arch, data, in_shape, eps, args, device) -> dict:
 
 
 def main(argv=None) -> dict:
-    args = C.parser(__doc__.splitlines()[0]).parse_args(argv)
-    device = C.setup(args)
-    results = [run_model(*m, args, device) for m in MODELS]
-    payload = {
-        "targets": TARGETS,
-        "results": results,
-        "notes": [
-            "Random (Glorot) weights: the cost of certification does not depend on the weights "
-            "(the one-off sound bound may, slightly, through its iterative parts).",
-            "test_set_seconds = median seconds x (10,000 / n_timed); 6C2F times 2,000 "
-            "CIFAR-shaped synthetic samples in full mode and is extrapolated.",
-            "certify_sound is compared with float64 inference of the same float64 backbone "
-            "copy (what it runs), and, for reference, with float32 inference.",
-        ],
-    }
-    C.write_result("certify_overhead", args, device, payload)
-    return payload
+    notes = [
+        "Random (Glorot) weights: the cost of certification does not depend on the weights "
+        "(the one-off sound bound may, slightly, through its iterative parts).",
+        "test_set_seconds = median seconds x (10,000 / n_timed); 6C2F times 2,000 "
+        "CIFAR-shaped synthetic samples in full mode and is extrapolated.",
+        "certify_sound is compared with float64 inference of the same float64 backbone "
+        "copy (what it runs), and, for reference, with float32 inference.",
+    ]
+    return C.run_per_model("certify_overhead", __doc__, MODELS, run_model, notes, TARGETS, argv)
 
 
 if __name__ == "__main__":

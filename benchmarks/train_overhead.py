@@ -168,24 +168,16 @@ def run_model(arch, data, in_shape, n_iter, eps, args, device) -> dict:
 
 
 def main(argv=None) -> dict:
-    args = C.parser(__doc__.splitlines()[0]).parse_args(argv)
-    device = C.setup(args)
-    results = [run_model(*m, args, device) for m in MODELS]
-    payload = {
-        "targets": TARGETS,
-        "results": results,
-        "notes": [
-            "sec_per_epoch = median sec/step x ceil(N/256) steps (extrapolated, not a timed "
-            "full epoch); --quick uses batch 32 and a 2k/1k subset.",
-            "CPU peak memory = peak sampled RSS minus RSS after gc + malloc_trim, over 2 steps "
-            "(process level, approximate); saved_for_backward = exact bytes autograd keeps "
-            "for backward in one forward (parameters and buffers excluded). CUDA: "
-            "max_memory_allocated growth.",
-            "6C2F runs on uniform random CIFAR-shaped data: timing depends on shapes only.",
-        ],
-    }
-    C.write_result("train_overhead", args, device, payload)
-    return payload
+    notes = [
+        "sec_per_epoch = median sec/step x ceil(N/256) steps (extrapolated, not a timed "
+        "full epoch); --quick uses batch 32 and a 2k/1k subset.",
+        "CPU peak memory = peak sampled RSS minus RSS after gc + malloc_trim, over 2 steps "
+        "(process level, approximate); saved_for_backward = exact bytes autograd keeps "
+        "for backward in one forward (parameters and buffers excluded). CUDA: "
+        "max_memory_allocated growth.",
+        "6C2F runs on uniform random CIFAR-shaped data: timing depends on shapes only.",
+    ]
+    return C.run_per_model("train_overhead", __doc__, MODELS, run_model, notes, TARGETS, argv)
 
 
 if __name__ == "__main__":
