@@ -162,3 +162,61 @@ def test_conv_adjoint_identity(k, stride, padding, dilation, groups, hw):
     Atv = b._op_adjoint(v, conv.weight.detach())
     assert Atv.shape == u.shape
     assert float((Au * v).sum()) == pytest.approx(float((u * Atv).sum()), rel=1e-10)
+
+
+def _grad_of_estimate(b, weight, native: bool):
+    """Value and weight gradient of the differentiable estimate on one backend path."""
+    b._native_cpu = native
+    weight.grad = None
+    value = b.estimate(differentiable=True)
+    value.backward()
+    return float(value.detach()), weight.grad.clone()
+
+
+@pytest.mark.parametrize(
+    "cin,cout,k,stride,padding,dilation,groups,hw",
+    [
+        (1, 16, 4, 2, 1, 1, 1, (28, 28)),  # 2C2F's first layer
+        (4, 6, 4, 1, "same", 1, 1, (9, 9)),  # asymmetric padding: F.pad path
+        (4, 6, 3, 3, 1, 2, 2, (11, 10)),  # stride, dilation, groups
+        (3, 5, 5, 2, 0, 1, 1, (12, 13)),
+    ],
+)
+def test_euler_estimate_matches_autograd(cin, cout, k, stride, padding, dilation, groups, hw):
+    """The no-oneDNN path (⟨w, ∇_w‖A(w)u‖⟩) gives the same value and gradient as autograd."""
+    conv = nn.Conv2d(cin, cout, k, stride, padding, dilation, groups).double()
+    b = bound_for(conv, (cin, *hw))
+    b.estimate(n_iter=30)
+    v_ref, g_ref = _grad_of_estimate(b, conv.weight, native=False)
+    v_new, g_new = _grad_of_estimate(b, conv.weight, native=True)
+    assert v_new == pytest.approx(v_ref, rel=1e-12)
+    assert torch.allclose(g_new, g_ref, rtol=1e-10, atol=1e-14)
+    assert float(g_ref.abs().sum()) > 0
+
+
+def test_euler_estimate_of_zero_weight_is_zero_with_zero_gradient():
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    b = bound_for(conv, (2, 5, 5))
+    with torch.no_grad():
+        conv.weight.zero_()
+    value, grad = _grad_of_estimate(b, conv.weight, native=True)
+    assert value == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_small_conv_rule_and_global_flag_restored():
+    """Small single-instance convs skip oneDNN on CPU; the global flag is left as it was."""
+    model = tg.create_model("2c2f", (1, 28, 28), 10)
+    net = tg.GloroNet(model, 0.3)
+    convs = [b for b in net.bounds if type(b).__name__ == "Conv2dBound"]
+    assert len(convs) == 2 and all(b._native_cpu for b in convs)
+    big = bound_for(nn.Conv2d(64, 64, 3, padding=1), (64, 14, 14))  # 7.2M multiply-adds
+    assert not big._native_cpu
+    before = torch.backends.mkldnn.enabled
+    net.train()
+    net(torch.rand(2, 1, 28, 28)).sum().backward()
+    assert torch.backends.mkldnn.enabled == before
+    with pytest.raises(RuntimeError):  # restored on errors too
+        with tg.lipschitz._without_onednn():
+            assert not torch.backends.mkldnn.enabled
+            raise RuntimeError
+    assert torch.backends.mkldnn.enabled == before

@@ -31,12 +31,14 @@ from torch import nn
 from torchgloro import sound
 from torchgloro._errors import GloroInputError, UnsupportedLayerError
 from torchgloro.lipschitz import (
+    DenseBound,
     LayerBound,
     PowerIterationBound,
     bound_for,
     flatten_layers,
     linear_fp_terms,
     register_bound,
+    small_conv,
     trace_input_shapes,
 )
 from torchgloro.margins import (
@@ -232,6 +234,8 @@ class LiResBlockBound(PowerIterationBound):
                 f"{in_shape}."
             )
         super().__init__(layer, (1, *in_shape))
+        c, k = layer.channels, self.layer.folded_kernel().shape[-1]
+        self._native_cpu = small_conv(c, c * c * k * k * math.prod(in_shape[1:]))
 
     def _weight(self) -> torch.Tensor:
         return self.layer.folded_kernel()
@@ -241,6 +245,10 @@ class LiResBlockBound(PowerIterationBound):
 
     def _op_adjoint(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.conv_transpose2d(v, weight, None, padding=self.layer.padding)
+
+    def _op_weight_grad(self, u: torch.Tensor, v: torch.Tensor, weight: torch.Tensor):
+        p = self.layer.padding
+        return torch.nn.grad.conv2d_weight(u, weight.shape, v, padding=p)
 
     def sound(self) -> float:
         p = self.layer.padding
@@ -255,20 +263,11 @@ class LiResBlockBound(PowerIterationBound):
         )
 
 
-class LLNLinearBound(PowerIterationBound):
+class LLNLinearBound(DenseBound):
     """:class:`LLNLinear` used inside a network: a dense bound on the effective weight."""
-
-    def __init__(self, layer: LLNLinear, in_shape: tuple[int, ...]) -> None:
-        super().__init__(layer, (layer.in_features,))
 
     def _weight(self) -> torch.Tensor:
         return self.layer.effective_weight()
-
-    def _op(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return weight @ u
-
-    def _op_adjoint(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return weight.t() @ v
 
     def sound(self) -> float:
         return sound.dense_norm_upper(self.layer.effective_weight().detach())

@@ -13,6 +13,7 @@ is never silently accepted. Unknown layers raise :class:`UnsupportedLayerError`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -36,6 +37,7 @@ __all__ = [
     "bound_for",
     "flatten_layers",
     "trace_input_shapes",
+    "small_conv",
 ]
 
 BoundFactory = Callable[[nn.Module, tuple[int, ...]], "LayerBound"]
@@ -168,11 +170,15 @@ class ConstantBound(LayerBound):
 class PowerIterationBound(LayerBound):
     """Power iteration on a linear operator ``A`` with a persistent iterate ``u``.
 
-    Subclasses provide ``_op(u, weight)`` (A u) and ``_op_adjoint(v, weight)`` (Aᵀ v), and
-    override ``_weight()`` when the operator's matrix is derived from the layer's parameters
-    (a folded kernel, normalized rows) rather than ``layer.weight`` itself. (Not ``_apply``:
-    that name belongs to ``nn.Module`` and is what ``.to()`` calls.)
+    Subclasses provide ``_op(u, weight)`` (A u, linear in ``weight``) and
+    ``_op_adjoint(v, weight)`` (Aᵀ v), and override ``_weight()`` when the operator's matrix
+    is derived from the layer's parameters (a folded kernel, normalized rows) rather than
+    ``layer.weight`` itself. (Not ``_apply``: that name belongs to ``nn.Module`` and is what
+    ``.to()`` calls.)
     """
+
+    # Small convolutions run faster without oneDNN on CPU; set by subclasses (small_conv).
+    _native_cpu: bool = False
 
     def __init__(self, layer: nn.Module, u_shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -190,34 +196,61 @@ class PowerIterationBound(LayerBound):
     def _op_adjoint(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _on_native_cpu(self) -> bool:
+        return self._native_cpu and self.u.device.type == "cpu"
+
+    def _backend(self) -> contextlib.AbstractContextManager:
+        """Where the single-instance ops run: oneDNN off for small CPU convolutions."""
+        return _without_onednn() if self._on_native_cpu() else contextlib.nullcontext()
+
     @torch.no_grad()
     def _iterate(self, n_iter: int) -> None:
         if n_iter <= 0:
             return
         w = self._weight().detach()
         u = self.u
-        min_norm = None
-        for _ in range(n_iter):
-            z = self._op_adjoint(self._op(u, w), w)
-            norm = torch.linalg.vector_norm(z)
-            u = z / norm.clamp_min(1e-30)
-            min_norm = norm if min_norm is None else torch.minimum(min_norm, norm)
+        norms = []
+        with self._backend():
+            for _ in range(n_iter):
+                z = self._op_adjoint(self._op(u, w), w)
+                norm = torch.linalg.vector_norm(z)
+                u = z / norm  # a zero norm gives NaN, which the guard below rejects
+                norms.append(norm)
         # A zero (or vanishing) weight gives z = 0: keep the old unit iterate instead of
         # collapsing it to 0 or NaN, which would freeze the bound at 0 forever (TF gloro #8).
         # One guard per call instead of one per iteration: with the weight fixed, ‖AᵀA u_k‖
         # is non-decreasing in k for unit iterates (log-convexity of uᵀ(AᵀA)ʲu), so a
         # vanishing norm shows up at the first iteration, where the per-iteration guard
-        # would also have kept the old iterate for good. NaN norms also keep it (minimum
-        # propagates NaN, and NaN > 1e-30 is False).
-        self.u.copy_(torch.where(min_norm > 1e-30, u, self.u))
+        # would also have kept the old iterate for good. NaN norms (and the NaN iterates that
+        # follow a zero norm) also keep it: amin propagates NaN, and NaN > 1e-30 is False.
+        ok = torch.stack(norms).amin() > 1e-30
+        self.u.copy_(torch.where(ok, u, self.u))
 
     def estimate(self, n_iter: int = 0, differentiable: bool = False) -> torch.Tensor:
         if n_iter:
             self._iterate(n_iter)
-        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-            w = self._weight() if differentiable else self._weight().detach()
+        if not (differentiable and torch.is_grad_enabled()):
+            with torch.no_grad(), self._backend():
+                return torch.linalg.vector_norm(self._op(self.u, self._weight().detach()))
+        w = self._weight()  # (carries the graph to the parameters)
+        if not self._on_native_cpu():
             # A copy of u: a later in-place update must not invalidate this graph.
-            return self._op(self.u.clone(), w).norm()
+            return torch.linalg.vector_norm(self._op(self.u.clone(), w))
+        # The backward of a differentiable A(w) u would run when the training step's
+        # backward does, with oneDNN on. Instead: ‖A(w) u‖ is positively homogeneous of
+        # degree 1 in w (A is linear in w), so by Euler's identity it equals
+        # ⟨w, ∇_w ‖A(w) u‖⟩, with the same gradient. The gradient is computed here, once,
+        # without a graph and without oneDNN; the step's backward is one elementwise product.
+        with torch.no_grad(), _without_onednn():
+            wd = w.detach()
+            z = self._op(self.u, wd)
+            v = z / torch.linalg.vector_norm(z).clamp_min(1e-30)  # 0 where A u = 0
+            grad = self._op_weight_grad(self.u, v, wd)  # ∇_w ‖A(w) u‖ = ∇_w ⟨v, A(w) u⟩
+        return (w * grad).sum()
+
+    def _op_weight_grad(self, u: torch.Tensor, v: torch.Tensor, weight: torch.Tensor):
+        """∇_w ⟨v, A(w) u⟩ at ``weight``; needed by subclasses that set ``_native_cpu``."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def converge(self, tol: float = 1e-5, max_iter: int = 1_000) -> torch.Tensor:
@@ -283,6 +316,8 @@ class Conv2dBound(PowerIterationBound):
                 padded, out_hw, self._stride, pad, self._dilation, layer.kernel_size
             )
         )
+        w = layer.weight
+        self._native_cpu = small_conv(w.shape[1], w[0].numel() * w.shape[0] * out_hw.numel())
 
     def _op(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         layer = self.layer
@@ -302,6 +337,15 @@ class Conv2dBound(PowerIterationBound):
         g = F.conv_transpose2d(v, weight, None, self._stride, 0, self._out_pad, groups,
                                self._dilation)  # fmt: skip
         return g[..., top : g.shape[2] - bottom, left : g.shape[3] - right]
+
+    def _op_weight_grad(self, u: torch.Tensor, v: torch.Tensor, weight: torch.Tensor):
+        layer = self.layer
+        pad = self._sym_pad
+        if pad is None:
+            u, pad = F.pad(u, self.padding), (0, 0)
+        return torch.nn.grad.conv2d_weight(
+            u, weight.shape, v, self._stride, pad, self._dilation, layer.groups
+        )
 
     def sound(self) -> float:
         layer = self.layer
@@ -342,6 +386,28 @@ def linear_fp_terms(
     if bias is not None:
         b = round_up(bias.detach().double().norm().item() * math.sqrt(positions) * (1 + 1e-12))
     return n, abs_norm, b
+
+
+def small_conv(in_channels_per_group: int, macs: int) -> bool:
+    """Whether a single-instance convolution is faster on CPU without oneDNN.
+
+    For one instance, oneDNN's per-call setup dominates: measured on a 2-core EPYC with one
+    thread (benchmarks/results/conv_backend-cpu.json), PyTorch's native kernels run
+    ``conv`` + ``conv_transpose`` 2-7× faster below about a million multiply-adds or with
+    at most 4 input channels, and up to 1.8× slower above. The rule depends on shapes only,
+    so a run and its resumption always pick the same kernels (bit-identical on CPU).
+    """
+    return in_channels_per_group <= 4 or macs <= 1_000_000
+
+
+@contextlib.contextmanager
+def _without_onednn():
+    prev = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = prev
 
 
 def _numeric_padding(layer: nn.Conv2d, in_shape: tuple[int, ...]) -> tuple[int, int, int, int]:

@@ -89,8 +89,7 @@ def bottom_logit(y: torch.Tensor, K: torch.Tensor, epsilon: torch.Tensor) -> tor
     else:
         Kj = K[j].unsqueeze(1) + K.unsqueeze(0)  # (B, C)
     cand = y + epsilon * Kj  # (B, C)
-    is_top = torch.nn.functional.one_hot(j, y.shape[1]).bool()  # (B, C)
-    return cand.masked_fill(is_top, float("-inf")).amax(dim=1)  # (B,)
+    return cand.scatter(1, j.unsqueeze(1), float("-inf")).amax(dim=1)  # (B,): i ≠ j only
 
 
 def certified_radius(
