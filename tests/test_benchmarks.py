@@ -65,3 +65,14 @@ def test_scaling_quick(tmp_path):
         data["by_batch_size"][0]
     )
     assert (tmp_path / "scaling-cpu-quick.png").exists()
+
+
+def test_conv_backend_quick(tmp_path):
+    from benchmarks import conv_backend
+
+    data = _run(conv_backend, tmp_path)
+    assert [r["arch"] for r in data["results"]] == ["minicnn", "2c2f"]
+    two = data["results"][1]
+    assert len(two["layers"]) == 2  # 2C2F's two convolutions
+    assert all(r["rule_picks"] == "native" for r in two["layers"])  # both are small
+    assert {"sec_per_iteration_onednn", "sec_per_iteration_native", "macs"} <= set(two["layers"][0])

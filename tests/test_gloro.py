@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -182,3 +184,21 @@ def test_local_fallback_through_certify(trained_digits_net):
         net.certify(x, mode="fast", fallback="local")
     with pytest.raises(tg.GloroInputError, match="fallback"):
         net.certify(x, fallback="global")
+
+
+def test_torch_compile_matches_eager():
+    """A compiled GloroNet trains and evaluates like the eager one (aot_eager: no C++ build)."""
+    torch.manual_seed(0)
+    eager = tg.GloroNet(tg.create_model("2c2f", (1, 28, 28), 10), 0.3)
+    compiled_net = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_net, backend="aot_eager")
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    loss_fn = tg.GloroCrossEntropy()
+    for net, fwd in ((eager, eager), (compiled_net, compiled)):
+        net.train()
+        torch.manual_seed(1)
+        loss_fn(fwd(x), y).backward()
+    for p, q in zip(eager.parameters(), compiled_net.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+    eager.eval(), compiled_net.eval()
+    assert torch.allclose(compiled(x), eager(x), rtol=1e-4, atol=1e-5)

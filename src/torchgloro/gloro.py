@@ -166,6 +166,7 @@ class GloroNet(nn.Module):
             k = e if k is None else k * e
         return self._epsilon.new_ones(()) if k is None else k
 
+    @torch.compiler.disable  # a data-dependent convergence loop: nothing for a compiler
     @torch.no_grad()
     def refresh(self, converge: bool = True, tol: float = 1e-5) -> torch.Tensor:
         """Runs power iteration (to convergence by default) and freezes the fast constants.
