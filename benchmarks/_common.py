@@ -74,6 +74,8 @@ def setup(args: argparse.Namespace) -> torch.device:
 
 
 def _git_commit() -> str:
+    if os.environ.get("GIT_COMMIT"):  # set by device_checks.sh where no .git travels
+        return os.environ["GIT_COMMIT"]
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True

@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--eval-command", required=True)
     p.add_argument("--commit", default=None, help="commit the run was trained at")
     p.add_argument("--device", default=None, help="device description (default: this CPU)")
+    p.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON goes")
     args = p.parse_args(argv)
     payload = {
         "command": " ".join(["python", "-m", "benchmarks.record_run", *sys.argv[1:]]),
@@ -69,8 +70,8 @@ def main(argv: list[str] | None = None) -> Path:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **summarize(args.run),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{args.name}.json"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    out = args.out_dir / f"{args.name}.json"
     out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     print(f"wrote {out}")
     return out

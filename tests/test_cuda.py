@@ -1,0 +1,94 @@
+"""The same math on a CUDA GPU as on the CPU.
+
+Skipped (with the reason shown) where no GPU is present, as in CI; a session lent a GPU runs
+them with ``benchmarks/device_checks.sh`` (see docs/performance.md, "GPU checks").
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import torchgloro as tg
+from torchgloro.cli import main
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU: run benchmarks/device_checks.sh on a GPU machine",
+)
+
+
+def _pair(arch="2c2f", in_shape=(1, 28, 28)):
+    torch.manual_seed(0)
+    cpu = tg.GloroNet(tg.create_model(arch, in_shape, 10), 0.3)
+    return cpu, copy.deepcopy(cpu).cuda()
+
+
+def test_training_step_matches_cpu():
+    cpu, gpu = _pair()
+    x, y = torch.rand(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    loss_fn = tg.GloroCrossEntropy()
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # full fp32 convs
+        for net, dev in ((cpu, "cpu"), (gpu, "cuda")):
+            net.train()
+            loss_fn(net(x.to(dev)), y.to(dev)).backward()
+    for b_cpu, b_gpu in zip(cpu.bounds, gpu.bounds):
+        if hasattr(b_cpu, "u"):
+            assert torch.allclose(b_gpu.u.cpu(), b_cpu.u, rtol=1e-3, atol=1e-5)
+    for p, q in zip(cpu.parameters(), gpu.parameters()):
+        assert torch.allclose(q.grad.cpu(), p.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_sound_certificates_agree_with_cpu():
+    cpu, gpu = _pair()
+    x = torch.rand(64, 1, 28, 28)
+    c_cpu, c_gpu = cpu.certify(x, 0.01), gpu.certify(x.cuda(), 0.01)
+    assert torch.equal(c_gpu.pred.cpu(), c_cpu.pred)
+    assert torch.allclose(c_gpu.radius.cpu(), c_cpu.radius, rtol=1e-9, atol=1e-12)
+    Kc, Kg = cpu.lipschitz_constant("sound"), gpu.lipschitz_constant("sound")
+    assert torch.allclose(Kg.cpu(), Kc, rtol=1e-9)
+
+
+def test_certified_points_survive_attack_on_cuda():
+    """Theorem 1 on the GPU: PGD never changes a certified prediction (sound mode)."""
+    torch.manual_seed(0)
+    f = tg.create_model("minicnn", (1, 8, 8), 10)
+    net = tg.GloroNet(f, 0.3, power_iterations=5).cuda()
+    train = tg.data.get_dataset("digits", "train")
+    x, y = train.x[:512].cuda(), train.y[:512].cuda()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    net.train()
+    for _ in range(200):
+        opt.zero_grad()
+        tg.GloroCrossEntropy()(net(x), y).backward()
+        opt.step()
+    net.eval()
+    cert = net.certify(x)
+    assert cert.certified.float().mean() > 0.2
+    xa = x[cert.certified].clone()
+    pred = cert.pred[cert.certified]
+    delta = torch.zeros_like(xa, requires_grad=True)
+    for _ in range(50):  # ℓ2 PGD on the margin, inside the ε-ball
+        logits = net.backbone(xa + delta)
+        top = logits.gather(1, pred[:, None]).squeeze(1)
+        other = logits.scatter(1, pred[:, None], float("-inf")).amax(1)
+        (grad,) = torch.autograd.grad((other - top).sum(), delta)
+        with torch.no_grad():
+            delta += 0.05 * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            delta *= torch.clamp(0.3 / norm.clamp_min(1e-12), max=1.0)
+    with torch.no_grad():
+        assert torch.equal(net.backbone(xa + delta).argmax(1), pred)
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_trainer_on_cuda(tmp_path, amp):
+    out = tmp_path / "runs"
+    args = ["train", "--device", "cuda", "--epochs", "3", "--out", str(out), "--no-progress"]
+    assert main([*args, "--set", f"run.amp={amp}"]) == 0
+    (run,) = list(out.iterdir())
+    assert main(["certify", str(run)]) == 0
+    net = tg.load(run)
+    assert net.lipschitz_constant("sound").dtype == torch.float64
