@@ -37,7 +37,8 @@ echo "== mnist-2c2f-gloro on $gpu (at most $TRAIN_SECONDS s of training)"
 train=(python3 -m torchgloro.cli train mnist-2c2f-gloro --device cuda --data-dir "$MNIST"
        --out runs --no-progress)
 timeout -s INT "$TRAIN_SECONDS" "${train[@]}" 2>&1 | tee "$OUT/train.log" | tail -5
-run=$(ls -d runs/mnist-2c2f-gloro-* | tail -1)
+run=$(ls -d runs/mnist-2c2f-gloro-* 2>/dev/null | tail -1)
+[ -n "$run" ] || { echo "no run folder: training did not start"; exit 1; }
 python3 -m torchgloro.cli evaluate "$run" --device cuda --attack pgd 2>&1 | tail -8
 python3 -m benchmarks.record_run "$run" --name mnist-2c2f-gloro-cuda --out-dir "$OUT" \
     --train-command "${train[*]}" --eval-command "gloro evaluate RUN --device cuda --attack pgd" \
