@@ -391,7 +391,7 @@ def linear_fp_terms(
 def small_conv(in_channels_per_group: int, macs: int) -> bool:
     """Whether a single-instance convolution is faster on CPU without oneDNN.
 
-    For one instance, oneDNN's per-call setup dominates: measured on a 2-core EPYC with one
+    For one instance, oneDNN's per-call setup dominates: measured on a 2-core Xeon with one
     thread (benchmarks/results/conv_backend-cpu.json), PyTorch's native kernels run
     ``conv`` + ``conv_transpose`` 2-7× faster below about a million multiply-adds or with
     at most 4 input channels, and up to 1.8× slower above. The rule depends on shapes only,
