@@ -76,3 +76,25 @@ def test_conv_backend_quick(tmp_path):
     assert len(two["layers"]) == 2  # 2C2F's two convolutions
     assert all(r["rule_picks"] == "native" for r in two["layers"])  # both are small
     assert {"sec_per_iteration_onednn", "sec_per_iteration_native", "macs"} <= set(two["layers"][0])
+
+
+def test_record_run_summarizes_a_run_folder(tmp_path):
+    from benchmarks import record_run
+
+    run = tmp_path / "mnist-2c2f-plus-20260101-000000"
+    run.mkdir()
+    (run / "config.toml").write_text('[run]\nname = "mnist-2c2f-plus"\nepochs = 2\n')
+    (run / "metrics.csv").write_text("epoch,test_vra,seconds\n1,0.5,10.0\n2,0.75,12.0\n")
+    metrics = {"vra_sound": 0.75, "clean_accuracy": 0.9}
+    (run / "evaluation.json").write_text(json.dumps({"epsilon": 0.3, "metrics": metrics}))
+    out = record_run.main(
+        [str(run), "--name", "x-cpu", "--train-command", "gloro train mnist-2c2f-plus",
+         "--eval-command", "gloro evaluate RUN", "--commit", "abc123", "--out-dir",
+         str(tmp_path / "results")]
+    )  # fmt: skip
+    data = json.loads(out.read_text())
+    assert out == tmp_path / "results" / "x-cpu.json"
+    assert data["git_commit"] == "abc123" and data["recipe"] == "mnist-2c2f-plus"
+    assert data["epochs"] == 2 and data["train_seconds_total"] == 22.0
+    assert data["final_epoch"]["test_vra"] == "0.75"
+    assert data["evaluation"]["metrics"] == metrics and data["date"]
