@@ -4,8 +4,10 @@ For every convolution of every registered architecture (at its usual input shape
 10 power iterations (``_iterate(10)``: conv + transposed conv + normalisation, one instance)
 with oneDNN on and off, interleaved, and records which was faster next to the choice of
 ``torchgloro.lipschitz.small_conv`` (the shape rule the library uses). Also reports, per
-architecture, the power-iteration time per step with the rule against always-oneDNN.
-CPU only: on CUDA the oneDNN switch does nothing.
+architecture, the power-iteration time per step with the rule against always-oneDNN, and
+for the paper's MNIST/CIFAR models a whole GloRo training step (batch 256) both ways,
+interleaved with standard training of the same backbone. CPU only: on CUDA the oneDNN switch
+does nothing.
 
     python -m benchmarks.conv_backend [--quick] [--threads N]
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks import _common as C
+from benchmarks.train_overhead import MODELS, Runner
 from torchgloro import GloroNet, create_model
 from torchgloro.lipschitz import PowerIterationBound
 
@@ -85,6 +88,52 @@ def run_arch(name, in_shape, kwargs, args, device) -> dict:
     }
 
 
+def _set_rule(net: GloroNet, use_rule: bool, rule: list[bool]) -> None:
+    convs = [b for b in net.bounds if isinstance(b, PowerIterationBound) and b.u.dim() == 4]
+    for b, r in zip(convs, rule):
+        b._native_cpu = r and use_rule
+
+
+def run_step(arch, data, in_shape, n_iter, eps, args, device) -> dict:
+    """Whole training steps: standard, GloRo with the rule, GloRo with oneDNN everywhere."""
+    batch = 32 if args.quick else 256
+    steps, reps = (1, 2) if args.quick else ((20, 7) if arch == "2c2f" else (3, 7))
+    split = C.synthetic_split(batch * 4, in_shape, seed=args.seed)  # timing needs shapes only
+    kw = dict(split=split, batch=batch, device=device, seed=args.seed)
+    std = Runner(arch, in_shape, n_iter, eps, False, **kw)
+    glo = Runner(arch, in_shape, n_iter, eps, True, **kw)
+    convs = [b for b in glo.net.bounds if isinstance(b, PowerIterationBound) and b.u.dim() == 4]
+    rule = [b._native_cpu for b in convs]
+
+    def gloro(use_rule: bool):
+        def fn() -> None:
+            _set_rule(glo.net, use_rule, rule)
+            glo.steps(steps)
+
+        return fn
+
+    t = C.interleave(
+        {"standard": lambda: std.steps(steps), "rule": gloro(True), "onednn": gloro(False)},
+        reps, device,
+    )  # fmt: skip
+    _set_rule(glo.net, True, rule)
+    med = {k: C.median(v) / steps for k, v in t.items()}
+    out = {
+        "arch": arch,
+        "batch_size": batch,
+        "power_iterations": n_iter,
+        "sec_per_step": med,
+        "ratio_rule": med["rule"] / med["standard"],
+        "ratio_onednn_everywhere": med["onednn"] / med["standard"],
+    }
+    print(
+        f"{arch} step: standard {med['standard'] * 1e3:.1f} ms, GloRo {med['rule'] * 1e3:.1f} "
+        f"ms with the rule ({out['ratio_rule']:.3f}x), {med['onednn'] * 1e3:.1f} ms with "
+        f"oneDNN everywhere ({out['ratio_onednn_everywhere']:.3f}x)"
+    )
+    return out
+
+
 def main(argv=None) -> dict:
     args = C.parser(__doc__.splitlines()[0]).parse_args(argv)
     if args.device != "cpu":
@@ -93,11 +142,13 @@ def main(argv=None) -> dict:
     archs = ARCHS[:2] if args.quick else ARCHS
     with torch.no_grad():
         results = [run_arch(*a, args, device) for a in archs]
+    steps = [run_step(*m, args, device) for m in (MODELS[:1] if args.quick else MODELS)]
     notes = [
         f"sec_per_iteration = median over interleaved rounds of {N_ITER} iterations / {N_ITER}.",
         "A mismatch where the two times are within a few percent is noise, not a wrong pick.",
     ]
-    payload = {"power_iterations": N_ITER, "results": results, "notes": notes}
+    payload = {"power_iterations": N_ITER, "results": results, "training_steps": steps,
+               "notes": notes}  # fmt: skip
     C.write_result("conv_backend", args, device, payload)
     return payload
 
