@@ -21,12 +21,14 @@ def mnist_shaped_npz(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("recipe", ["mnist-2c2f-plus", "mnist-4c3f-plus"])
-def test_plus_recipes_train_a_step(recipe, mnist_shaped_npz, tmp_path):
+@pytest.mark.parametrize(
+    "recipe,options", [("mnist-2c2f-plus", {}), ("mnist-4c3f-plus", {"lln": True})]
+)
+def test_plus_recipes_train_a_step(recipe, options, mnist_shaped_npz, tmp_path):
     cfg = load_config(
         recipe, [f"data.name=npz:{mnist_shaped_npz}", f"run.out={tmp_path}", "run.batch_size=64"]
     )
-    assert cfg.model.activation == "minmax" and cfg.model.options == {"lln": True}
+    assert cfg.model.activation == "minmax" and cfg.model.options == options
     res = train(cfg, stop_after=2 / 8, progress=False)  # 2 of the 8 steps of epoch 1
     assert (res.run_dir / "checkpoint.safetensors").is_file()
 
