@@ -29,7 +29,7 @@ RUN_FILES = (
     "accuracy.png",
     "lipschitz.png",
 )
-DEFAULT_VRA = 0.6  # measured: 0.763 (fast and sound) with seed 0
+DEFAULT_VRA = 0.6  # measured: 0.757 (fast and sound) with seed 0
 
 
 @pytest.fixture(scope="module")
