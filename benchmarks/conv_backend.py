@@ -32,6 +32,11 @@ ARCHS = [
 N_ITER = 10
 
 
+def _conv_bounds(net: GloroNet) -> list[PowerIterationBound]:
+    """The power-iteration bounds of convolutions (dense layers have no oneDNN choice)."""
+    return [b for b in net.bounds if isinstance(b, PowerIterationBound) and b.u.dim() == 4]
+
+
 def _iterate_with(b: PowerIterationBound, native: bool):
     def fn() -> None:
         b._native_cpu = native  # what _iterate's backend choice reads
@@ -44,9 +49,7 @@ def run_arch(name, in_shape, kwargs, args, device) -> dict:
     net = GloroNet(create_model(name, in_shape, 10, **kwargs), 0.3)
     reps = 3 if args.quick else 15
     layers, t_rule, t_onednn = [], 0.0, 0.0
-    for b in net.bounds:
-        if not isinstance(b, PowerIterationBound) or b.u.dim() != 4:
-            continue  # dense layers: no oneDNN choice to make
+    for b in _conv_bounds(net):
         rule = b._native_cpu
         w = b._weight().detach()
         out_hw = b._op(b.u, w).shape[2:].numel()
@@ -88,8 +91,7 @@ def run_arch(name, in_shape, kwargs, args, device) -> dict:
     }
 
 
-def _set_rule(net: GloroNet, use_rule: bool, rule: list[bool]) -> None:
-    convs = [b for b in net.bounds if isinstance(b, PowerIterationBound) and b.u.dim() == 4]
+def _set_rule(convs: list[PowerIterationBound], use_rule: bool, rule: list[bool]) -> None:
     for b, r in zip(convs, rule):
         b._native_cpu = r and use_rule
 
@@ -102,12 +104,12 @@ def run_step(arch, data, in_shape, n_iter, eps, args, device) -> dict:
     kw = dict(split=split, batch=batch, device=device, seed=args.seed)
     std = Runner(arch, in_shape, n_iter, eps, False, **kw)
     glo = Runner(arch, in_shape, n_iter, eps, True, **kw)
-    convs = [b for b in glo.net.bounds if isinstance(b, PowerIterationBound) and b.u.dim() == 4]
+    convs = _conv_bounds(glo.net)
     rule = [b._native_cpu for b in convs]
 
     def gloro(use_rule: bool):
         def fn() -> None:
-            _set_rule(glo.net, use_rule, rule)
+            _set_rule(convs, use_rule, rule)
             glo.steps(steps)
 
         return fn
@@ -116,7 +118,7 @@ def run_step(arch, data, in_shape, n_iter, eps, args, device) -> dict:
         {"standard": lambda: std.steps(steps), "rule": gloro(True), "onednn": gloro(False)},
         reps, device,
     )  # fmt: skip
-    _set_rule(glo.net, True, rule)
+    _set_rule(convs, True, rule)
     med = {k: C.median(v) / steps for k, v in t.items()}
     out = {
         "arch": arch,

@@ -234,8 +234,7 @@ class LiResBlockBound(PowerIterationBound):
                 f"{in_shape}."
             )
         super().__init__(layer, (1, *in_shape))
-        c, k = layer.channels, self.layer.folded_kernel().shape[-1]
-        self._native_cpu = small_conv(c, c * c * k * k * math.prod(in_shape[1:]))
+        self._native_cpu = small_conv(layer.conv.weight.shape, math.prod(in_shape[1:]))
 
     def _weight(self) -> torch.Tensor:
         return self.layer.folded_kernel()

@@ -316,8 +316,7 @@ class Conv2dBound(PowerIterationBound):
                 padded, out_hw, self._stride, pad, self._dilation, layer.kernel_size
             )
         )
-        w = layer.weight
-        self._native_cpu = small_conv(w.shape[1], w[0].numel() * w.shape[0] * out_hw.numel())
+        self._native_cpu = small_conv(layer.weight.shape, out_hw.numel())
 
     def _op(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         layer = self.layer
@@ -388,7 +387,7 @@ def linear_fp_terms(
     return n, abs_norm, b
 
 
-def small_conv(in_channels_per_group: int, macs: int) -> bool:
+def small_conv(weight_shape: Sequence[int], positions: int) -> bool:
     """Whether a single-instance convolution is faster on CPU without oneDNN.
 
     For one instance, oneDNN's per-call setup dominates: measured on a 2-core Xeon with one
@@ -396,8 +395,12 @@ def small_conv(in_channels_per_group: int, macs: int) -> bool:
     ``conv`` + ``conv_transpose`` 2-7× faster below about a million multiply-adds or with
     at most 4 input channels, and up to 1.8× slower above. The rule depends on shapes only,
     so a run and its resumption always pick the same kernels (bit-identical on CPU).
+
+    Args:
+        weight_shape: ``(out, in / groups, kh, kw)``.
+        positions: Output positions (``H_out · W_out``); multiply-adds = weight size × this.
     """
-    return in_channels_per_group <= 4 or macs <= 1_000_000
+    return weight_shape[1] <= 4 or math.prod(weight_shape) * positions <= 1_000_000
 
 
 @contextlib.contextmanager
