@@ -27,7 +27,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-MNIST_ROOT = REPO.parent / "shared" / "data" / "mnist"
+MNIST_ROOT = Path(os.environ.get("BENCH_MNIST") or REPO.parent / "shared" / "data" / "mnist")
 
 __all__ = [
     "REPO",

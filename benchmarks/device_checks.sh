@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 7 and 8 in one call of the device tool (fits its 10-minute limit).
+# Every GPU check of issues 7 and 8 in one call of the device tool (inside its 10-minute limit).
 #
 # Prepare once, here (both folders are git-ignored):
 #   mkdir -p .devdata && cp -r ../shared/data/mnist .devdata/
@@ -7,39 +7,99 @@
 #       --implementation cp --platform manylinux2014_x86_64 -d .whl tomli-w==1.2.0
 # Then: run(command="GIT_COMMIT=<git rev-parse HEAD here> bash benchmarks/device_checks.sh",
 #           carry=[".devdata", ".whl"], timeout_s=600)
-# Everything it measures lands in $OUT (8 files at most come back): the GPU, the CUDA tests'
-# log, train_overhead and certify_overhead JSONs, and the recorded mnist-2c2f-gloro run.
-# TRAIN_SECONDS (default 240) caps the training: at the cap the trainer checkpoints (SIGINT)
-# and the run is evaluated as it stands; `gloro train --resume` continues it later.
+#
+# Phases, all under one deadline (BUDGET seconds, default 540):
+#   A. the full recipes in RECIPES, side by side on the one GPU, with the CUDA tests beside
+#      them; each finished run is evaluated (`gloro evaluate --fallback --cost`) and recorded
+#      (benchmarks/record_run). A run still training at the deadline is stopped with SIGINT,
+#      which checkpoints it: its folder comes back whole, for `gloro train --resume`.
+#   B. with the time left, on the idle GPU: seconds per epoch of mnist-2c2f-gloro and -plus
+#      (TIMING_EPOCHS each, schedules scaled), then train_overhead and certify_overhead.
+# What comes back in $OUT (8 files at most): log.txt, pytest-cuda.log, bench.tgz (timing
+# runs and overhead JSONs) and one <recipe>.tgz per run (the run folder and its result JSON).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
 MNIST=${MNIST:-.devdata/mnist}
-TRAIN_SECONDS=${TRAIN_SECONDS:-240}
-mkdir -p "$OUT"
+BUDGET=${BUDGET:-540}
+TIMING_EPOCHS=${TIMING_EPOCHS:-20}
+RECIPES=${RECIPES:-"mnist-4c3f-plus mnist-4c3f-gloro mnist-4c3f-gloro-t"}
+DEVICE=${DEVICE:-cuda}
+# For a dry run on a CPU: DEVICE=cpu TRAIN_ARGS="--epochs 1 --set data.train_subset=1000"
+# BENCH_ARGS=--quick EVAL_ARGS="--limit 100" (all empty on the GPU).
+read -ra TRAIN_ARGS <<<"${TRAIN_ARGS:-}"
+read -ra BENCH_ARGS <<<"${BENCH_ARGS:-}"
+read -ra EVAL_ARGS <<<"${EVAL_ARGS:-}"
+T0=$(date +%s)
+left() { echo $((BUDGET - ($(date +%s) - T0))); }
+mkdir -p "$OUT" && exec > >(tee -a "$OUT/log.txt") 2>&1
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
 fi
-export PYTHONPATH="$PWD/src:$PWD:/tmp/site" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/src:$PWD:/tmp/site" PYTHONUNBUFFERED=1 BENCH_MNIST="$PWD/$MNIST"
 export GIT_COMMIT=${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-nvidia-smi | tee "$OUT/gpu.txt"
+if [ "$DEVICE" = cuda ]; then
+    gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+else
+    gpu=$(python3 -c "import platform; print(platform.processor() or 'cpu')")
+fi
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+work=$(mktemp -d) && mkdir -p "$work/bench" "$work/runs"
+gloro=(python3 -m torchgloro.cli)
 
-echo "== CUDA tests"
-python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/pytest-cuda.log" | tail -3
+echo "== A. full recipes side by side: $RECIPES ($(left) s left)"
+train_end=$((T0 + BUDGET - 120))
+job() {
+    local r=$1 log="$work/$1.train.log" run
+    local cmd=("${gloro[@]}" train "$r" --device "$DEVICE" --data-dir "$MNIST" --out "$work/runs" --no-progress "${TRAIN_ARGS[@]}")
+    timeout -s INT $((train_end - $(date +%s))) "${cmd[@]}" >"$log" 2>&1
+    run=$(ls -d "$work/runs/$r"-* 2>/dev/null | tail -1)
+    [ -n "$run" ] || { echo "$r: no run folder"; tail -5 "$log"; return; }
+    cp "$log" "$run/train.log"
+    if ! grep -q "^Finished" "$log"; then
+        echo "$r: stopped before the end: $(grep -c '^epoch' "$log") epochs; checkpoint kept"
+        return
+    fi
+    grep -A12 "^Finished" "$log"
+    local ev=(gloro evaluate RUN --device "$DEVICE" --fallback --cost)
+    local t=$(($(left) - 25))
+    [ "$t" -gt 10 ] || { echo "$r: no time left to evaluate"; return; }
+    timeout "$t" "${gloro[@]}" evaluate "$run" --device "$DEVICE" --fallback --cost \
+        "${EVAL_ARGS[@]}" >"$run/eval.log" 2>&1 || echo "$r: evaluation did not finish"
+    tail -12 "$run/eval.log"
+    python3 -m benchmarks.record_run "$run" --name "$r-$DEVICE" --out-dir "$run" \
+        --train-command "gloro train $r --device $DEVICE --data-dir MNIST --no-progress" \
+        --eval-command "${ev[*]}" --commit "$GIT_COMMIT" --device "$DEVICE: $gpu" | tail -2
+    rm -f "$run/checkpoint.safetensors"  # finished: best.safetensors is the model
+}
+pids=()
+for r in $RECIPES; do
+    job "$r" &
+    pids+=($!)
+done
+if [ "$DEVICE" = cuda ]; then
+    timeout $((train_end - $(date +%s))) python3 -m pytest -q -rs -p no:cacheprovider \
+        tests/test_cuda.py >"$OUT/pytest-cuda.log" 2>&1
+    tail -4 "$OUT/pytest-cuda.log"
+fi
+wait "${pids[@]}"
 
-echo "== overhead benchmarks"
-timeout 150 python3 -m benchmarks.train_overhead --device cuda --out-dir "$OUT"
-timeout 90 python3 -m benchmarks.certify_overhead --device cuda --out-dir "$OUT"
+echo "== B. timing on the idle device ($(left) s left)"
+for r in mnist-2c2f-gloro mnist-2c2f-plus; do
+    [ "$(left)" -gt 100 ] || break
+    timeout 45 "${gloro[@]}" train "$r" --device "$DEVICE" --data-dir "$MNIST" --no-progress \
+        --out "$work/bench" --epochs "$TIMING_EPOCHS" "${TRAIN_ARGS[@]}" 2>&1 | grep -E "^epoch|Finished|Error|error" | tail -3
+done
+[ "$(left)" -gt 90 ] && timeout $(($(left) - 30)) python3 -m benchmarks.train_overhead --device "$DEVICE" --out-dir "$work/bench" "${BENCH_ARGS[@]}" | tail -8
+[ "$(left)" -gt 40 ] && timeout $(($(left) - 15)) python3 -m benchmarks.certify_overhead --device "$DEVICE" --out-dir "$work/bench" "${BENCH_ARGS[@]}" | tail -6
 
-echo "== mnist-2c2f-gloro on $gpu (at most $TRAIN_SECONDS s of training)"
-train=(python3 -m torchgloro.cli train mnist-2c2f-gloro --device cuda --data-dir "$MNIST"
-       --out runs --no-progress)
-timeout -s INT "$TRAIN_SECONDS" "${train[@]}" 2>&1 | tee "$OUT/train.log" | tail -5
-run=$(ls -d runs/mnist-2c2f-gloro-* 2>/dev/null | tail -1)
-[ -n "$run" ] || { echo "no run folder: training did not start"; exit 1; }
-python3 -m torchgloro.cli evaluate "$run" --device cuda --attack pgd 2>&1 | tail -8
-python3 -m benchmarks.record_run "$run" --name mnist-2c2f-gloro-cuda --out-dir "$OUT" \
-    --train-command "${train[*]}" --eval-command "gloro evaluate RUN --device cuda --attack pgd" \
-    --commit "$GIT_COMMIT" --device "cuda: $gpu"
+echo "== packing ($(left) s left)"
+tar czf "$OUT/bench.tgz" --exclude="*.safetensors" -C "$work" bench
+for run in "$work"/runs/*; do
+    [ -d "$run" ] && tar czf "$OUT/$(basename "$run" | sed 's/-[0-9]\{8\}-[0-9]\{6\}$//').tgz" \
+        -C "$work/runs" "$(basename "$run")"
+done
+ls -la "$OUT"
+echo "done in $(($(date +%s) - T0)) s"

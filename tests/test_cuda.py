@@ -92,3 +92,56 @@ def test_trainer_on_cuda(tmp_path, amp):
     assert main(["certify", str(run)]) == 0
     net = tg.load(run)
     assert net.lipschitz_constant("sound").dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "arch, in_shape, kwargs",
+    [
+        ("2c2f", (1, 28, 28), {}),
+        ("4c3f", (1, 28, 28), {"activation": "minmax", "lln": True}),
+        ("liresnet", (3, 32, 32), {"depth": 2, "width": 16}),
+    ],
+)
+def test_graphed_power_iteration_matches_eager(arch, in_shape, kwargs):
+    """Training with the iterations replayed from a CUDA graph = training eagerly."""
+    torch.manual_seed(0)
+    activation = kwargs.pop("activation", "relu")
+    f = tg.create_model(arch, in_shape, 10, activation, **kwargs)
+    graphed = tg.GloroNet(f, 0.3, power_iterations=4).cuda()
+    eager = copy.deepcopy(graphed)
+    eager.cuda_graphs = False
+    opts = [torch.optim.Adam(n.parameters(), lr=1e-3) for n in (graphed, eager)]
+    x, y = torch.rand(16, *in_shape, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        for step in range(6):
+            if step == 3:  # a new iteration count: a new capture
+                graphed.power_iterations = eager.power_iterations = 2
+            for net, opt in zip((graphed, eager), opts):
+                net.train()
+                opt.zero_grad()
+                tg.GloroCrossEntropy()(net(x), y).backward()
+                opt.step()
+    assert graphed._graphed.disabled_reason is None
+    assert graphed._graphed._key is not None and graphed._graphed._key[0] == 2
+    for a, b in zip(graphed.buffers(), eager.buffers()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    for p, q in zip(graphed.parameters(), eager.parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_graph_is_recaptured_when_a_parameter_moves():
+    torch.manual_seed(0)
+    net = tg.GloroNet(tg.create_model("2c2f", (1, 28, 28), 10), 0.3, power_iterations=3).cuda()
+    net.train()
+    x = torch.rand(8, 1, 28, 28, device="cuda")
+    net(x)
+    key = net._graphed._key
+    w = net.backbone[0].weight
+    w.data = w.data.clone() * 2  # a new address: the old graph would read freed memory
+    net(x)
+    assert net._graphed._key != key
+    ref = copy.deepcopy(net)
+    ref.cuda_graphs = False
+    net(x), ref(x)
+    for a, b in zip(net.buffers(), ref.buffers()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

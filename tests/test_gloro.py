@@ -202,3 +202,25 @@ def test_torch_compile_matches_eager():
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6)
     eager.eval(), compiled_net.eval()
     assert torch.allclose(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+
+
+def test_training_step_iterates_every_layer_as_estimate_would():
+    """A training forward runs ``power_iterations`` iterations per layer (eagerly on a CPU),
+    the same as each bound's own ``estimate(n_iter)``; copies start without a CUDA graph."""
+    torch.manual_seed(0)
+    net = tg.GloroNet(tg.create_model("4c3f", (1, 28, 28), 10, "minmax", lln=True), 1.0)
+    net.power_iterations = 3
+    ref, init = copy.deepcopy(net), copy.deepcopy(net)
+    assert ref._graphed is not net._graphed and ref._graphed._key is None
+    net.train()
+    net(torch.rand(4, 1, 28, 28))
+    for b in ref.bounds:
+        b.estimate(n_iter=3)
+    moved = 0
+    for (name, a), b, c in zip(
+        net.bounds.named_buffers(), ref.bounds.buffers(), init.bounds.buffers()
+    ):
+        assert torch.equal(a, b), name
+        moved += int(not torch.equal(a, c))
+    assert moved >= 6  # 4 convs + 2 hidden dense layers iterate
+    assert net._graphed._key is None  # no graph on a CPU

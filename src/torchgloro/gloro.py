@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from torchgloro import margins, sound
+from torchgloro._cuda_graph import GraphedIterations, graphs_usable
 from torchgloro._errors import GloroInputError, UnsupportedLayerError
 from torchgloro.lipschitz import (
     ConstantBound,
@@ -87,6 +88,8 @@ class GloroNet(nn.Module):
             ``backbone.in_shape`` (set by :func:`torchgloro.models.create_model`).
         power_iterations: Power iterations per training step (the paper used 1–10).
         lipschitz: ``"margin"`` (Appendix A.2, default) or ``"basic"`` (K_i + K_j).
+        cuda_graphs: On CUDA, replay each training step's power iterations from one
+            captured CUDA graph (checked against eager on first capture; eager on failure).
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class GloroNet(nn.Module):
         in_shape: tuple[int, ...] | None = None,
         power_iterations: int = 10,
         lipschitz: Variant = "margin",
+        cuda_graphs: bool = True,
     ) -> None:
         super().__init__()
         in_shape = in_shape if in_shape is not None else getattr(backbone, "in_shape", None)
@@ -112,6 +116,8 @@ class GloroNet(nn.Module):
         self.in_shape = tuple(int(s) for s in in_shape)
         self.power_iterations = int(power_iterations)
         self.lipschitz = lipschitz
+        self.cuda_graphs = bool(cuda_graphs)
+        self._graphed = GraphedIterations()
 
         layers = flatten_layers(backbone)
         head = layers[-1]
@@ -157,12 +163,29 @@ class GloroNet(nn.Module):
 
     # ---- Lipschitz constants ---------------------------------------------------------------
 
+    def _iterate_all(self, n_iter: int) -> None:
+        for b in self.bounds:
+            b.iterate(n_iter)
+
+    @torch.compiler.disable  # in-place updates of persistent iterates; graphed on CUDA
+    def _advance(self, n_iter: int) -> None:
+        """``n_iter`` power iterations on every layer (one graph replay on CUDA)."""
+        if n_iter <= 0:
+            return
+        state = [t for b in self.bounds for t in b.buffers() if t.is_floating_point()]
+        inputs = list(self.backbone.parameters())
+        if self.cuda_graphs and graphs_usable(state + inputs):
+            self._graphed(self._iterate_all, n_iter, state, inputs)
+        else:
+            self._iterate_all(n_iter)
+
     def _penultimate_fast(self, n_iter: int, differentiable: bool) -> torch.Tensor:
+        self._advance(n_iter)
         k = None
         for b in self.bounds:
             if isinstance(b, ConstantBound) and b.value == 1.0:
                 continue  # ReLU, Flatten, ...: k * 1 == k exactly; skip the op (and its grad)
-            e = b.estimate(n_iter=n_iter, differentiable=differentiable)
+            e = b.estimate(differentiable=differentiable)
             k = e if k is None else k * e
         return self._epsilon.new_ones(()) if k is None else k
 

@@ -320,6 +320,10 @@ class ResidualBound(LayerBound):
             return torch.tensor(2.0)
         return 1 + k
 
+    def iterate(self, n_iter: int) -> None:
+        for b in self.inner:
+            b.iterate(n_iter)
+
     @torch.no_grad()
     def converge(self, tol: float = 1e-5, max_iter: int = 10_000) -> torch.Tensor:
         for b in self.inner:

@@ -121,6 +121,16 @@ class LayerBound(nn.Module):
         """
         raise NotImplementedError
 
+    def iterate(self, n_iter: int) -> None:
+        """Runs ``n_iter`` power iterations on the persistent state (no grad, in place).
+
+        Must not sync with the host: a training step replays it from a CUDA graph. The
+        default advances through ``estimate`` and drops the value.
+        """
+        if n_iter > 0:
+            with torch.no_grad():
+                self.estimate(n_iter=n_iter)
+
     def converge(self, tol: float = 1e-5, max_iter: int = 1_000) -> torch.Tensor:
         """Runs the estimate to convergence (relative change below ``tol``)."""
         return self.estimate()
@@ -156,6 +166,9 @@ class ConstantBound(LayerBound):
 
     def estimate(self, n_iter: int = 0, differentiable: bool = False) -> torch.Tensor:
         return self._value
+
+    def iterate(self, n_iter: int) -> None:
+        pass  # nothing to iterate
 
     def sound(self) -> float:
         return self.value
@@ -202,6 +215,9 @@ class PowerIterationBound(LayerBound):
     def _backend(self) -> contextlib.AbstractContextManager:
         """Where the single-instance ops run: oneDNN off for small CPU convolutions."""
         return _without_onednn() if self._on_native_cpu() else contextlib.nullcontext()
+
+    def iterate(self, n_iter: int) -> None:
+        self._iterate(n_iter)
 
     @torch.no_grad()
     def _iterate(self, n_iter: int) -> None:

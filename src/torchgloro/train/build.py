@@ -109,6 +109,7 @@ def build_net(cfg: TrainConfig, in_shape, num_classes: int) -> GloroNet:
         cfg.gloro.epsilon_test if cfg.gloro.epsilon_test > 0 else 1.0,
         power_iterations=cfg.gloro.power_iterations,
         lipschitz=cfg.gloro.lipschitz,
+        cuda_graphs=cfg.gloro.cuda_graphs,
     )
 
 

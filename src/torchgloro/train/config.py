@@ -91,6 +91,7 @@ class GloroConfig:
     power_iterations: int = 10
     lipschitz: str = "margin"  # margin | basic
     robust: bool = True  # false: a non-robust "standard" baseline trained with CE on f
+    cuda_graphs: bool = True  # replay each step's power iterations from a CUDA graph
 
 
 @dataclass

@@ -1,0 +1,123 @@
+"""Power iteration replayed from a CUDA graph.
+
+A training step runs ``power_iterations`` iterations on every layer: a few hundred tiny,
+single-instance kernels whose launch cost, not their arithmetic, sets the step time on a
+GPU. They read the layers' parameters and update the persistent iterates in place, always
+at the same addresses, so one captured graph can replay them all with a single launch.
+
+The graph is captured on first use and again whenever a tensor it reads moves (``.to()``,
+a replaced parameter) or the iteration count changes. The first capture is checked against
+the eager iterations; on any failure or mismatch the owner falls back to eager, with a
+warning that says why. Power iteration only feeds the *training* estimate: certification
+never depends on it (sound mode uses proven bounds), so a fallback costs time, not
+soundness.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+
+__all__: list[str] = []  # internal
+
+
+def graphs_usable(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether a graph can replay work on ``tensors`` here: CUDA, not capturing, not tracing."""
+    return (
+        len(tensors) > 0
+        and all(t.is_cuda for t in tensors)
+        and not torch.cuda.is_current_stream_capturing()
+        and not getattr(torch.compiler, "is_compiling", lambda: False)()
+    )
+
+
+class GraphedIterations:
+    """Replays ``run(n)`` (in-place work on ``state`` that reads ``inputs``) from a CUDA graph.
+
+    A copy (``copy.deepcopy``, pickling) starts without a graph: it captures its own.
+    """
+
+    def __init__(self) -> None:
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._key: tuple | None = None
+        self.disabled_reason: str | None = None
+
+    def __deepcopy__(self, memo) -> GraphedIterations:
+        return GraphedIterations()
+
+    def __getstate__(self) -> dict:
+        return {"_graph": None, "_key": None, "disabled_reason": None}
+
+    def __call__(
+        self,
+        run: Callable[[int], None],
+        n: int,
+        state: Sequence[torch.Tensor],
+        inputs: Sequence[torch.Tensor],
+    ) -> None:
+        """Does ``run(n)``, from the graph when it can.
+
+        Args:
+            run: Does ``n`` iterations in place: no host syncs, no new outputs.
+            n: The iteration count.
+            state: The tensors ``run`` updates (the iterates).
+            inputs: The other tensors ``run`` reads (the parameters).
+        """
+        if self.disabled_reason is not None or n <= 0:
+            run(n)
+            return
+        key = (
+            n,
+            torch.is_autocast_enabled(),
+            *(t.data_ptr() for t in state),
+            *(t.data_ptr() for t in inputs),
+        )
+        if key != self._key:
+            try:
+                self._capture(run, n, state)
+            except Exception as e:  # noqa: BLE001 - any capture failure means: stay eager
+                self._disable(f"capture failed ({type(e).__name__}: {e})")
+                run(n)
+                return
+            self._key = key
+        self._graph.replay()
+
+    def _capture(self, run: Callable[[int], None], n: int, state: Sequence[torch.Tensor]):
+        first = self._graph is None
+        self._graph = None
+        saved = [t.clone() for t in state]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+            run(n)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            run(n)
+        # The warm-up advanced the iterates; start again from where the caller left them.
+        for t, s in zip(state, saved):
+            t.copy_(s)
+        if first:  # one check per object: the replay must match the eager iterations
+            run(n)
+            eager = [t.clone() for t in state]
+            for t, s in zip(state, saved):
+                t.copy_(s)
+            graph.replay()
+            if not all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(state, eager)):
+                for t, s in zip(state, saved):
+                    t.copy_(s)
+                raise RuntimeError("the replayed iterations differ from the eager ones")
+            for t, s in zip(state, saved):
+                t.copy_(s)
+        self._graph = graph
+
+    def _disable(self, reason: str) -> None:
+        self._graph, self._key, self.disabled_reason = None, None, reason
+        warnings.warn(
+            f"torchgloro: power iteration runs eagerly on this GPU: {reason}. Training is "
+            f"unaffected but slower; set cuda_graphs=False on GloroNet to silence this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
