@@ -123,7 +123,7 @@ def test_graphed_power_iteration_matches_eager(arch, in_shape, kwargs):
                 opt.step()
     assert graphed._graphed.disabled_reason is None
     assert graphed._graphed._key is not None and graphed._graphed._key[0] == 2
-    for a, b in zip(graphed.buffers(), eager.buffers()):
+    for a, b in zip(graphed.bounds.buffers(), eager.bounds.buffers()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     for p, q in zip(graphed.parameters(), eager.parameters()):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)
@@ -143,5 +143,5 @@ def test_graph_is_recaptured_when_a_parameter_moves():
     ref = copy.deepcopy(net)
     ref.cuda_graphs = False
     net(x), ref(x)
-    for a, b in zip(net.buffers(), ref.buffers()):
+    for a, b in zip(net.bounds.buffers(), ref.bounds.buffers()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -224,3 +224,50 @@ def test_training_step_iterates_every_layer_as_estimate_would():
         moved += int(not torch.equal(a, c))
     assert moved >= 6  # 4 convs + 2 hidden dense layers iterate
     assert net._graphed._key is None  # no graph on a CPU
+
+
+@pytest.mark.parametrize("change", ["fused_adam", "data_write"])
+def test_caches_follow_weight_changes_that_do_not_bump_version(change):
+    """Fused optimizers and ``.data`` writes change weights without ``Tensor._version``:
+    the proven bounds, the frozen fast K and certificates must still follow the new weights."""
+    torch.manual_seed(0)
+    net = tg.GloroNet(tg.create_model("minicnn", (1, 8, 8), 10), 0.3).eval()
+    x = torch.rand(16, 1, 8, 8)
+    k_sound, k_fast = net.lipschitz_constant("sound"), net.lipschitz_constant("fast")
+    net.certify(x)  # fills every cache
+    versions = [p._version for p in net.parameters()]
+    if change == "fused_adam":
+        opt = torch.optim.Adam(net.parameters(), lr=0.5, fused=True)
+        for p in net.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+    else:
+        for p in net.parameters():
+            p.data.mul_(3.0)
+    assert [p._version for p in net.parameters()] == versions  # the premise of this test
+    fresh = tg.GloroNet(tg.create_model("minicnn", (1, 8, 8), 10), 0.3).eval()
+    fresh.load_state_dict(net.state_dict())
+    assert not torch.allclose(net.lipschitz_constant("sound"), k_sound)
+    assert torch.equal(net.lipschitz_constant("sound"), fresh.lipschitz_constant("sound"))
+    assert not torch.allclose(net.lipschitz_constant("fast"), k_fast, rtol=1e-3)
+    c, c_fresh = net.certify(x), fresh.certify(x)
+    assert torch.equal(c.radius, c_fresh.radius) and torch.equal(c.certified, c_fresh.certified)
+
+
+def test_deepcopy_after_a_training_step_and_with_amp_hooks():
+    """A net holding the last training graph's K (and the trainer's AMP hooks) still copies,
+    so the sound state (a float64 copy of the backbone) can be built after training."""
+    from torchgloro.train.build import TrainModule
+
+    torch.manual_seed(0)
+    net = tg.GloroNet(tg.create_model("minicnn", (1, 8, 8), 10), 0.3)
+    TrainModule(net, amp=True)  # registers its AMP hooks on the backbone
+    net.train()
+    tg.GloroCrossEntropy()(net(torch.rand(4, 1, 8, 8)), torch.tensor([0, 1, 2, 3]))
+    assert net.last_class_bounds is not None and net.last_class_bounds.grad_fn is not None
+    copied = copy.deepcopy(net)
+    assert copied.last_class_bounds is None
+    net.eval()
+    assert net.certify(torch.rand(4, 1, 8, 8)).pred.shape == (4,)
+    K = net.lipschitz_constant("sound")
+    assert torch.equal(K, copied.eval().lipschitz_constant("sound"))

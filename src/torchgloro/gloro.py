@@ -42,7 +42,7 @@ def check_epsilon(epsilon: float) -> float:
 
 @dataclass
 class _SoundState:
-    fingerprint: tuple
+    fingerprint: int
     k_pen: float  # proven bound on the Lipschitz constant of everything before the head
     backbone64: nn.Module
     err_coef: float  # ‖float64 logits − exact logits‖₂ ≤ err_coef·‖x‖₂ + err_const
@@ -133,10 +133,19 @@ class GloroNet(nn.Module):
         self.register_buffer("_epsilon", torch.tensor(check_epsilon(epsilon), dtype=torch.float32))
         # Converged power-iteration value of the penultimate bound, for eval-mode forward.
         self.register_buffer("_frozen_k_pen", torch.tensor(float("nan")))
-        self._frozen_at: tuple | None = None
+        self._weights_snapshot: list[torch.Tensor] = []
+        self._weights_generation = 0
+        self._frozen_at: int | None = None
         self._sound_cache: _SoundState | None = None
         self.last_class_bounds: torch.Tensor | None = None
         self._frozen_K: tuple[tuple, torch.Tensor] | None = None
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles drop ``last_class_bounds``: a tensor of the last training graph
+        (``copy.deepcopy`` refuses non-leaf tensors), not state."""
+        state = self.__dict__.copy()
+        state["last_class_bounds"] = None
+        return state
 
     # ---- configuration ---------------------------------------------------------------------
 
@@ -158,8 +167,31 @@ class GloroNet(nn.Module):
         head = self._head
         return head.effective_weight() if hasattr(head, "effective_weight") else head.weight
 
-    def _fingerprint(self) -> tuple:
-        return tuple((id(p), p._version) for p in self.backbone.parameters())
+    def _fingerprint(self) -> int:
+        """A generation number that changes whenever a backbone parameter's value changes.
+
+        Every cache keyed on the weights (the frozen fast constants, the proven bounds, the
+        local-fallback plan) compares it. It compares values against a snapshot rather than
+        trusting ``Tensor._version``: fused optimizers (``Adam(fused=True)``, the default on
+        CUDA here) and writes through ``.data`` change weights without bumping it, and a
+        stale proven bound would certify points it must not.
+        """
+        params = [p.detach() for p in self.backbone.parameters()]
+        snap = self._weights_snapshot
+        same = len(snap) == len(params) and all(
+            s.shape == q.shape and s.dtype == q.dtype and s.device == q.device
+            for s, q in zip(snap, params)
+        )
+        if same and params:  # NaN ≠ NaN: caches of NaN weights are never reused
+            diff = [(s != q).any() for s, q in zip(snap, params)]
+            if len({d.device for d in diff}) == 1:  # one host sync for all parameters
+                same = not bool(torch.stack(diff).any())
+            else:
+                same = not any(bool(d) for d in diff)
+        if not same:
+            self._weights_snapshot = [q.clone() for q in params]
+            self._weights_generation += 1
+        return self._weights_generation
 
     # ---- Lipschitz constants ---------------------------------------------------------------
 

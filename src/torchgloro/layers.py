@@ -114,10 +114,11 @@ class LiResBlock(nn.Module):
         w = self.conv.weight
         c, k, m = self.channels, self.kernel_size, self.padding
         w32 = w.to(torch.float32)
-        alpha = torch.tensor(self.residual_scale, dtype=torch.float32, device=w.device)
         eye = torch.zeros(c, c, k, k, dtype=torch.float32, device=w.device)
         eye[:, :, m, m] = torch.eye(c, dtype=torch.float32, device=w.device)
-        kernel = w32 * alpha
+        # A Python scalar, not a new tensor: no host-to-device copy (CUDA-graph safe); a
+        # float32 tensor times a scalar rounds the scalar to float32 first, as a tensor would.
+        kernel = w32 * float(self.residual_scale)
         kernel = kernel + eye
         if self.scale is not None:
             kernel = kernel * self.scale.to(torch.float32)[:, None, None, None]

@@ -69,7 +69,7 @@ class _Step:
 
 @dataclass
 class _Plan:
-    fingerprint: tuple
+    fingerprint: int
     steps: list[_Step]
     head: nn.Module  # the float64 head, evaluated exactly as certify evaluates it
     head_w: torch.Tensor  # (C, D) float64
