@@ -5,7 +5,8 @@
         --eval-command "gloro evaluate RUN_DIR --lower-bounds --cost --fallback"
 
 Reads ``config.toml``, ``metrics.csv`` and ``evaluation.json`` from the run folder (run
-``gloro evaluate`` first) and writes ``benchmarks/results/<name>.json``: the commands, the git
+``gloro evaluate`` first; a timing run without one is recorded with ``"evaluation": null``
+and a ``--note``) and writes ``benchmarks/results/<name>.json``: the commands, the git
 commit the run was trained at (``--commit``, default: the current one), the device, the date,
 the wall time of training, and the metrics of ``gloro evaluate``.
 """
@@ -35,7 +36,8 @@ def summarize(run: Path) -> dict:
     with open(run / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     seconds = [float(r["seconds"]) for r in rows]
-    evaluation = json.loads((run / "evaluation.json").read_text())
+    ev_path = run / "evaluation.json"
+    evaluation = json.loads(ev_path.read_text()) if ev_path.is_file() else None
     return {
         "run": run.name,
         "recipe": cfg["run"]["name"],
@@ -44,7 +46,9 @@ def summarize(run: Path) -> dict:
         "train_seconds_total": sum(seconds),
         "sec_per_epoch_median": sorted(seconds)[len(seconds) // 2] if seconds else None,
         "final_epoch": rows[-1] if rows else None,
-        "evaluation": {
+        "evaluation": None
+        if evaluation is None
+        else {
             k: evaluation.get(k)
             for k in ("epsilon", "n", "metrics", "lipschitz", "fallback", "cost", "pgd")
         },
@@ -56,17 +60,21 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("run", type=Path)
     p.add_argument("--name", required=True, help="result file name (without .json)")
     p.add_argument("--train-command", required=True)
-    p.add_argument("--eval-command", required=True)
+    p.add_argument("--eval-command", default=None, help="omit for a run without evaluation")
+    p.add_argument("--note", default=None, help="what the figure is (and is not)")
     p.add_argument("--commit", default=None, help="commit the run was trained at")
     p.add_argument("--device", default=None, help="device description (default: this CPU)")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON goes")
     args = p.parse_args(argv)
+    if (args.run / "evaluation.json").is_file() and args.eval_command is None:
+        p.error(f"{args.run} has an evaluation.json: say how it was made with --eval-command.")
     payload = {
         "command": " ".join(["python", "-m", "benchmarks.record_run", *sys.argv[1:]]),
         "train_command": args.train_command,
         "eval_command": args.eval_command,
         "git_commit": args.commit or C._git_commit(),
         "device": args.device or f"cpu: {C._cpu_model()}",
+        **({"note": args.note} if args.note else {}),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **summarize(args.run),
     }

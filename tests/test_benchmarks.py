@@ -98,3 +98,12 @@ def test_record_run_summarizes_a_run_folder(tmp_path):
     assert data["epochs"] == 2 and data["train_seconds_total"] == 22.0
     assert data["final_epoch"]["test_vra"] == "0.75"
     assert data["evaluation"]["metrics"] == metrics and data["date"]
+    # The same folder without its evaluation: a timing record, with a note and no metrics.
+    (run / "evaluation.json").unlink()
+    out = record_run.main(
+        [str(run), "--name", "t-cpu", "--train-command", "gloro train mnist-2c2f-plus",
+         "--note", "timing only", "--out-dir", str(tmp_path / "results")]
+    )  # fmt: skip
+    data = json.loads(out.read_text())
+    assert data["evaluation"] is None and data["note"] == "timing only"
+    assert data["eval_command"] is None and data["sec_per_epoch_median"] == 12.0
