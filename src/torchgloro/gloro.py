@@ -183,11 +183,14 @@ class GloroNet(nn.Module):
             for s, q in zip(snap, params)
         )
         if same and params:  # NaN ≠ NaN: caches of NaN weights are never reused
-            diff = [(s != q).any() for s, q in zip(snap, params)]
-            if len({d.device for d in diff}) == 1:  # one host sync for all parameters
-                same = not bool(torch.stack(diff).any())
+            if all(q.device.type == "cpu" for q in params):  # no temporaries, no launches
+                same = all(torch.equal(s, q) for s, q in zip(snap, params))
             else:
-                same = not any(bool(d) for d in diff)
+                diff = [(s != q).any() for s, q in zip(snap, params)]
+                if len({d.device for d in diff}) == 1:  # one host sync for all parameters
+                    same = not bool(torch.stack(diff).any())
+                else:
+                    same = not any(bool(d) for d in diff)
         if not same:
             self._weights_snapshot = [q.clone() for q in params]
             self._weights_generation += 1
