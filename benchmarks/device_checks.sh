@@ -13,8 +13,9 @@
 #      them; each finished run is evaluated (`gloro evaluate --fallback --cost`) and recorded
 #      (benchmarks/record_run). A run still training at the deadline is stopped with SIGINT,
 #      which checkpoints it: its folder comes back whole, for `gloro train --resume`.
-#   B. with the time left, on the idle GPU: seconds per epoch of mnist-2c2f-gloro and -plus
-#      (TIMING_EPOCHS each, schedules scaled), then train_overhead and certify_overhead.
+#   B. with the time left, on the idle GPU: seconds per epoch of mnist-2c2f-gloro (eager, and
+#      with torch.compile mode reduce-overhead) and -plus (TIMING_EPOCHS each, schedules
+#      scaled), then train_overhead and certify_overhead.
 # What comes back in $OUT (8 files at most): log.txt, pytest-cuda.log, bench.tgz (timing
 # runs and overhead JSONs) and each run folder, with its result JSON, as <recipe>.tgz.00,
 # .01, ... (about 31 MB for a 4C3F run: two runs at most fit the 64 MiB that come back).
@@ -100,10 +101,16 @@ fi
 wait "${pids[@]}"
 
 echo "== B. timing on the idle device ($(left) s left)"
-for r in mnist-2c2f-gloro mnist-2c2f-plus; do
+# Each timing run goes to its own folder: "recipe|extra --set flags".
+for spec in "mnist-2c2f-gloro|" \
+    "mnist-2c2f-gloro|--set run.compile=true --set run.compile_mode=reduce-overhead" \
+    "mnist-2c2f-plus|"; do
     [ "$(left)" -gt 100 ] || break
-    timeout 45 "${gloro[@]}" train "$r" --device "$DEVICE" --data-dir "$MNIST" --no-progress \
-        --out "$work/bench" --epochs "$TIMING_EPOCHS" "${TRAIN_ARGS[@]}" 2>&1 | grep -E "^epoch|Finished|Error|error" | tail -3
+    r=${spec%%|*} && read -ra extra <<<"${spec#*|}"
+    echo "-- $r ${extra[*]}"
+    timeout 60 "${gloro[@]}" train "$r" --device "$DEVICE" --data-dir "$MNIST" --no-progress \
+        --out "$work/bench/$r${extra:+-compiled}" --epochs "$TIMING_EPOCHS" "${extra[@]}" \
+        "${TRAIN_ARGS[@]}" 2>&1 | grep -E "^epoch|Finished|Error|error" | tail -3
 done
 [ "$(left)" -gt 90 ] && timeout $(($(left) - 30)) python3 -m benchmarks.train_overhead --device "$DEVICE" --out-dir "$work/bench" "${BENCH_ARGS[@]}" | tail -8
 [ "$(left)" -gt 40 ] && timeout $(($(left) - 15)) python3 -m benchmarks.certify_overhead --device "$DEVICE" --out-dir "$work/bench" "${BENCH_ARGS[@]}" | tail -6

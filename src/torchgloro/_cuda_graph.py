@@ -5,8 +5,8 @@ single-instance kernels whose launch cost, not their arithmetic, sets the step t
 GPU. They read the layers' parameters and update the persistent iterates in place, always
 at the same addresses, so one captured graph can replay them all with a single launch.
 
-The graph is captured on first use and again whenever a tensor it reads moves (``.to()``,
-a replaced parameter) or the iteration count changes. The first capture is checked against
+A graph is captured on first use of an iteration count, and all are dropped whenever a
+tensor they read moves (``.to()``, a replaced parameter). The first capture is checked against
 the eager iterations; on any failure or mismatch the owner falls back to eager, with a
 warning that says why. Power iteration only feeds the *training* estimate: certification
 never depends on it (sound mode uses proven bounds), so a fallback costs time, not
@@ -34,21 +34,24 @@ def graphs_usable(tensors: Sequence[torch.Tensor]) -> bool:
 
 
 class GraphedIterations:
-    """Replays ``run(n)`` (in-place work on ``state`` that reads ``inputs``) from a CUDA graph.
+    """Replays ``run(n)`` (in-place work on ``state`` that reads ``inputs``) from CUDA graphs.
 
-    A copy (``copy.deepcopy``, pickling) starts without a graph: it captures its own.
+    One graph per iteration count (training's ``power_iterations``, ``refresh``'s 10), all
+    dropped when a tensor they read moves. A copy (``copy.deepcopy``, pickling) starts
+    without graphs: it captures its own.
     """
 
     def __init__(self) -> None:
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._key: tuple | None = None
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._ptrs: tuple[int, ...] | None = None
+        self._checked = False
         self.disabled_reason: str | None = None
 
     def __deepcopy__(self, memo) -> GraphedIterations:
         return GraphedIterations()
 
     def __getstate__(self) -> dict:
-        return {"_graph": None, "_key": None, "disabled_reason": None}
+        return GraphedIterations().__dict__
 
     def __call__(
         self,
@@ -57,7 +60,7 @@ class GraphedIterations:
         state: Sequence[torch.Tensor],
         inputs: Sequence[torch.Tensor],
     ) -> None:
-        """Does ``run(n)``, from the graph when it can.
+        """Does ``run(n)``, from a graph when it can.
 
         Args:
             run: Does ``n`` iterations in place: no host syncs, no new outputs.
@@ -68,25 +71,23 @@ class GraphedIterations:
         if self.disabled_reason is not None or n <= 0:
             run(n)
             return
-        key = (
-            n,
-            torch.is_autocast_enabled(),
-            *(t.data_ptr() for t in state),
-            *(t.data_ptr() for t in inputs),
-        )
-        if key != self._key:
+        ptrs = tuple(t.data_ptr() for t in (*state, *inputs))
+        if ptrs != self._ptrs:  # something moved: every graph reads freed memory now
+            self._graphs.clear()
+            self._ptrs = ptrs
+        key = (n, torch.is_autocast_enabled())
+        graph = self._graphs.get(key)
+        if graph is None:
             try:
-                self._capture(run, n, state)
+                graph = self._capture(run, n, state)
             except Exception as e:  # noqa: BLE001 - any capture failure means: stay eager
                 self._disable(f"capture failed ({type(e).__name__}: {e})")
                 run(n)
                 return
-            self._key = key
-        self._graph.replay()
+            self._graphs[key] = graph
+        graph.replay()
 
     def _capture(self, run: Callable[[int], None], n: int, state: Sequence[torch.Tensor]):
-        first = self._graph is None
-        self._graph = None
         saved = [t.clone() for t in state]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -99,22 +100,23 @@ class GraphedIterations:
         # The warm-up advanced the iterates; start again from where the caller left them.
         for t, s in zip(state, saved):
             t.copy_(s)
-        if first:  # one check per object: the replay must match the eager iterations
+        if not self._checked:  # once per object: the replay must match the eager iterations
             run(n)
             eager = [t.clone() for t in state]
             for t, s in zip(state, saved):
                 t.copy_(s)
             graph.replay()
-            if not all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(state, eager)):
-                for t, s in zip(state, saved):
-                    t.copy_(s)
-                raise RuntimeError("the replayed iterations differ from the eager ones")
+            ok = all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(state, eager))
             for t, s in zip(state, saved):
                 t.copy_(s)
-        self._graph = graph
+            if not ok:
+                raise RuntimeError("the replayed iterations differ from the eager ones")
+            self._checked = True
+        return graph
 
     def _disable(self, reason: str) -> None:
-        self._graph, self._key, self.disabled_reason = None, None, reason
+        self._graphs.clear()
+        self._ptrs, self.disabled_reason = None, reason
         warnings.warn(
             f"torchgloro: power iteration runs eagerly on this GPU: {reason}. Training is "
             f"unaffected but slower; set cuda_graphs=False on GloroNet to silence this.",

@@ -207,10 +207,9 @@ class GloroNet(nn.Module):
         """``n_iter`` power iterations on every layer (one graph replay on CUDA)."""
         if n_iter <= 0:
             return
-        state = [t for b in self.bounds for t in b.buffers() if t.is_floating_point()]
-        inputs = list(self.backbone.parameters())
-        if self.cuda_graphs and graphs_usable(state + inputs):
-            self._graphed(self._iterate_all, n_iter, state, inputs)
+        if self._graphed_here():
+            state = [t for b in self.bounds for t in b.buffers() if t.is_floating_point()]
+            self._graphed(self._iterate_all, n_iter, state, list(self.backbone.parameters()))
         else:
             self._iterate_all(n_iter)
 
@@ -224,20 +223,40 @@ class GloroNet(nn.Module):
             k = e if k is None else k * e
         return self._epsilon.new_ones(()) if k is None else k
 
+    def _graphed_here(self) -> bool:
+        state = [t for b in self.bounds for t in b.buffers() if t.is_floating_point()]
+        return self.cuda_graphs and graphs_usable(state + list(self.backbone.parameters()))
+
     @torch.compiler.disable  # a data-dependent convergence loop: nothing for a compiler
     @torch.no_grad()
     def refresh(self, converge: bool = True, tol: float = 1e-5) -> torch.Tensor:
         """Runs power iteration (to convergence by default) and freezes the fast constants.
 
-        Called automatically before eval-mode use when the weights changed since the last
-        refresh.
+        Each layer iterates until its estimate changes by at most ``tol`` (relative) over 10
+        iterations (``LayerBound.converge``). With CUDA graphs (on a GPU) all layers iterate
+        together, 10 iterations per graph replay, until every one has converged (at most
+        10,000 iterations). Called automatically before eval-mode use when the weights
+        changed since the last refresh.
 
         Returns:
             The frozen penultimate bound (a 0-dim tensor).
         """
         k = self._epsilon.new_ones(())
-        for b in self.bounds:
-            k = k * (b.converge(tol=tol) if converge else b.estimate(self.power_iterations))
+        if converge and self.bounds and self._graphed_here():
+            dev = self._epsilon.device
+            sigma = torch.stack([b.estimate().to(dev).reshape(()) for b in self.bounds])
+            for _ in range(1_000):
+                self._advance(10)
+                new = torch.stack([b.estimate().to(dev).reshape(()) for b in self.bounds])
+                done = bool(((new - sigma).abs() <= tol * new.clamp_min(1e-30)).all())
+                sigma = new
+                if done:
+                    break
+            for e in sigma:
+                k = k * e
+        else:
+            for b in self.bounds:
+                k = k * (b.converge(tol=tol) if converge else b.estimate(self.power_iterations))
         self._frozen_k_pen.copy_(k)
         self._frozen_at = self._fingerprint()
         return self._frozen_k_pen

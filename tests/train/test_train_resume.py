@@ -179,3 +179,28 @@ def test_sigint_to_cli_process_exits_cleanly(tmp_path):
     ck = read_checkpoint(run_dir)
     assert 1 <= ck.epoch < 500
     assert (run_dir / "report.md").is_file()
+
+
+def test_run_from_an_older_version_resumes(tiny, straight):
+    """A checkpoint whose config predates newer keys (their defaults apply) still resumes."""
+    run_dir = train(tiny(), stop_after=2, progress=False).run_dir
+    ck_json = run_dir / "checkpoint.json"
+    info = json.loads(ck_json.read_text())
+    for section, key in (
+        ("run", "compile_mode"),
+        ("run", "compile_backend"),
+        ("gloro", "cuda_graphs"),
+    ):
+        del info["config"][section][key]
+    ck_json.write_text(json.dumps(info))
+    toml = run_dir / "config.toml"
+    toml.write_text(
+        "\n".join(
+            line
+            for line in toml.read_text().splitlines()
+            if not line.startswith(("compile_mode", "compile_backend", "cuda_graphs"))
+        )
+    )
+    second = train(resume_config(run_dir, []), resume=run_dir, progress=False)
+    assert second.interrupted is None
+    _assert_identical(_state(straight.run_dir), _state(run_dir))

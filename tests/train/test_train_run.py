@@ -88,3 +88,23 @@ def test_loaded_model_matches_the_run(default_run: Path):
     test = tg.data.get_dataset("digits", "test")
     c = net.certify(test.x, mode="fast")
     assert float((c.certified & (c.pred == test.y)).float().mean()) >= DEFAULT_VRA
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    """`run.compile` (backend aot_eager here: no C++ compiler) trains like eager training."""
+    finals = []
+    for compiled in (False, True):
+        out = tmp_path / ("compiled" if compiled else "eager")
+        args = ["train", "--out", str(out), "--no-progress", "--epochs", "2"]
+        if compiled:
+            args += ["--set", "run.compile=true", "--set", "run.compile_backend=aot_eager"]
+        assert main(args) == 0
+        (run,) = list(out.iterdir())
+        with open(run / "metrics.csv", newline="") as f:
+            finals.append(list(csv.DictReader(f))[-1])
+        if compiled:
+            saved = tomllib.loads((run / "config.toml").read_text())["run"]
+            assert saved["compile"] is True and saved["compile_backend"] == "aot_eager"
+    eager, compiled = finals
+    assert float(compiled["train_loss"]) == pytest.approx(float(eager["train_loss"]), rel=1e-3)
+    assert abs(float(compiled["test_vra"]) - float(eager["test_vra"])) <= 0.02

@@ -21,6 +21,7 @@ import torch
 from torchgloro import io
 from torchgloro._errors import CheckpointError, ConfigError
 from torchgloro.gloro import GloroNet
+from torchgloro.train.config import config_from_dict, config_to_dict
 
 __all__ = [
     "TENSORS_FILE",
@@ -49,6 +50,10 @@ RESUME_OVERRIDABLE = {
     "run.eval_batch_size",
     "run.threads",
     "run.checkpoint_every",
+    "run.compile",  # how the same math runs, not what it computes
+    "run.compile_mode",
+    "run.compile_backend",
+    "gloro.cuda_graphs",
     "data.root",
     "data.download",
 }
@@ -224,7 +229,12 @@ def rng_tensors(data_gen, aug_gen, data_epoch_start, device) -> dict[str, torch.
 
 
 def check_same_run(now: dict, saved: dict, run_dir: Path) -> None:
-    """Refuses to resume with a config that differs in a key that changes the run."""
+    """Refuses to resume with a config that differs in a key that changes the run.
+
+    A key the saved config lacks (a run from a version before the key existed) counts as
+    that key's default.
+    """
+    saved = config_to_dict(config_from_dict(saved))
     changed = sorted(
         f"{s}.{k}"
         for s in now.keys() | saved.keys()

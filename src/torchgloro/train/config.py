@@ -60,6 +60,8 @@ class RunConfig:
     eval_batch_size: int = 1000
     checkpoint_every: int = 1  # epochs
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no C++ compiler)
     amp: str = "off"  # off | bf16 (autocast of the backbone on CUDA; the bound stays fp32)
     threads: int = 0  # CPU threads for torch (0 = torch's default); small models like 1
 
@@ -143,6 +145,7 @@ class TrainConfig:
         r, d, m, g, lo, o = self.run, self.data, self.model, self.gloro, self.loss, self.optim
         choice("run.device", r.device, ("auto", "cpu", "cuda"))
         choice("run.amp", r.amp, ("off", "bf16"))
+        choice("run.compile_mode", r.compile_mode, ("default", "reduce-overhead", "max-autotune"))
         at_least("run.epochs", r.epochs, 1)
         at_least("run.batch_size", r.batch_size, 1)
         at_least("run.eval_batch_size", r.eval_batch_size, 1)

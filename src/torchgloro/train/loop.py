@@ -206,7 +206,7 @@ def _train(cfg, env, device, resume, stop_after, progress) -> TrainResult:  # no
     module = TrainModule(net, amp=cfg.run.amp == "bf16" and device.type == "cuda")
     model = ddp.wrap(module, env, device)
     if cfg.run.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=cfg.run.compile_mode, backend=cfg.run.compile_backend)
 
     # -- run folder / resume --
     start_epoch, start_step = 0, 0
