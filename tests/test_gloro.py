@@ -281,7 +281,7 @@ def test_joint_refresh_of_the_graphed_path_matches_per_layer_convergence(monkeyp
     net = tg.GloroNet(tg.create_model("4c3f", (1, 28, 28), 10), 1.58).eval()
     joint = copy.deepcopy(net)
     calls = []
-    monkeypatch.setattr(joint, "_graphed_here", lambda: True)
+    monkeypatch.setattr(joint, "_graph_operands", lambda: ([], []))
     monkeypatch.setattr(joint, "_graphed", lambda run, n, state, inputs: calls.append(n) or run(n))
     k_joint, k_layer = float(joint.refresh()), float(net.refresh())
     assert calls and set(calls) == {10}  # went through the graphed path, 10 at a time

@@ -138,7 +138,7 @@ class GloroNet(nn.Module):
         self._frozen_at: int | None = None
         self._sound_cache: _SoundState | None = None
         self.last_class_bounds: torch.Tensor | None = None
-        self._frozen_K: tuple[tuple, torch.Tensor] | None = None
+        self._frozen_K: tuple[int, torch.Tensor] | None = None
 
     def __getstate__(self) -> dict:
         """Copies and pickles drop ``last_class_bounds``: a tensor of the last training graph
@@ -202,16 +202,24 @@ class GloroNet(nn.Module):
         for b in self.bounds:
             b.iterate(n_iter)
 
+    def _graph_operands(self) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """(iterates, parameters) when power iteration can replay from a CUDA graph, else None."""
+        if not (self.cuda_graphs and self._epsilon.is_cuda):  # the common CPU case: no lists
+            return None
+        state = [t for b in self.bounds for t in b.buffers() if t.is_floating_point()]
+        inputs = list(self.backbone.parameters())
+        return (state, inputs) if graphs_usable(state + inputs) else None
+
     @torch.compiler.disable  # in-place updates of persistent iterates; graphed on CUDA
     def _advance(self, n_iter: int) -> None:
         """``n_iter`` power iterations on every layer (one graph replay on CUDA)."""
         if n_iter <= 0:
             return
-        if self._graphed_here():
-            state = [t for b in self.bounds for t in b.buffers() if t.is_floating_point()]
-            self._graphed(self._iterate_all, n_iter, state, list(self.backbone.parameters()))
-        else:
+        operands = self._graph_operands()
+        if operands is None:
             self._iterate_all(n_iter)
+        else:
+            self._graphed(self._iterate_all, n_iter, *operands)
 
     def _penultimate_fast(self, n_iter: int, differentiable: bool) -> torch.Tensor:
         self._advance(n_iter)
@@ -222,10 +230,6 @@ class GloroNet(nn.Module):
             e = b.estimate(differentiable=differentiable)
             k = e if k is None else k * e
         return self._epsilon.new_ones(()) if k is None else k
-
-    def _graphed_here(self) -> bool:
-        state = [t for b in self.bounds for t in b.buffers() if t.is_floating_point()]
-        return self.cuda_graphs and graphs_usable(state + list(self.backbone.parameters()))
 
     @torch.compiler.disable  # a data-dependent convergence loop: nothing for a compiler
     @torch.no_grad()
@@ -242,12 +246,16 @@ class GloroNet(nn.Module):
             The frozen penultimate bound (a 0-dim tensor).
         """
         k = self._epsilon.new_ones(())
-        if converge and self.bounds and self._graphed_here():
+        if converge and self.bounds and self._graph_operands() is not None:
             dev = self._epsilon.device
-            sigma = torch.stack([b.estimate().to(dev).reshape(()) for b in self.bounds])
+
+            def estimates() -> torch.Tensor:  # (L,)
+                return torch.stack([b.estimate().to(dev).reshape(()) for b in self.bounds])
+
+            sigma = estimates()
             for _ in range(1_000):
                 self._advance(10)
-                new = torch.stack([b.estimate().to(dev).reshape(()) for b in self.bounds])
+                new = estimates()
                 done = bool(((new - sigma).abs() <= tol * new.clamp_min(1e-30)).all())
                 sigma = new
                 if done:
