@@ -119,10 +119,13 @@ echo "== packing ($(left) s left)"
 tar czf "$OUT/bench.tgz" --exclude="*.safetensors" -C "$work" bench
 # One file comes back only under 16 MiB, 64 MiB in all: a run folder still holding its
 # checkpoint (about 23 MB for 4C3F) comes back in 15 MiB parts (cat NAME.tgz.* | tar xz).
+# A finished run leaves its resume checkpoint behind (best.safetensors is what evaluate reads).
 for run in "$work"/runs/*; do
     [ -d "$run" ] || continue
     name=$(basename "$run" | sed 's/-[0-9]\{8\}-[0-9]\{6\}$//')
-    tar czf - -C "$work/runs" "$(basename "$run")" |
+    drop=()
+    grep -qE "^Finished|already finished" "$run/train.log" && drop=(--exclude=checkpoint.safetensors)
+    tar czf - "${drop[@]}" -C "$work/runs" "$(basename "$run")" |
         split -b 15M -d - "$OUT/$name.tgz."
 done
 ls -la "$OUT"
