@@ -33,6 +33,17 @@ def graphs_usable(tensors: Sequence[torch.Tensor]) -> bool:
     )
 
 
+def iterates_agree(replayed: torch.Tensor, eager: torch.Tensor, rtol: float = 1e-2) -> bool:
+    """Whether a replayed iterate matches the eager one, norm-wise.
+
+    cuDNN convolutions run in TF32 by default and may pick other algorithms inside a capture,
+    so element-wise agreement to 1e-4 fails by chance (it did on an H100 in 2026-11). A graph
+    that reads stale memory or skips work is off by O(1); 1 % of the norm separates the two.
+    """
+    diff = torch.linalg.vector_norm((replayed - eager).double())
+    return bool(diff <= rtol * torch.linalg.vector_norm(eager.double()) + 1e-12)
+
+
 class GraphedIterations:
     """Replays ``run(n)`` (in-place work on ``state`` that reads ``inputs``) from CUDA graphs.
 
@@ -106,7 +117,7 @@ class GraphedIterations:
             for t, s in zip(state, saved):
                 t.copy_(s)
             graph.replay()
-            ok = all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(state, eager))
+            ok = all(iterates_agree(a, b) for a, b in zip(state, eager))
             for t, s in zip(state, saved):
                 t.copy_(s)
             if not ok:
