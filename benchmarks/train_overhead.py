@@ -89,10 +89,10 @@ class Runner:
 
     @torch.no_grad()
     def power_iterations(self, n: int) -> None:
-        """Only the per-step power iterations of ``n`` steps (no forward/backward)."""
+        """Only the per-step power iterations of ``n`` steps, by the step's own path (no
+        forward/backward): eager on CPU, one CUDA-graph replay per step on a GPU."""
         for _ in range(n):
-            for b in self.net.bounds:
-                b.estimate(n_iter=self.net.power_iterations)
+            self.net._advance(self.net.power_iterations)
 
 
 def run_model(arch, data, in_shape, n_iter, eps, args, device) -> dict:
