@@ -20,16 +20,45 @@ def test_gloro_cross_entropy_treats_bottom_as_never_correct():
 
 
 def test_trades_matches_hand_formula():
-    logits = torch.tensor([[1.0, -1.0, 0.5]], requires_grad=True)
-    lam = 2.0
-    loss = tg.GloroTrades(lam)(logits, torch.tensor([1]))
-    y = logits.detach()[0]
+    """Definition 3 with L = cross-entropy (the default), and the KL form."""
+    lam, label = 2.0, torch.tensor([1])
+    y = torch.tensor([1.0, -1.0, 0.5])
     p = torch.softmax(y[:2], 0)
     q = torch.softmax(y, 0)[:2]
-    expected = F.cross_entropy(y[None, :2], torch.tensor([1])) + lam * (p * (p / q).log()).sum()
-    assert loss.item() == pytest.approx(float(expected), rel=1e-6)
-    loss.backward()
-    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    clean = F.cross_entropy(y[None, :2], label)
+    for robust, term in (("ce", -(p * q.log()).sum()), ("kl", (p * (p / q).log()).sum())):
+        logits = y[None].clone().requires_grad_(True)
+        loss = tg.GloroTrades(lam, robust)(logits, label)
+        assert loss.item() == pytest.approx(float(clean + lam * term), rel=1e-6)
+        loss.backward()
+        assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_trades_forms_differ_by_lambda_times_clean_entropy():
+    """CE = KL + H(p), in value and gradient: the KL form lacks λ·∇H(p)."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 4, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    lam = 1.5
+    grads, values = [], []
+    for robust in ("ce", "kl"):
+        x = logits.clone().requires_grad_(True)
+        values.append(tg.GloroTrades(lam, robust)(x, labels))
+        values[-1].backward()
+        grads.append(x.grad)
+    x = logits.clone().requires_grad_(True)
+    log_p = F.log_softmax(x[:, :3], dim=1)
+    entropy = -(log_p.exp() * log_p).sum(1).mean()
+    (lam * entropy).backward()
+    assert (values[0] - values[1]).item() == pytest.approx((lam * entropy).item(), rel=1e-10)
+    assert torch.allclose(grads[0] - grads[1], x.grad, atol=1e-12)
+    assert x.grad[:, :3].abs().max() > 1e-3  # the forms really differ in their gradients
+    assert torch.all(x.grad[:, 3] == 0)  # ... but not on ⊥
+
+
+def test_trades_rejects_an_unknown_form():
+    with pytest.raises(ValueError, match="ce"):
+        tg.GloroTrades(1.0, "js")
 
 
 def test_labels_out_of_range_raise():
@@ -63,6 +92,15 @@ def test_lambda_and_lr_schedules():
     assert lr.value(375, 500, 1e-3) == pytest.approx(math.sqrt(1e-3 * 1e-6))
     with pytest.raises(tg.ConfigError):
         S.parse_lr_schedule("decay_to_-1")
+
+
+def test_decay_from_epoch_zero_as_in_the_authors_code():
+    lr = S.parse_lr_schedule("decay_to_5e-6", decay_start=0.0)
+    assert lr.value(0, 300, 1e-3) == 1e-3
+    assert lr.value(150, 300, 1e-3) == pytest.approx(math.sqrt(1e-3 * 5e-6))
+    assert lr.value(300, 300, 1e-3) == pytest.approx(5e-6)
+    later = S.parse_lr_schedule("decay_to_5e-6", decay_start=0.25)
+    assert later.value(75, 300, 1e-3) == 1e-3 and later.value(76, 300, 1e-3) < 1e-3
 
 
 def test_minmax_and_groupsort_are_lipschitz_one_and_gradient_norm_preserving():

@@ -45,17 +45,31 @@ class GloroCrossEntropy(nn.Module):
 class GloroTrades(nn.Module):
     """The TRADES loss for GloRo nets (Leino et al., 2021, Definition 3).
 
-    ``CE(f(x), y) + λ · KL(softmax(f(x)) ‖ softmax(f̄ε(x)))``, where ``softmax(f(x))`` is
-    extended with probability 0 on ⊥: the GloRo net is asked to agree with the clean
-    prediction while assuming the clean prediction is right.
+    ``CE(f(x), y) + λ · L(softmax(f(x)), f̄ε(x))``, where ``softmax(f(x))`` is extended with
+    probability 0 on ⊥: the GloRo net is asked to agree with the clean prediction while
+    assuming the clean prediction is right. The robust term ``L`` is, with ``p`` the clean
+    and ``q`` the GloRo softmax:
+
+    * ``"ce"`` (Definition 3, and the authors' code): ``−Σ p log q``;
+    * ``"kl"``: ``Σ p (log p − log q)`` = the cross-entropy minus the entropy H(p). Its
+      gradient lacks ``λ·∇H(p)``, which sharpens the clean prediction. torchgloro used
+      this form before the option existed; runs saved then resume with it.
+
+    Gradients flow through ``p`` in both forms.
 
     Args:
         lam: The weight λ (settable; schedules update it).
+        robust: ``"ce"`` or ``"kl"``.
     """
 
-    def __init__(self, lam: float = 1.0) -> None:
+    FORMS = ("ce", "kl")
+
+    def __init__(self, lam: float = 1.0, robust: str = "ce") -> None:
         super().__init__()
+        if robust not in self.FORMS:
+            raise ValueError(f"robust must be one of {self.FORMS}, got {robust!r}.")
         self.lam = float(lam)
+        self.robust = robust
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         num_classes = logits.shape[1] - 1
@@ -64,11 +78,15 @@ class GloroTrades(nn.Module):
         clean_loss = F.cross_entropy(clean, y)
         log_p = F.log_softmax(clean, dim=1)  # (B, C)
         log_q = F.log_softmax(logits, dim=1)[:, :num_classes]  # (B, C): ⊥ has p = 0
-        kl = (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
-        return clean_loss + self.lam * kl
+        p = log_p.exp()
+        if self.robust == "ce":
+            robust = -(p * log_q).sum(dim=1).mean()
+        else:
+            robust = (p * (log_p - log_q)).sum(dim=1).mean()
+        return clean_loss + self.lam * robust
 
     def extra_repr(self) -> str:
-        return f"lam={self.lam:g}"
+        return f"lam={self.lam:g}, robust={self.robust}"
 
 
 def live_lipschitz(net: nn.Module) -> torch.Tensor:

@@ -101,15 +101,22 @@ class ConstantLR:
 
 @dataclass(frozen=True)
 class DecayToLR:
-    """``decay_to_X``: constant until half the epochs, then decays exponentially to X."""
+    """``decay_to_X``: constant until ``start`` (a fraction of the epochs), then decays
+    exponentially to X at the last epoch.
+
+    The paper's text starts the decay at half the epochs (``start=0.5``, the default); the
+    authors' code names that ``decay_to_X_after_half`` and decays from epoch 0 in its
+    ``decay_to_X`` (``start=0``).
+    """
 
     final: float
+    start: float = 0.5
 
     def value(self, t: float, total: int, init_lr: float) -> float:
-        half = total / 2
-        if t <= half or total <= 0:
+        t0 = total * self.start
+        if t <= t0 or total <= 0:
             return init_lr
-        frac = min((t - half) / half, 1.0)
+        frac = min((t - t0) / (total - t0), 1.0)
         return init_lr * (self.final / init_lr) ** frac
 
 
@@ -149,11 +156,12 @@ def parse_lambda_schedule(text: str | float) -> ConstantLambda | LinearLambda:
         raise ConfigError(f"Bad lambda schedule {text!r}: use 'x' or 'x,y,e'.") from None
 
 
-def parse_lr_schedule(text: str) -> ConstantLR | DecayToLR:
-    """Parses ``constant`` or ``decay_to_X`` (e.g. ``decay_to_1e-6``)."""
+def parse_lr_schedule(text: str, decay_start: float = 0.5) -> ConstantLR | DecayToLR:
+    """Parses ``constant`` or ``decay_to_X`` (e.g. ``decay_to_1e-6``), the decay starting at
+    ``decay_start`` of the epochs."""
     if text.strip() == "constant":
         return ConstantLR()
     m = re.match(rf"^decay_to_({_NUM})$", text.strip())
     if not m or float(m.group(1)) <= 0:
         raise ConfigError(f"Bad LR schedule {text!r}: use 'constant' or 'decay_to_X' (X > 0).")
-    return DecayToLR(float(m.group(1)))
+    return DecayToLR(float(m.group(1)), decay_start)

@@ -82,6 +82,8 @@ def test_recipes_match_table1(name):
     assert cfg.gloro.power_iterations == power
     if lam is not None:
         assert cfg.loss.lam_schedule == lam
+    assert cfg.loss.trades_robust == "ce"  # Definition 3, L = cross-entropy
+    assert cfg.optim.decay_start == 0.5  # Appendix B: the decay starts at half the epochs
     cifar = name.startswith("cifar10")
     assert cfg.optim.warmup_epochs == (20 if cifar else 0)
     assert cfg.data.augment == (not name.startswith("mnist"))
@@ -136,6 +138,8 @@ def test_bad_values_are_config_errors():
         "optim.name=sgd",
         "gloro.epsilon_schedule=wiggle",
         "optim.lr_schedule=decay_to_x",
+        "optim.decay_start=1.0",
+        "loss.trades_robust=js",
         "run.epochs=0",
     ):
         with pytest.raises(tg.ConfigError):
@@ -164,3 +168,23 @@ def test_lr_schedules():
     assert warm.value(1, 10, 1.0) == 0.25 and warm.value(5, 10, 1.0) == 1.0
     decay = parse_lr("decay_to_1e-6")
     assert decay.value(5, 10, 1e-3) == 1e-3 and abs(decay.value(10, 10, 1e-3) - 1e-6) < 1e-15
+
+
+def test_plus_recipes_keep_the_kl_form_they_were_recorded_with():
+    for name in ("mnist-2c2f-plus", "mnist-4c3f-plus"):
+        assert load_config(name).loss.trades_robust == "kl"
+
+
+def test_a_saved_run_predating_trades_robust_resumes_with_the_kl_form(tmp_path):
+    """Runs saved before loss.trades_robust existed trained with KL; today's default is CE."""
+    from torchgloro.train.checkpoint import check_same_run
+    from torchgloro.train.config import config_to_dict, saved_run_config
+
+    now = config_to_dict(load_config("mnist-4c3f-gloro-t"))
+    old = {s: dict(t) for s, t in now.items()}
+    del old["loss"]["trades_robust"]
+    assert saved_run_config(old).loss.trades_robust == "kl"
+    with pytest.raises(tg.ConfigError, match="loss.trades_robust"):
+        check_same_run(now, old, tmp_path)  # resuming it as CE would change the run
+    check_same_run(config_to_dict(saved_run_config(old)), old, tmp_path)
+    assert saved_run_config(now).loss.trades_robust == "ce"  # a saved key is kept

@@ -36,7 +36,7 @@ __all__ = [
 # attribute gets λ from loss.lam_schedule at every batch.
 LOSSES: dict[str, Callable[[TrainConfig], nn.Module]] = {
     "ce": lambda cfg: GloroCrossEntropy(),
-    "trades": lambda cfg: GloroTrades(),
+    "trades": lambda cfg: GloroTrades(robust=cfg.loss.trades_robust),
     "emma": lambda cfg: GloroEMMA(),  # bound to the net by the loop (loss.bind(net))
     "hinge": lambda cfg: GloroHinge(),
     "certified-hinge": lambda cfg: GloroHinge(certified=True),
@@ -76,11 +76,12 @@ class WarmupLR:
         return self.base.value(t, total, init_lr) * min(1.0, t / self.warmup)
 
 
-def parse_lr(text: str, warmup_lr_epochs: float = 0.0):
-    """``constant``, ``decay_to_X`` or ``cosine``, with an optional linear warm-up."""
+def parse_lr(text: str, warmup_lr_epochs: float = 0.0, decay_start: float = 0.5):
+    """``constant``, ``decay_to_X`` (from ``decay_start`` of the epochs) or ``cosine``, with an
+    optional linear warm-up."""
     if text.strip() == "cosine":
         return CosineLR(warmup_lr_epochs)
-    base = schedules.parse_lr_schedule(text)
+    base = schedules.parse_lr_schedule(text, decay_start)
     return WarmupLR(base, warmup_lr_epochs) if warmup_lr_epochs > 0 else base
 
 

@@ -21,7 +21,7 @@ import torch
 from torchgloro import io
 from torchgloro._errors import CheckpointError, ConfigError
 from torchgloro.gloro import GloroNet
-from torchgloro.train.config import config_from_dict, config_to_dict
+from torchgloro.train.config import config_to_dict, saved_run_config
 
 __all__ = [
     "TENSORS_FILE",
@@ -232,9 +232,9 @@ def check_same_run(now: dict, saved: dict, run_dir: Path) -> None:
     """Refuses to resume with a config that differs in a key that changes the run.
 
     A key the saved config lacks (a run from a version before the key existed) counts as
-    that key's default.
+    the value such runs were trained with (:func:`saved_run_config`).
     """
-    saved = config_to_dict(config_from_dict(saved))
+    saved = config_to_dict(saved_run_config(saved))
     changed = sorted(
         f"{s}.{k}"
         for s in now.keys() | saved.keys()

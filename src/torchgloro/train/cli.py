@@ -12,9 +12,9 @@ from torchgloro.train.config import (
     DEFAULT_RECIPE,
     TrainConfig,
     apply_overrides,
-    config_from_dict,
     list_recipes,
     load_config,
+    saved_run_config,
 )
 
 __all__ = ["add_arguments", "run", "config_from_args", "RESUME_OVERRIDABLE"]
@@ -70,7 +70,7 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> TrainConfig:
         raise CheckpointError(
             f"Cannot resume from {run_dir}: {path.name} is missing or corrupt ({e})."
         ) from e
-    cfg = config_from_dict(saved)
+    cfg = saved_run_config(saved)
     for item in overrides:
         key = item.partition("=")[0].strip()
         if key not in RESUME_OVERRIDABLE:

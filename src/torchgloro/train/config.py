@@ -39,6 +39,7 @@ __all__ = [
     "load_config",
     "apply_overrides",
     "config_from_dict",
+    "saved_run_config",
     "config_to_dict",
     "dump_config",
     "list_recipes",
@@ -100,6 +101,7 @@ class GloroConfig:
 class LossConfig:
     name: str = "ce"  # see torchgloro.train.loop.LOSSES
     lam_schedule: str = "1.0"  # TRADES λ: x | x,y,e
+    trades_robust: str = "ce"  # TRADES robust term: ce (Definition 3) | kl (CE minus H(p))
 
 
 @dataclass
@@ -107,6 +109,7 @@ class OptimConfig:
     name: str = "adam"  # see torchgloro.train.loop.OPTIMIZERS
     lr: float = 1e-3
     lr_schedule: str = "decay_to_1e-6"  # constant | decay_to_X | cosine
+    decay_start: float = 0.5  # decay_to_X starts at this fraction of the epochs (paper: 0.5)
     warmup_lr_epochs: float = 0.0  # linear LR warm-up from 0 (any schedule)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-7  # Keras' default, as in the paper
@@ -128,6 +131,7 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Checks choices and ranges; returns ``self``. Raises :class:`ConfigError`."""
         from torchgloro import schedules
+        from torchgloro.losses import GloroTrades
         from torchgloro.models import ACTIVATIONS, list_models
         from torchgloro.train.build import LOSSES, OPTIMIZERS, parse_lr
 
@@ -164,9 +168,12 @@ class TrainConfig:
         schedules.parse_epsilon_schedule(g.epsilon_schedule)
         choice("loss.name", lo.name, list(LOSSES))
         schedules.parse_lambda_schedule(lo.lam_schedule)
+        choice("loss.trades_robust", lo.trades_robust, list(GloroTrades.FORMS))
         choice("optim.name", o.name, list(OPTIMIZERS))
         at_least("optim.lr", o.lr, 0, strict=True)
-        parse_lr(o.lr_schedule, o.warmup_lr_epochs)
+        if not 0 <= o.decay_start < 1:
+            raise ConfigError(f"optim.decay_start must lie in [0, 1), got {o.decay_start}.")
+        parse_lr(o.lr_schedule, o.warmup_lr_epochs, o.decay_start)
         at_least("optim.warmup_lr_epochs", o.warmup_lr_epochs, 0)
         if not all(0 <= b < 1 for b in o.betas):
             raise ConfigError(f"optim.betas must lie in [0, 1), got {o.betas}.")
@@ -290,6 +297,20 @@ def config_from_dict(data: dict[str, Any], base: TrainConfig | None = None) -> T
         for key, value in table.items():
             _set(cfg, f"{section}.{key}", value, from_text=False)
     return cfg
+
+
+# Keys added after runs were saved, with the value such runs were trained with: in a saved
+# run's config a missing key means this, not today's default.
+_PREDATES = {"loss": {"trades_robust": "kl"}}
+
+
+def saved_run_config(saved: dict[str, Any]) -> TrainConfig:
+    """The config a saved run (its checkpoint's ``config``) was trained with."""
+    data = {section: dict(table) for section, table in saved.items()}
+    for section, keys in _PREDATES.items():
+        for key, value in keys.items():
+            data.setdefault(section, {}).setdefault(key, value)
+    return config_from_dict(data)
 
 
 def _deepcopy(cfg: TrainConfig) -> TrainConfig:

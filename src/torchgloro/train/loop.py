@@ -193,7 +193,7 @@ def _train(cfg, env, device, resume, stop_after, progress) -> TrainResult:  # no
         loss_fn.bind(net)
     eps_sched = schedules.parse_epsilon_schedule(g.epsilon_schedule)
     lam_sched = schedules.parse_lambda_schedule(cfg.loss.lam_schedule)
-    lr_sched = parse_lr(o.lr_schedule, o.warmup_lr_epochs)
+    lr_sched = parse_lr(o.lr_schedule, o.warmup_lr_epochs, o.decay_start)
     data_gen = torch.Generator().manual_seed(cfg.run.seed)
     aug_gen = torch.Generator().manual_seed(cfg.run.seed + 7919 * (env.rank + 1))
     augment = Augment(generator=aug_gen).to(device) if d.augment else None
