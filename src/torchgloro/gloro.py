@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -10,14 +9,14 @@ from typing import Literal
 import torch
 from torch import nn
 
-from torchgloro import margins, sound
+from torchgloro import margins
 from torchgloro._cuda_graph import GraphedIterations, graphs_usable
 from torchgloro._errors import GloroInputError, UnsupportedLayerError
+from torchgloro._weight_cache import SoundState, WeightsGeneration, build_sound_state
 from torchgloro.lipschitz import (
     ConstantBound,
     bound_for,
     flatten_layers,
-    linear_fp_terms,
     trace_input_shapes,
 )
 
@@ -38,15 +37,6 @@ def check_epsilon(epsilon: float) -> float:
             f"epsilon must be a finite number > 0 (the ℓ2 radius to certify), got {epsilon!r}."
         )
     return value
-
-
-@dataclass
-class _SoundState:
-    fingerprint: int
-    k_pen: float  # proven bound on the Lipschitz constant of everything before the head
-    backbone64: nn.Module
-    err_coef: float  # ‖float64 logits − exact logits‖₂ ≤ err_coef·‖x‖₂ + err_const
-    err_const: float
 
 
 @dataclass
@@ -133,10 +123,9 @@ class GloroNet(nn.Module):
         self.register_buffer("_epsilon", torch.tensor(check_epsilon(epsilon), dtype=torch.float32))
         # Converged power-iteration value of the penultimate bound, for eval-mode forward.
         self.register_buffer("_frozen_k_pen", torch.tensor(float("nan")))
-        self._weights_snapshot: list[torch.Tensor] = []
-        self._weights_generation = 0
+        self._weights = WeightsGeneration()
         self._frozen_at: int | None = None
-        self._sound_cache: _SoundState | None = None
+        self._sound_cache: SoundState | None = None
         self.last_class_bounds: torch.Tensor | None = None
         self._frozen_K: tuple[int, torch.Tensor] | None = None
 
@@ -168,33 +157,8 @@ class GloroNet(nn.Module):
         return head.effective_weight() if hasattr(head, "effective_weight") else head.weight
 
     def _fingerprint(self) -> int:
-        """A generation number that changes whenever a backbone parameter's value changes.
-
-        Every cache keyed on the weights (the frozen fast constants, the proven bounds, the
-        local-fallback plan) compares it. It compares values against a snapshot rather than
-        trusting ``Tensor._version``: fused optimizers (``Adam(fused=True)``, the default on
-        CUDA here) and writes through ``.data`` change weights without bumping it, and a
-        stale proven bound would certify points it must not.
-        """
-        params = [p.detach() for p in self.backbone.parameters()]
-        snap = self._weights_snapshot
-        same = len(snap) == len(params) and all(
-            s.shape == q.shape and s.dtype == q.dtype and s.device == q.device
-            for s, q in zip(snap, params)
-        )
-        if same and params:  # NaN ≠ NaN: caches of NaN weights are never reused
-            if all(q.device.type == "cpu" for q in params):  # no temporaries, no launches
-                same = all(torch.equal(s, q) for s, q in zip(snap, params))
-            else:
-                diff = [(s != q).any() for s, q in zip(snap, params)]
-                if len({d.device for d in diff}) == 1:  # one host sync for all parameters
-                    same = not bool(torch.stack(diff).any())
-                else:
-                    same = not any(bool(d) for d in diff)
-        if not same:
-            self._weights_snapshot = [q.clone() for q in params]
-            self._weights_generation += 1
-        return self._weights_generation
+        """The weights generation: it changes whenever a backbone parameter's value does."""
+        return self._weights.update(list(self.backbone.parameters()))
 
     # ---- Lipschitz constants ---------------------------------------------------------------
 
@@ -274,25 +238,13 @@ class GloroNet(nn.Module):
         """Whether the frozen constants predate the current weights."""
         return self._frozen_at != self._fingerprint() or bool(self._frozen_k_pen.isnan())
 
-    def _sound_state(self) -> _SoundState:
+    def _sound_state(self) -> SoundState:
         """Proven constants and a float64 copy of the backbone, cached per weights."""
         fp = self._fingerprint()
         if self._sound_cache is None or self._sound_cache.fingerprint != fp:
-            backbone64 = copy.deepcopy(self.backbone).to(torch.float64).eval()
-            for p in backbone64.parameters():
-                p.requires_grad_(False)
-            norms = [b.sound() for b in self.bounds]
-            head = self._head
-            w = self._head_weight().detach()
-            bias = getattr(head, "bias", None)
-            head_terms = linear_fp_terms(w, bias)
-            head_norm = sound.dense_norm_upper(w)
-            layers = [(n, b.fp_terms()) for n, b in zip(norms, self.bounds)]
-            err_coef, err_const = margins.forward_error_coefficients(
-                layers + [(head_norm, head_terms)]
-            )
-            self._sound_cache = _SoundState(
-                fp, margins.product_upper(norms), backbone64, err_coef, err_const
+            bias = getattr(self._head, "bias", None)
+            self._sound_cache = build_sound_state(
+                fp, self.backbone, list(self.bounds), self._head_weight(), bias
             )
         return self._sound_cache
 

@@ -1,0 +1,90 @@
+"""State that GloroNet caches per value of its weights: a generation counter, proven bounds.
+
+Every cache keyed on the weights (the frozen fast constants, the proven bounds, the
+local-fallback plan) compares a generation number that changes whenever a parameter's value
+changes. It compares values against a snapshot rather than trusting ``Tensor._version``:
+fused optimizers (``Adam(fused=True)``, the default on CUDA here) and writes through ``.data``
+change weights without bumping it, and a stale proven bound would certify points it must not.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from torchgloro import margins, sound
+from torchgloro.lipschitz import LayerBound, linear_fp_terms
+
+
+class WeightsGeneration:
+    """A counter that advances whenever the values of the tracked parameters change."""
+
+    def __init__(self) -> None:
+        self._snapshot: list[torch.Tensor] = []
+        self.generation = 0
+
+    def update(self, params: Sequence[torch.Tensor]) -> int:
+        """Compares ``params`` with the snapshot; returns the (possibly new) generation."""
+        params = [p.detach() for p in params]
+        if not _same_values(self._snapshot, params):
+            self._snapshot = [q.clone() for q in params]
+            self.generation += 1
+        return self.generation
+
+
+def _same_values(snap: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> bool:
+    same = len(snap) == len(params) and all(
+        s.shape == q.shape and s.dtype == q.dtype and s.device == q.device
+        for s, q in zip(snap, params)
+    )
+    if not (same and params):  # NaN ≠ NaN below: caches of NaN weights are never reused
+        return same
+    if all(q.device.type == "cpu" for q in params):  # no temporaries, no launches
+        return all(torch.equal(s, q) for s, q in zip(snap, params))
+    diff = [(s != q).any() for s, q in zip(snap, params)]
+    if len({d.device for d in diff}) == 1:  # one host sync for all parameters
+        return not bool(torch.stack(diff).any())
+    return not any(bool(d) for d in diff)
+
+
+@dataclass
+class SoundState:
+    """Proven constants of one weights generation, and a float64 copy of the backbone."""
+
+    fingerprint: int
+    k_pen: float  # proven bound on the Lipschitz constant of everything before the head
+    backbone64: nn.Module
+    err_coef: float  # ‖float64 logits − exact logits‖₂ ≤ err_coef·‖x‖₂ + err_const
+    err_const: float
+
+
+@torch.no_grad()
+def build_sound_state(
+    fingerprint: int,
+    backbone: nn.Module,
+    bounds: Sequence[LayerBound],
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor | None,
+) -> SoundState:
+    """Proven per-layer norms, their product and the float64 round-off model of the backbone.
+
+    Args:
+        fingerprint: The weights generation the state belongs to.
+        backbone: The backbone, copied to float64 for sound-mode logits.
+        bounds: The bounds of every layer before the head, in order.
+        head_weight: ``(C, d)`` the head's effective weight.
+        head_bias: The head's bias, if any.
+    """
+    backbone64 = copy.deepcopy(backbone).to(torch.float64).eval()
+    for p in backbone64.parameters():
+        p.requires_grad_(False)
+    norms = [b.sound() for b in bounds]
+    w = head_weight.detach()
+    head = (sound.dense_norm_upper(w), linear_fp_terms(w, head_bias))
+    layers = [(n, b.fp_terms()) for n, b in zip(norms, bounds)]
+    err_coef, err_const = margins.forward_error_coefficients([*layers, head])
+    return SoundState(fingerprint, margins.product_upper(norms), backbone64, err_coef, err_const)
