@@ -11,10 +11,7 @@ every ``SYNC_EVERY`` steps (progress bar, NaN check, stop requests).
 from __future__ import annotations
 
 import math
-import resource
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +20,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from torchgloro import schedules
-from torchgloro._errors import ConfigError, GloroError
 from torchgloro.data import Augment, DeviceBatches, get_dataset
 from torchgloro.train import checkpoint as ckpt_io
 from torchgloro.train import distributed as ddp
+from torchgloro.train._runtime import (
+    StopFlag,
+    TrainingDivergedError,
+    diverged,
+    new_run_dir,
+    peak_bytes,
+    resolve_device,
+)
 from torchgloro.train.build import (
     LOSSES,
     OPTIMIZERS,
@@ -57,35 +62,6 @@ __all__ = [
 SYNC_EVERY = 20  # steps between host syncs (progress bar, NaN check, DDP stop flag)
 
 
-class TrainingDivergedError(GloroError, FloatingPointError):
-    """The training loss became NaN or Inf; the last good checkpoint is kept."""
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM set ``requested``; the loop saves and exits after the current step."""
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._old: dict[int, Any] = {}
-
-    def request(self, reason: str) -> None:
-        self.requested = self.requested or reason
-
-    def _handler(self, signum, frame) -> None:
-        self.request(signal.Signals(signum).name)
-        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))  # a 2nd signal kills
-
-    def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, old in self._old.items():
-            signal.signal(s, old)
-
-
 @dataclass
 class TrainResult:
     run_dir: Path | None
@@ -93,47 +69,6 @@ class TrainResult:
     interrupted: str | None = None  # why training stopped early, if it did
     final: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-def _peak_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def _resolve_device(name: str, env: ddp.DistEnv) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("run.device = 'cuda' but no CUDA device is available.")
-        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def _new_run_dir(cfg: TrainConfig) -> Path:
-    base = Path(cfg.run.out) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir, k = base, 1
-    while run_dir.exists():
-        k += 1
-        run_dir = base.with_name(f"{base.name}-{k}")
-    run_dir.mkdir(parents=True)
-    return run_dir
-
-
-def _diverged(where: str, value: float, run_dir: Path | None, last_good: int) -> Exception:
-    keep = (
-        f"The last good checkpoint (epoch {last_good}) in {run_dir} is kept."
-        if last_good > 0 and run_dir is not None
-        else "No checkpoint had been written yet."
-    )
-    return TrainingDivergedError(
-        f"Training diverged at {where}: the loss is {value}. {keep} Lower optim.lr (e.g. --set "
-        f"optim.lr=1e-4) or set optim.grad_clip, then train again."
-    )
-
-
-# ---- the loop ----------------------------------------------------------------------------
 
 
 def train(
@@ -158,7 +93,7 @@ def train(
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     env = ddp.detect()
-    device = _resolve_device(cfg.run.device, env)
+    device = resolve_device(cfg.run.device, env)
     ddp.setup(env, device)
     try:
         return _train(cfg, env, device, resume, stop_after, progress)
@@ -166,271 +101,326 @@ def train(
         ddp.teardown(env)
 
 
-def _train(cfg, env, device, resume, stop_after, progress) -> TrainResult:  # noqa: C901
-    say = print if env.is_main else (lambda *a, **k: None)
-    # -- data --
+def _train(cfg, env, device, resume, stop_after, progress) -> TrainResult:
+    run = _Run(cfg, env, device)
+    if not run.open(resume):
+        return TrainResult(run.run_dir, run.start_epoch)
+    total = cfg.run.epochs
+    t_start = time.time()
+    interrupted: str | None = None
+    with StopFlag() as stop:
+        for epoch in range(run.start_epoch, total):
+            t0 = time.time()
+            step = run.train_epoch(epoch, stop, stop_after, progress)
+            if stop.requested and step < run.num_batches:  # mid-epoch: save exactly here
+                run.save_mid_epoch(epoch, step)
+                interrupted = stop.requested
+                break
+            run.end_epoch(epoch, t0)
+            done = epoch + 1
+            if stop_after is not None and done >= stop_after - 1e-9:
+                stop.request("--stop-after")
+            _agree_on_stop(stop, env, device)  # every rank must agree on stopping here
+            if done % cfg.run.checkpoint_every == 0 or done == total or stop.requested:
+                run.save_checkpoint(done, 0, run.data_gen.get_state(), fresh=True)
+                run.last_good = done
+            if stop.requested and done < total:
+                interrupted = stop.requested
+                break
+
+    result = TrainResult(run.run_dir, len(run.history), interrupted, history=run.history)
+    if interrupted:
+        run.report_stop(interrupted)
+    else:
+        result.final = run.finish(t_start)
+    return result
+
+
+def _load_splits(cfg: TrainConfig, env: ddp.DistEnv):
+    """The train and test splits; rank 0 loads (and may download) first, then the others."""
     d = cfg.data
     if d.root and Path(d.root).expanduser().exists():  # config.toml works from any folder
         d.root = str(Path(d.root).expanduser().resolve())
-    for turn in (True, False):  # rank 0 first (it may download), then the others
+    for turn in (True, False):
         if env.is_main == turn:
             train_split = get_dataset(d.name, "train", d.root, download=d.download and turn)
             test_split = get_dataset(d.name, "test", d.root, download=d.download and turn)
         ddp.barrier(env)
     if d.train_subset:
         train_split = train_split.subset(min(d.train_subset, len(train_split)))
-    info = train_split.info
-    resolve_epsilons(cfg, info.default_epsilon)
-    g, o, total = cfg.gloro, cfg.optim, cfg.run.epochs
+    return train_split, test_split
 
-    # -- model, optimizer, schedules, RNG --
-    torch.manual_seed(cfg.run.seed)
-    with torch.device(device):  # built in place: no .to() copy of the power-iteration state
-        net = build_net(cfg, info.in_shape, info.num_classes)
-    optimizer = build_optimizer(cfg, net, device)
-    loss_fn = LOSSES[cfg.loss.name](cfg)
-    if hasattr(loss_fn, "bind"):  # margin-aware losses read K and ε from the net
-        loss_fn.bind(net)
-    eps_sched = schedules.parse_epsilon_schedule(g.epsilon_schedule)
-    lam_sched = schedules.parse_lambda_schedule(cfg.loss.lam_schedule)
-    lr_sched = parse_lr(o.lr_schedule, o.warmup_lr_epochs, o.decay_start)
-    data_gen = torch.Generator().manual_seed(cfg.run.seed)
-    aug_gen = torch.Generator().manual_seed(cfg.run.seed + 7919 * (env.rank + 1))
-    augment = Augment(generator=aug_gen).to(device) if d.augment else None
-    batches = DeviceBatches(
-        train_split, cfg.run.batch_size, True, data_gen, device=device,
-        rank=env.rank, world_size=env.world_size,
-    )  # fmt: skip
-    test_split = test_split.to(device)
-    num_batches = len(batches)
-    module = TrainModule(net, amp=cfg.run.amp == "bf16" and device.type == "cuda")
-    model = ddp.wrap(module, env, device)
-    if cfg.run.compile:
-        model = torch.compile(model, mode=cfg.run.compile_mode, backend=cfg.run.compile_backend)
+
+def _agree_on_stop(stop: StopFlag, env: ddp.DistEnv, device: torch.device) -> None:
+    """Under DDP, a stop requested on any rank is requested on all (no-op otherwise)."""
+    if env.enabled:
+        flag = torch.tensor(float(stop.requested is not None), device=device)
+        if ddp.all_reduce_max(flag, env).item() > 0:
+            stop.request(stop.requested or "a signal on another rank")
+
+
+class _Run:
+    """One training run's state, and the phases :func:`_train` goes through in order."""
+
+    def __init__(self, cfg: TrainConfig, env: ddp.DistEnv, device: torch.device) -> None:
+        self.cfg, self.env, self.device = cfg, env, device
+        self.say = print if env.is_main else (lambda *a, **k: None)
+        self.train_split, test_split = _load_splits(cfg, env)
+        self.info = self.train_split.info
+        resolve_epsilons(cfg, self.info.default_epsilon)
+        g, o = cfg.gloro, cfg.optim
+
+        # -- model, optimizer, schedules, RNG --
+        torch.manual_seed(cfg.run.seed)
+        with torch.device(device):  # built in place: no .to() copy of the power-iteration state
+            self.net = build_net(cfg, self.info.in_shape, self.info.num_classes)
+        self.optimizer = build_optimizer(cfg, self.net, device)
+        self.loss_fn = LOSSES[cfg.loss.name](cfg)
+        if hasattr(self.loss_fn, "bind"):  # margin-aware losses read K and ε from the net
+            self.loss_fn.bind(self.net)
+        self.eps_sched = schedules.parse_epsilon_schedule(g.epsilon_schedule)
+        self.lam_sched = schedules.parse_lambda_schedule(cfg.loss.lam_schedule)
+        self.lr_sched = parse_lr(o.lr_schedule, o.warmup_lr_epochs, o.decay_start)
+        self.data_gen = torch.Generator().manual_seed(cfg.run.seed)
+        self.aug_gen = torch.Generator().manual_seed(cfg.run.seed + 7919 * (env.rank + 1))
+        self.augment = Augment(generator=self.aug_gen).to(device) if cfg.data.augment else None
+        self.batches = DeviceBatches(
+            self.train_split, cfg.run.batch_size, True, self.data_gen, device=device,
+            rank=env.rank, world_size=env.world_size,
+        )  # fmt: skip
+        self.test_split = test_split.to(device)
+        self.num_batches = len(self.batches)
+        module = TrainModule(self.net, amp=cfg.run.amp == "bf16" and device.type == "cuda")
+        self.model = ddp.wrap(module, env, device)
+        if cfg.run.compile:
+            self.model = torch.compile(
+                self.model, mode=cfg.run.compile_mode, backend=cfg.run.compile_backend
+            )
+
+        self.start_epoch, self.start_step, self.last_good = 0, 0, 0
+        self.best = {"vra": -1.0, "clean": -1.0, "epoch": 0}
+        self.acc = torch.zeros(4, dtype=torch.float64, device=device)  # loss·n, clean, vra, n
+        self.run_dir: Path | None = None
+        self.history: list[dict[str, float]] = []
+        self.epoch_start_state = self.data_gen.get_state()
+        self.sched_now = (float("nan"),) * 3  # ε, λ, lr of the last step
+        self.rss0 = 0
 
     # -- run folder / resume --
-    start_epoch, start_step = 0, 0
-    best = {"vra": -1.0, "clean": -1.0, "epoch": 0}
-    acc = torch.zeros(4, dtype=torch.float64, device=device)  # loss·n, clean, vra, n
-    if resume is not None:
-        run_dir = Path(resume)
-        ck = ckpt_io.read_checkpoint(run_dir)
-        ckpt_io.check_same_run(config_to_dict(cfg), ck.info["config"], run_dir)
-        ckpt_io.restore_model(net, ck, run_dir / ckpt_io.TENSORS_FILE)
-        ckpt_io.restore_optimizer(optimizer, ck)
-        start_epoch, start_step, best = ck.epoch, ck.step, dict(ck.info["best"])
-        torch.set_rng_state(ck.tensors["rng.torch_cpu"])
-        if device.type == "cuda" and "rng.cuda" in ck.tensors:
-            torch.cuda.set_rng_state(ck.tensors["rng.cuda"], device)
-        data_gen.set_state(ck.tensors["rng.data_epoch_start"])
-        aug_gen.set_state(ck.tensors["rng.augment"])
-        if start_step and env.is_main:  # partial-epoch sums (all ranks') live on rank 0
-            acc.copy_(ck.tensors["state.acc"].to(acc))
-        if start_epoch >= total:
-            say(f"{run_dir} already finished its {total} epochs; nothing to resume.")
-            return TrainResult(run_dir, start_epoch)
-        say(f"Resuming {run_dir} at epoch {start_epoch + 1}, step {start_step}.")
-    else:
-        run_dir = _new_run_dir(cfg) if env.is_main else None
-        if env.is_main:
-            (run_dir / "config.toml").write_text(dump_config(cfg))
-    config_text = dump_config(cfg)
-    log = MetricsLog(run_dir, keep_epochs=start_epoch) if env.is_main else None
-    history = list(log.rows) if log else []
-    last_good = start_epoch if resume is not None else 0
 
-    def save_checkpoint(epoch, step, epoch_start_state, fresh: bool, acc_now=None) -> None:
-        if not env.is_main:
+    def open(self, resume: str | Path | None) -> bool:
+        """Creates the run folder, or restores ``resume``; False if it had already finished."""
+        cfg, env, device, total = self.cfg, self.env, self.device, self.cfg.run.epochs
+        if resume is not None:
+            run_dir = self.run_dir = Path(resume)
+            ck = ckpt_io.read_checkpoint(run_dir)
+            ckpt_io.check_same_run(config_to_dict(cfg), ck.info["config"], run_dir)
+            ckpt_io.restore_model(self.net, ck, run_dir / ckpt_io.TENSORS_FILE)
+            ckpt_io.restore_optimizer(self.optimizer, ck)
+            self.start_epoch, self.start_step = ck.epoch, ck.step
+            self.best, self.last_good = dict(ck.info["best"]), ck.epoch
+            torch.set_rng_state(ck.tensors["rng.torch_cpu"])
+            if device.type == "cuda" and "rng.cuda" in ck.tensors:
+                torch.cuda.set_rng_state(ck.tensors["rng.cuda"], device)
+            self.data_gen.set_state(ck.tensors["rng.data_epoch_start"])
+            self.aug_gen.set_state(ck.tensors["rng.augment"])
+            if self.start_step and env.is_main:  # partial-epoch sums (all ranks') live on rank 0
+                self.acc.copy_(ck.tensors["state.acc"].to(self.acc))
+            if self.start_epoch >= total:
+                self.say(f"{run_dir} already finished its {total} epochs; nothing to resume.")
+                return False
+            self.say(f"Resuming {run_dir} at epoch {self.start_epoch + 1}, step {self.start_step}.")
+        elif env.is_main:
+            self.run_dir = new_run_dir(cfg)
+            (self.run_dir / "config.toml").write_text(dump_config(cfg))
+        self.log = MetricsLog(self.run_dir, keep_epochs=self.start_epoch) if env.is_main else None
+        self.history = list(self.log.rows) if self.log else []
+        g = cfg.gloro
+        self.say(
+            f"Training {cfg.model.arch} on {self.info.name} ({len(self.train_split)} train / "
+            f"{len(self.test_split)} test) for {total} epochs on {device}"
+            f"{f' x {env.world_size} ranks' if env.enabled else ''}; eps_train "
+            f"{g.epsilon_train:g}, eps_test {g.epsilon_test:g}; run folder {self.run_dir}"
+        )
+        self.rss0 = peak_bytes(device)
+        return True
+
+    def save_checkpoint(self, epoch, step, epoch_start_state, fresh: bool, acc_now=None) -> None:
+        if not self.env.is_main:
             return
-        opt_tensors, opt_info = ckpt_io.optimizer_tensors(optimizer)
+        opt_tensors, opt_info = ckpt_io.optimizer_tensors(self.optimizer)
         tensors = {
             **opt_tensors,
-            **ckpt_io.rng_tensors(data_gen, aug_gen, epoch_start_state, device),
-            "state.acc": acc if acc_now is None else acc_now,
+            **ckpt_io.rng_tensors(self.data_gen, self.aug_gen, epoch_start_state, self.device),
+            "state.acc": self.acc if acc_now is None else acc_now,
         }
         meta = {
             "epoch": epoch,
             "step": step,
-            "total_epochs": total,
-            "best": best,
+            "total_epochs": self.cfg.run.epochs,
+            "best": self.best,
             "optim": opt_info,
-            "config": config_to_dict(cfg),
-            "world_size": env.world_size,
+            "config": config_to_dict(self.cfg),
+            "world_size": self.env.world_size,
         }
-        ckpt_io.write_checkpoint(run_dir, net, tensors, meta, fresh_bound=fresh)
+        ckpt_io.write_checkpoint(self.run_dir, self.net, tensors, meta, fresh_bound=fresh)
 
-    say(
-        f"Training {cfg.model.arch} on {info.name} ({len(train_split)} train / "
-        f"{len(test_split)} test) for {total} epochs on {device}"
-        f"{f' x {env.world_size} ranks' if env.enabled else ''}; eps_train {g.epsilon_train:g}, "
-        f"eps_test {g.epsilon_test:g}; run folder {run_dir}"
-    )
-    from tqdm.auto import tqdm
+    def save_mid_epoch(self, epoch: int, step: int) -> None:
+        """Checkpoints a stopped epoch at ``step``, with every rank's partial sums."""
+        loss_sum = self.acc[0].item()
+        if not math.isfinite(loss_sum):
+            raise diverged(f"epoch {epoch + 1}, step {step}", loss_sum, self.run_dir,
+                            self.last_good)  # fmt: skip
+        acc_all = ddp.all_reduce_sum(self.acc.clone(), self.env)  # rank 0 keeps the sums
+        self.save_checkpoint(epoch, step, self.epoch_start_state, fresh=False, acc_now=acc_all)
 
-    rss0 = _peak_bytes(device)
-    t_start = time.time()
-    interrupted: str | None = None
-    epoch = start_epoch
-    eps = lam = lr = float("nan")
-    with _StopFlag() as stop:
-        for epoch in range(start_epoch, total):
-            robust = g.robust and epoch >= o.warmup_epochs
-            epoch_start_state = data_gen.get_state()
-            skip = start_step if epoch == start_epoch else 0
-            if not skip:
-                acc.zero_()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            net.train()
-            t0 = time.time()
-            bar = tqdm(
-                total=num_batches, initial=skip, desc=f"epoch {epoch + 1}/{total}",
-                leave=False, disable=not (progress and env.is_main), dynamic_ncols=True,
-            )  # fmt: skip
-            step = skip
-            for b, (x, y) in enumerate(batches):
-                if b < skip:
-                    continue
-                t = epoch + b / num_batches
-                eps = eps_sched.value(t, total, g.epsilon_train)
-                lam = lam_sched.value(t, total)
-                lr = lr_sched.value(t, total, o.lr)
-                net.epsilon = eps
-                if hasattr(loss_fn, "lam"):
-                    loss_fn.lam = lam
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                if augment is not None:
-                    x = augment(x)
+    # -- one epoch --
 
-                out = model(x, robust)  # (B, C+1) GloRo logits, or (B, C) from f
-                loss = loss_fn(out, y) if robust else F.cross_entropy(out, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if o.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(net.parameters(), o.grad_clip)
-                optimizer.step()
-
-                with torch.no_grad():
-                    n = y.new_tensor(len(y), dtype=torch.float64)
-                    clean = (out[:, : info.num_classes].argmax(1) == y).sum()
-                    vra = (out.argmax(1) == y).sum() if robust else n * float("nan")
-                    acc += torch.stack(
-                        [loss.detach().double() * n, clean.double(), vra.double(), n]
-                    )
-                step = b + 1
-                bar.update(1)
-                if stop_after is not None and epoch + step / num_batches >= stop_after - 1e-9:
-                    stop.request("--stop-after")
-                if step % SYNC_EVERY == 0 or step == num_batches:
-                    vals = acc.tolist()
-                    if not math.isfinite(vals[0]):
-                        bar.close()
-                        raise _diverged(
-                            f"epoch {epoch + 1}, step {step}", vals[0], run_dir, last_good
-                        )
-                    bar.set_postfix(
-                        loss=f"{vals[0] / vals[3]:.4f}", acc=f"{vals[1] / vals[3]:.3f}",
-                        vra=f"{vals[2] / vals[3]:.3f}" if robust else "-",
-                    )  # fmt: skip
-                    if env.enabled:  # agree on stopping, at the same step on every rank
-                        flag = torch.tensor(float(stop.requested is not None), device=device)
-                        if ddp.all_reduce_max(flag, env).item() > 0:
-                            stop.request(stop.requested or "a signal on another rank")
-                if stop.requested and (not env.enabled or step % SYNC_EVERY == 0):
-                    break
-            bar.close()
-
-            if stop.requested and step < num_batches:  # mid-epoch: save exactly where we are
-                loss_sum = acc[0].item()
-                if not math.isfinite(loss_sum):
-                    raise _diverged(f"epoch {epoch + 1}, step {step}", loss_sum, run_dir, last_good)
-                acc_all = ddp.all_reduce_sum(acc.clone(), env)  # rank 0 keeps the sums
-                save_checkpoint(epoch, step, epoch_start_state, fresh=False, acc_now=acc_all)
-                interrupted = stop.requested
-                break
-
-            # -- end of epoch: reduce metrics, converge the bound, evaluate --
-            sums = ddp.all_reduce_sum(acc.clone(), env).tolist()
-            train_loss = sums[0] / sums[3]
-            if not math.isfinite(train_loss) or not all(
-                bool(torch.isfinite(p).all()) for p in net.parameters()
-            ):
-                raise _diverged(f"the end of epoch {epoch + 1}", train_loss, run_dir, last_good)
-            net.eval()
-            net.epsilon = g.epsilon_test
-            net.refresh()
-            lip = float(net.lipschitz_constant("fast").max())
-            test = evaluate(net, test_split, g.epsilon_test, "fast", cfg.run.eval_batch_size, env)
-            per_sample = max(_peak_bytes(device) - (0 if device.type == "cuda" else rss0), 0)
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": train_loss,
-                "train_clean_acc": sums[1] / sums[3],
-                "train_vra": sums[2] / sums[3],
-                "test_clean_acc": test["clean"],
-                "test_vra": test["vra"],
-                "test_rejection": test["rejection"],
-                "epsilon": eps,
-                "lam": lam if hasattr(loss_fn, "lam") and robust else float("nan"),
-                "lr": lr,
-                "lipschitz": lip,
-                "seconds": time.time() - t0,
-                "peak_mem_mb_per_sample": per_sample / cfg.run.batch_size / 1e6,
-            }
-            history.append(row)
-            if env.is_main:
-                log.append(row)
-                tqdm.write(epoch_line(row, total))
-                if (test["vra"], test["clean"]) > (best["vra"], best["clean"]):
-                    best = {"vra": test["vra"], "clean": test["clean"], "epoch": epoch + 1}
-                    net.save(run_dir / "best.safetensors")
+    def train_epoch(self, epoch: int, stop: StopFlag, stop_after, progress: bool) -> int:
+        """Trains one epoch (from the resumed step, if any); returns the steps done."""
+        cfg, g, o, device = self.cfg, self.cfg.gloro, self.cfg.optim, self.device
+        net, optimizer, loss_fn, acc = self.net, self.optimizer, self.loss_fn, self.acc
+        total, num_batches = cfg.run.epochs, self.num_batches
+        robust = g.robust and epoch >= o.warmup_epochs
+        self.epoch_start_state = self.data_gen.get_state()
+        skip = self.start_step if epoch == self.start_epoch else 0
+        if not skip:
             acc.zero_()
-            done = epoch + 1
-            if stop_after is not None and done >= stop_after - 1e-9:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        net.train()
+        bar = tqdm(
+            total=num_batches, initial=skip, desc=f"epoch {epoch + 1}/{total}",
+            leave=False, disable=not (progress and self.env.is_main), dynamic_ncols=True,
+        )  # fmt: skip
+        step = skip
+        for b, (x, y) in enumerate(self.batches):
+            if b < skip:
+                continue
+            t = epoch + b / num_batches
+            eps = self.eps_sched.value(t, total, g.epsilon_train)
+            lam = self.lam_sched.value(t, total)
+            lr = self.lr_sched.value(t, total, o.lr)
+            self.sched_now = (eps, lam, lr)
+            net.epsilon = eps
+            if hasattr(loss_fn, "lam"):
+                loss_fn.lam = lam
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if self.augment is not None:
+                x = self.augment(x)
+
+            out = self.model(x, robust)  # (B, C+1) GloRo logits, or (B, C) from f
+            loss = loss_fn(out, y) if robust else F.cross_entropy(out, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if o.grad_clip > 0:
+                nn.utils.clip_grad_norm_(net.parameters(), o.grad_clip)
+            optimizer.step()
+
+            with torch.no_grad():
+                n = y.new_tensor(len(y), dtype=torch.float64)
+                clean = (out[:, : self.info.num_classes].argmax(1) == y).sum()
+                vra = (out.argmax(1) == y).sum() if robust else n * float("nan")
+                acc += torch.stack([loss.detach().double() * n, clean.double(), vra.double(), n])
+            step = b + 1
+            bar.update(1)
+            if stop_after is not None and epoch + step / num_batches >= stop_after - 1e-9:
                 stop.request("--stop-after")
-            if env.enabled:  # every rank must agree on stopping here
-                flag = torch.tensor(float(stop.requested is not None), device=device)
-                if ddp.all_reduce_max(flag, env).item() > 0:
-                    stop.request(stop.requested or "a signal on another rank")
-            if done % cfg.run.checkpoint_every == 0 or done == total or stop.requested:
-                save_checkpoint(done, 0, data_gen.get_state(), fresh=True)
-                last_good = done
-            if stop.requested and done < total:
-                interrupted = stop.requested
+            if step % SYNC_EVERY == 0 or step == num_batches:
+                vals = acc.tolist()
+                if not math.isfinite(vals[0]):
+                    bar.close()
+                    raise diverged(f"epoch {epoch + 1}, step {step}", vals[0], self.run_dir,
+                                    self.last_good)  # fmt: skip
+                bar.set_postfix(
+                    loss=f"{vals[0] / vals[3]:.4f}", acc=f"{vals[1] / vals[3]:.3f}",
+                    vra=f"{vals[2] / vals[3]:.3f}" if robust else "-",
+                )  # fmt: skip
+                _agree_on_stop(stop, self.env, device)  # at the same step on every rank
+            if stop.requested and (not self.env.enabled or step % SYNC_EVERY == 0):
                 break
+        bar.close()
+        return step
 
-    result = TrainResult(run_dir, len(history), interrupted, history=history)
-    if interrupted:
+    def end_epoch(self, epoch: int, t0: float) -> None:
+        """Reduces the epoch's metrics, converges the bound, certifies the test split, logs."""
+        cfg, env, device, net = self.cfg, self.env, self.device, self.net
+        sums = ddp.all_reduce_sum(self.acc.clone(), env).tolist()
+        train_loss = sums[0] / sums[3]
+        if not math.isfinite(train_loss) or not all(
+            bool(torch.isfinite(p).all()) for p in net.parameters()
+        ):
+            raise diverged(f"the end of epoch {epoch + 1}", train_loss, self.run_dir,
+                            self.last_good)  # fmt: skip
+        eps_test = cfg.gloro.epsilon_test
+        net.eval()
+        net.epsilon = eps_test
+        net.refresh()
+        lip = float(net.lipschitz_constant("fast").max())
+        test = evaluate(net, self.test_split, eps_test, "fast", cfg.run.eval_batch_size, env)
+        per_sample = max(peak_bytes(device) - (0 if device.type == "cuda" else self.rss0), 0)
+        eps, lam, lr = self.sched_now
+        robust = cfg.gloro.robust and epoch >= cfg.optim.warmup_epochs
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "train_clean_acc": sums[1] / sums[3],
+            "train_vra": sums[2] / sums[3],
+            "test_clean_acc": test["clean"],
+            "test_vra": test["vra"],
+            "test_rejection": test["rejection"],
+            "epsilon": eps,
+            "lam": lam if hasattr(self.loss_fn, "lam") and robust else float("nan"),
+            "lr": lr,
+            "lipschitz": lip,
+            "seconds": time.time() - t0,
+            "peak_mem_mb_per_sample": per_sample / cfg.run.batch_size / 1e6,
+        }
+        self.history.append(row)
         if env.is_main:
-            write_report(run_dir, history, config_text, None)
-            say(
-                f"\nStopped ({interrupted}); checkpoint saved. Continue exactly where it left off "
-                f"with:\n  gloro train --resume {run_dir}"
-            )
-        return result
+            self.log.append(row)
+            tqdm.write(epoch_line(row, cfg.run.epochs))
+            best = self.best
+            if (test["vra"], test["clean"]) > (best["vra"], best["clean"]):
+                self.best = {"vra": test["vra"], "clean": test["clean"], "epoch": epoch + 1}
+                net.save(self.run_dir / "best.safetensors")
+        self.acc.zero_()
 
-    if env.enabled and not ddp.buffers_in_sync(net, env):
-        say("warning: power-iteration buffers differ across ranks (DDP broadcast failed?)")
-    # -- final evaluation: fast (converged power iteration) and sound (proven bounds) --
-    net.eval()
-    net.epsilon = g.epsilon_test
-    fast = evaluate(net, test_split, g.epsilon_test, "fast", cfg.run.eval_batch_size, env)
-    sound = evaluate(net, test_split, g.epsilon_test, "sound", cfg.run.eval_batch_size, env)
-    result.final = {
-        "epsilon": g.epsilon_test,
-        "n_test": fast["n"],
-        "clean": fast["clean"],
-        "vra_fast": fast["vra"],
-        "rejection_fast": fast["rejection"],
-        "vra_sound": sound["vra"],
-        "rejection_sound": sound["rejection"],
-        "seconds": time.time() - t_start,
-        "best_epoch": best["epoch"],
-    }
-    if env.is_main:
-        write_report(run_dir, history, config_text, result.final)
-        say(f"\nFinished {total} epochs ({time.time() - t_start:.1f} s).")
-        say(summary_text(result.final, run_dir))
-        sys.stdout.flush()
-    return result
+    # -- the end --
+
+    def report_stop(self, why: str) -> None:
+        if self.env.is_main:
+            write_report(self.run_dir, self.history, dump_config(self.cfg), None)
+            self.say(
+                f"\nStopped ({why}); checkpoint saved. Continue exactly where it left off "
+                f"with:\n  gloro train --resume {self.run_dir}"
+            )
+
+    def finish(self, t_start: float) -> dict[str, Any]:
+        """Final evaluation: fast (converged power iteration) and sound (proven bounds)."""
+        cfg, env, net = self.cfg, self.env, self.net
+        if env.enabled and not ddp.buffers_in_sync(net, env):
+            self.say("warning: power-iteration buffers differ across ranks (DDP broadcast failed?)")
+        eps_test, batch = cfg.gloro.epsilon_test, cfg.run.eval_batch_size
+        net.eval()
+        net.epsilon = eps_test
+        fast = evaluate(net, self.test_split, eps_test, "fast", batch, env)
+        sound = evaluate(net, self.test_split, eps_test, "sound", batch, env)
+        final = {
+            "epsilon": eps_test,
+            "n_test": fast["n"],
+            "clean": fast["clean"],
+            "vra_fast": fast["vra"],
+            "rejection_fast": fast["rejection"],
+            "vra_sound": sound["vra"],
+            "rejection_sound": sound["rejection"],
+            "seconds": time.time() - t_start,
+            "best_epoch": self.best["epoch"],
+        }
+        if env.is_main:
+            write_report(self.run_dir, self.history, dump_config(self.cfg), final)
+            self.say(f"\nFinished {cfg.run.epochs} epochs ({time.time() - t_start:.1f} s).")
+            self.say(summary_text(final, self.run_dir))
+            sys.stdout.flush()
+        return final

@@ -1,0 +1,84 @@
+"""What a training run needs from its surroundings: the device, a run folder, peak memory,
+stop signals, and the error raised when the loss diverges."""
+
+from __future__ import annotations
+
+import resource
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchgloro._errors import ConfigError, GloroError
+from torchgloro.train import distributed as ddp
+from torchgloro.train.config import TrainConfig
+
+
+class TrainingDivergedError(GloroError, FloatingPointError):
+    """The training loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set ``requested``; the loop saves and exits after the current step."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def request(self, reason: str) -> None:
+        self.requested = self.requested or reason
+
+    def _handler(self, signum, frame) -> None:
+        self.request(signal.Signals(signum).name)
+        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))  # a 2nd signal kills
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+def peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def resolve_device(name: str, env: ddp.DistEnv) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("run.device = 'cuda' but no CUDA device is available.")
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def new_run_dir(cfg: TrainConfig) -> Path:
+    base = Path(cfg.run.out) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir, k = base, 1
+    while run_dir.exists():
+        k += 1
+        run_dir = base.with_name(f"{base.name}-{k}")
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def diverged(where: str, value: float, run_dir: Path | None, last_good: int) -> Exception:
+    keep = (
+        f"The last good checkpoint (epoch {last_good}) in {run_dir} is kept."
+        if last_good > 0 and run_dir is not None
+        else "No checkpoint had been written yet."
+    )
+    return TrainingDivergedError(
+        f"Training diverged at {where}: the loss is {value}. {keep} Lower optim.lr (e.g. --set "
+        f"optim.lr=1e-4) or set optim.grad_clip, then train again."
+    )
