@@ -50,9 +50,10 @@ def test_certify_overhead_quick(tmp_path):
 
     data = _run(certify_overhead, tmp_path)
     for r in data["results"]:
-        assert {"ratio_fast_over_f32_inference", "ratio_sound_over_f64_inference",
-                "sound_state_seconds_median", "inference_f32", "certify_fast",
-                "inference_f64", "certify_sound"} <= set(r)  # fmt: skip
+        assert {"ratio_fast_over_f32_inference", "ratio_sound_over_f32_inference",
+                "ratio_sound_float64_over_f64_inference", "sound_state_seconds_median",
+                "inference_f32", "certify_fast", "certify_sound", "inference_f64",
+                "certify_sound_float64"} <= set(r)  # fmt: skip
 
 
 def test_scaling_quick(tmp_path):

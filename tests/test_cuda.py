@@ -44,11 +44,28 @@ def test_training_step_matches_cpu():
 def test_sound_certificates_agree_with_cpu():
     cpu, gpu = _pair()
     x = torch.rand(64, 1, 28, 28)
-    c_cpu, c_gpu = cpu.certify(x, 0.01), gpu.certify(x.cuda(), 0.01)
+    c_cpu = cpu.certify(x, 0.01, precision="float64")
+    c_gpu = gpu.certify(x.cuda(), 0.01, precision="float64")
     assert torch.equal(c_gpu.pred.cpu(), c_cpu.pred)
     assert torch.allclose(c_gpu.radius.cpu(), c_cpu.radius, rtol=1e-9, atol=1e-12)
     Kc, Kg = cpu.lipschitz_constant("sound"), gpu.lipschitz_constant("sound")
     assert torch.allclose(Kg.cpu(), Kc, rtol=1e-9)
+
+
+def test_float32_first_certifies_the_float64_points_on_cuda_even_with_tf32_on():
+    """precision="auto" runs float32 with cuDNN and TF32 off, whatever the user set."""
+    cpu, gpu = _pair()
+    x = torch.rand(256, 1, 28, 28).cuda()
+    before = torch.backends.cuda.matmul.fp32_precision
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        for eps in (0.003, 0.01, 0.03):
+            auto = gpu.certify(x, eps)
+            f64 = gpu.certify(x, eps, precision="float64")
+            assert torch.equal(auto.certified, f64.certified)
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"  # restored
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
 
 
 def test_certified_points_survive_attack_on_cuda():

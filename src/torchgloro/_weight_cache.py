@@ -60,11 +60,18 @@ class SoundState:
     backbone64: nn.Module
     err_coef: float  # ‖float64 logits − exact logits‖₂ ≤ err_coef·‖x‖₂ + err_const
     err_const: float
+    # The same for float32 logits of the live backbone: a priori (p, q), and per layer
+    # (c, d): ‖error‖ ≤ Σ_l c_l‖h̃_l‖ + d with h̃_l the computed input of leaf layer l; and a
+    # bound a·‖x‖ + b on every value computed on the way (overflow check). None where the
+    # float32 path does not apply.
+    err32: tuple[float, float] | None = None
+    layerwise32: tuple[list[float], float] | None = None
+    peak32: tuple[float, float] | None = None
 
 
 @torch.no_grad()
 def build_sound_state(
-    fingerprint: int,
+    fp: int,
     backbone: nn.Module,
     bounds: Sequence[LayerBound],
     head_weight: torch.Tensor,
@@ -73,7 +80,7 @@ def build_sound_state(
     """Proven per-layer norms, their product and the float64 round-off model of the backbone.
 
     Args:
-        fingerprint: The weights generation the state belongs to.
+        fp: The weights generation (fingerprint) the state belongs to.
         backbone: The backbone, copied to float64 for sound-mode logits.
         bounds: The bounds of every layer before the head, in order.
         head_weight: ``(C, d)`` the head's effective weight.
@@ -86,5 +93,36 @@ def build_sound_state(
     w = head_weight.detach()
     head = (sound.dense_norm_upper(w), linear_fp_terms(w, head_bias))
     layers = [(n, b.fp_terms()) for n, b in zip(norms, bounds)]
-    err_coef, err_const = margins.forward_error_coefficients([*layers, head])
-    return SoundState(fingerprint, margins.product_upper(norms), backbone64, err_coef, err_const)
+    chain = [*layers, head]
+    err_coef, err_const = margins.forward_error_coefficients(chain, underflow=_UNDERFLOW_F64)
+    err32 = layerwise32 = peak32 = None
+    if _float32_model_applies(backbone, bounds):
+        u32, low = margins.UNIT_ROUNDOFF_F32, _UNDERFLOW_F32
+        err32 = margins.forward_error_coefficients(chain, u32, underflow=low)
+        layerwise32 = margins.layerwise_error_coefficients(chain, u32, underflow=low)
+        peak32 = margins.peak_magnitude_coefficients(chain, u32, underflow=low)
+    k_pen = margins.product_upper(norms)
+    return SoundState(fp, k_pen, backbone64, err_coef, err_const, err32, layerwise32, peak32)
+
+
+# Absolute error per affine layer from products in the subnormal range: at most n·2^-150
+# (float32) or n·2^-1075 (float64) per output, i.e. n·sqrt(m)·that in ℓ2 for m outputs. These
+# constants dominate it for any n·sqrt(m) below 1e14 (float32) or 1e20 (float64).
+_UNDERFLOW_F32 = 1e-30
+_UNDERFLOW_F64 = 1e-300
+
+
+def _float32_model_applies(backbone: nn.Module, bounds: Sequence[LayerBound]) -> bool:
+    """Whether float32 logits of ``backbone`` follow the per-layer round-off model.
+
+    Every parameter and buffer must be float32 (the float32 pass then computes with the very
+    weights the bounds were proven for), and every layer's ``fp_terms`` must not depend on the
+    evaluation precision (``ResidualBound`` folds float64's unit round-off into its terms).
+    """
+    tensors = [*backbone.parameters(), *backbone.buffers()]
+    if not tensors or any(t.dtype != torch.float32 for t in tensors if t.is_floating_point()):
+        return False
+    for m in backbone.modules():  # PyTorch on ARM runs depthwise 3x3 convs with Winograd
+        if isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels and m.kernel_size == (3, 3):
+            return False
+    return all(b.fp_terms_precision_free for b in bounds)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
 from torchgloro import margins
+from torchgloro._certify import Certificate, sound_logits
 from torchgloro._cuda_graph import GraphedIterations, graphs_usable
 from torchgloro._errors import GloroInputError, UnsupportedLayerError
 from torchgloro._weight_cache import SoundState, WeightsGeneration, build_sound_state
@@ -23,6 +23,7 @@ from torchgloro.lipschitz import (
 __all__ = ["GloroNet", "Certificate", "check_epsilon"]
 
 Mode = Literal["sound", "fast"]
+Precision = Literal["auto", "float64"]
 Variant = Literal["margin", "basic"]
 
 
@@ -37,28 +38,6 @@ def check_epsilon(epsilon: float) -> float:
             f"epsilon must be a finite number > 0 (the ℓ2 radius to certify), got {epsilon!r}."
         )
     return value
-
-
-@dataclass
-class Certificate:
-    """The result of certifying a batch.
-
-    Attributes:
-        pred: (B,) the class predicted by the backbone f (argmax, ties to the lower index).
-        certified: (B,) True where f provably keeps ``pred`` on the whole ε-ball.
-        radius: (B,) the largest radius the certificate holds for (strictly below it); 0 when
-            none, e.g. on ties.
-        logits: (B, C) the logits the decision was made on (float64 in ``sound`` mode).
-        epsilon: The radius that ``certified`` refers to.
-        mode: ``"sound"`` or ``"fast"``.
-    """
-
-    pred: torch.Tensor
-    certified: torch.Tensor
-    radius: torch.Tensor
-    logits: torch.Tensor
-    epsilon: float
-    mode: str
 
 
 class GloroNet(nn.Module):
@@ -331,11 +310,12 @@ class GloroNet(nn.Module):
         epsilon: float | None = None,
         mode: Mode = "sound",
         fallback: Literal["local"] | None = None,
+        precision: Precision = "auto",
     ) -> Certificate:
         """Certifies each point of a batch at radius ``epsilon`` (default: ``self.epsilon``).
 
         A point is certified only when its top logit beats every other by strictly more than
-        ε·K (plus, in ``sound`` mode, a proven bound on float64 round-off). Ties are never
+        ε·K (plus, in ``sound`` mode, a proven bound on the logits' round-off). Ties are never
         certified.
 
         Args:
@@ -345,42 +325,46 @@ class GloroNet(nn.Module):
             fallback: ``"local"`` gives points the global bound leaves as ⊥ a second, costlier
                 but still sound chance with a Lipschitz bound local to their ε-ball
                 (:mod:`torchgloro.local`; sound mode only). ``radius`` stays the global one.
+            precision: Sound mode's logits. ``"auto"``: float32 with a proven float32
+                round-off allowance, and float64 for the points that leaves open (the same
+                certified points as ``"float64"``, at about the cost of inference; radii
+                slightly smaller). ``"float64"``: every point on a float64 copy (the
+                tightest radii; used by ``certified_radius`` and ``fallback="local"``).
         """
         if fallback not in (None, "local"):
             raise GloroInputError(f"fallback must be None or 'local', got {fallback!r}.")
         if fallback == "local" and mode != "sound":
             raise GloroInputError("fallback='local' needs mode='sound' (it is a proven bound).")
+        if mode not in ("sound", "fast"):
+            raise GloroInputError(f"mode must be 'sound' or 'fast', got {mode!r}.")
+        if precision not in ("auto", "float64"):
+            raise GloroInputError(f"precision must be 'auto' or 'float64', got {precision!r}.")
         eps = self.epsilon if epsilon is None else check_epsilon(epsilon)
         self._check_input(x, check_finite=True)
         if mode == "sound":
-            st = self._sound_state()
-            x64 = x.to(torch.float64)
-            with torch.backends.cudnn.flags(enabled=False):  # plain dot-product kernels only
-                y = st.backbone64(x64)  # (B, C)
             K = self._class_bounds(
                 self._head_weight().detach().double(),
-                torch.tensor(st.k_pen, dtype=torch.float64),
+                torch.tensor(self._sound_state().k_pen, dtype=torch.float64),
                 upper=True,
             )
-            x_norm = torch.linalg.vector_norm(x64.flatten(1), dim=1)  # (B,)
-            # |e_j − e_i| ≤ 2‖e‖₂, and ‖e‖₂ ≤ coef·‖x‖ + const; 1.01 absorbs this line's rounding.
-            slack = 2.02 * (st.err_coef * x_norm + st.err_const)  # (B,)
-        elif mode == "fast":
-            was_training = self.training
-            self.eval()
-            y = self.backbone(x)
-            K = self._current_class_bounds()
-            self.train(was_training)
-            slack = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
-        else:
-            raise GloroInputError(f"mode must be 'sound' or 'fast', got {mode!r}.")
-        pred, radius = margins.certified_radius(y, K, slack, lipschitz=self.lipschitz)
-        cert = Certificate(pred, radius > eps, radius, y, eps, mode)
-        if fallback == "local":
-            from torchgloro.local import certify_local
+            prec = "float64" if fallback == "local" else precision
+            pred, radius, y, used = sound_logits(
+                self.backbone, self._sound_state(), x, K, eps, self.lipschitz, prec
+            )
+            cert = Certificate(pred, radius > eps, radius, y, eps, mode, used)
+            if fallback == "local":
+                from torchgloro.local import certify_local
 
-            cert.certified = certify_local(self, x, eps, cert)
-        return cert
+                cert.certified = certify_local(self, x, eps, cert)
+            return cert
+        was_training = self.training  # fast mode: the frozen power-iteration constants
+        self.eval()
+        y = self.backbone(x)
+        K = self._current_class_bounds()
+        self.train(was_training)
+        slack = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
+        pred, radius = margins.certified_radius(y, K, slack, lipschitz=self.lipschitz)
+        return Certificate(pred, radius > eps, radius, y, eps, mode, str(y.dtype)[6:])
 
     def predict(
         self,
@@ -395,7 +379,7 @@ class GloroNet(nn.Module):
 
     def certified_radius(self, x: torch.Tensor, mode: Mode = "sound") -> torch.Tensor:
         """(B,) the largest ε at which each prediction is certified (0 if none)."""
-        return self.certify(x, mode=mode).radius
+        return self.certify(x, mode=mode, precision="float64").radius
 
     # ---- persistence -----------------------------------------------------------------------
 

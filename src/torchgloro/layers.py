@@ -299,6 +299,7 @@ class ResidualBound(LayerBound):
     """
 
     unit_roundoff: float = UNIT_ROUNDOFF_F64
+    fp_terms_precision_free = False  # its terms include unit_roundoff
 
     def __init__(self, layer: Residual, in_shape: tuple[int, ...]) -> None:
         super().__init__()

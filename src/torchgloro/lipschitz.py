@@ -109,6 +109,10 @@ def trace_input_shapes(layers: Sequence[nn.Module], in_shape: tuple[int, ...]) -
 class LayerBound(nn.Module):
     """Lipschitz-bound state of one layer. Subclasses implement ``estimate`` and ``sound``."""
 
+    # Whether ``fp_terms`` is a model of the layer alone (n, ‖|A|‖, ‖b‖), valid for any
+    # evaluation precision; False where it folds in float64's unit round-off.
+    fp_terms_precision_free: bool = True
+
     def estimate(self, n_iter: int = 0, differentiable: bool = False) -> torch.Tensor:
         """Fast estimate of the operator norm as a 0-dim tensor.
 

@@ -295,12 +295,20 @@ def certify_local(net, x: torch.Tensor, epsilon: float, cert) -> torch.Tensor:
     x64 = x.to(torch.float64)
     x_norm = torch.linalg.vector_norm(x64.flatten(1), dim=1)
     slack = 2.02 * (plan.err_coef * x_norm + plan.err_const)  # exactly as certify computes it
+    # The pre-filter below reads cert.logits. A float32 gap (precision="auto") is off from the
+    # float64 one by at most both allowances, so it is widened by them: g64 ≤ g32 + widen.
+    widen = torch.zeros_like(slack)
+    if cert.precision != "float64":
+        p32, q32 = net._sound_state().err32
+        widen = 2.02 * (p32 * x_norm + q32) + slack
     for b in torch.nonzero(~cert.certified).flatten().tolist():
         yb = cert.logits[b].to(torch.float64)
         gap = (yb[cert.pred[b]] - yb).masked_fill(
             torch.arange(yb.numel(), device=yb.device) == cert.pred[b], _INF
         )
-        if bool((gap <= slack[b]).any()):  # no bound K ≥ 0 can certify it: skip the costly part
+        # No bound K ≥ 0 can certify it (the float64 gap is at most the slack): skip the
+        # costly part. The decision below recomputes float64 logits either way.
+        if bool((gap + widen[b] <= slack[b]).any()):
             continue
         y, K = _local_one(plan, x[b : b + 1], eps)
         pred, radius = margins.certified_radius(y, K, slack[b : b + 1], lipschitz="margin")

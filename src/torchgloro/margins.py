@@ -13,6 +13,7 @@ import torch
 
 __all__ = [
     "UNIT_ROUNDOFF_F64",
+    "UNIT_ROUNDOFF_F32",
     "round_up",
     "product_upper",
     "pairwise_row_distances",
@@ -20,9 +21,12 @@ __all__ = [
     "bottom_logit",
     "certified_radius",
     "forward_error_coefficients",
+    "peak_magnitude_coefficients",
+    "layerwise_error_coefficients",
 ]
 
 UNIT_ROUNDOFF_F64 = 2.0**-53
+UNIT_ROUNDOFF_F32 = 2.0**-24
 
 
 def round_up(x: float, ulps: int = 2) -> float:
@@ -128,6 +132,7 @@ def certified_radius(
 def forward_error_coefficients(
     layers: Iterable[tuple[float, tuple[int, float, float] | None]],
     unit_roundoff: float = UNIT_ROUNDOFF_F64,
+    underflow: float = 0.0,
 ) -> tuple[float, float]:
     """Coefficients ``(p, q)`` with ‖fl(f(x)) − f(x)‖₂ ≤ p·‖x‖₂ + q for every input x.
 
@@ -138,20 +143,79 @@ def forward_error_coefficients(
     γ_n (|W||h̃| + |b|) (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1),
     so in ℓ2: e' ≤ γ_n (A (N + e) + b) + L e, while ‖h‖ grows as N' ≤ L N + b.
     Both bounds are affine in ‖x‖₂ and are tracked as (coefficient, constant) pairs.
+    ``underflow`` is added to the error of every affine layer: it covers products that fall
+    into the subnormal range, whose error is absolute rather than relative (Higham §2.1).
     """
+    (p, q), _ = _error_recursion(layers, unit_roundoff, underflow)
+    return p, q
+
+
+def peak_magnitude_coefficients(
+    layers: Iterable[tuple[float, tuple[int, float, float] | None]],
+    unit_roundoff: float,
+    underflow: float = 0.0,
+) -> tuple[float, float]:
+    """``(a, b)`` with every value computed on the way to fl(f(x)) at most a·‖x‖₂ + b.
+
+    Covers each layer's outputs and, for an affine layer, every partial sum of its dot
+    products (≤ (1 + γ_n)(A‖h̃‖ + ‖b‖)). When a·‖x‖ + b stays far below the largest float
+    of the evaluation precision, no intermediate value overflowed, which the round-off
+    model of :func:`forward_error_coefficients` assumes.
+    """
+    _, peak = _error_recursion(layers, unit_roundoff, underflow)
+    return peak
+
+
+def layerwise_error_coefficients(
+    layers: Iterable[tuple[float, tuple[int, float, float] | None]],
+    unit_roundoff: float,
+    underflow: float = 0.0,
+) -> tuple[list[float], float]:
+    """``(c, d)`` with ‖fl(f(x)) − f(x)‖₂ ≤ Σ_l c_l·‖h̃_l‖₂ + d, per input, a posteriori.
+
+    ``h̃_l`` is the *computed* input of layer l (measured during the pass). Layer l adds at
+    most γ_n (A‖h̃_l‖ + b) + ``underflow`` of its own round-off, and every later layer scales
+    an incoming error by at most its bound L, so with P_l the product of the later bounds,
+    c_l = γ_n·A·P_l and d = Σ_l (γ_n·b + underflow)·P_l (c_l = 0 for exact layers). Tighter
+    than :func:`forward_error_coefficients`, which bounds ‖h̃_l‖ a priori.
+    """
+    layers = list(layers)
     u = unit_roundoff
+    coefs, const = [], 0.0
+    for i, (_, terms) in enumerate(layers):
+        if terms is None:
+            coefs.append(0.0)
+            continue
+        later = product_upper(L for L, _ in layers[i + 1 :])
+        n, A, b = terms
+        gamma = n * u / (1 - n * u)
+        coefs.append(round_up(gamma * A * later * 1.001, 4))
+        const += (gamma * b + underflow) * later
+    return coefs, round_up(const * 1.001, 4)
+
+
+def _error_recursion(layers, u: float, underflow: float):
     n_coef, n_const = 1.0, 0.0  # ‖h‖ ≤ n_coef·‖x‖ + n_const
     e_coef, e_const = 0.0, 0.0  # ‖h̃ − h‖ ≤ e_coef·‖x‖ + e_const
+    s_coef, s_const = 1.0, 0.0  # every value so far ≤ s_coef·‖x‖ + s_const
     for L, terms in layers:
         if terms is None:
             n_coef, n_const, e_coef, e_const = L * n_coef, L * n_const, L * e_coef, L * e_const
+            inner = (0.0, 0.0)
         else:
             n, A, b = terms
             gamma = n * u / (1 - n * u)
+            inner = (
+                (1 + gamma) * A * (n_coef + e_coef),
+                (1 + gamma) * (A * (n_const + e_const) + b),
+            )
             e_coef, e_const = (
                 gamma * A * (n_coef + e_coef) + L * e_coef,
-                gamma * (A * (n_const + e_const) + b) + L * e_const,
+                gamma * (A * (n_const + e_const) + b) + L * e_const + underflow,
             )
             n_coef, n_const = L * n_coef, L * n_const + b
+        s_coef = max(s_coef, inner[0], n_coef + e_coef)
+        s_const = max(s_const, inner[1], n_const + e_const)
     # A generous factor covers the round-off of this very recursion.
-    return round_up(e_coef * 1.001, 4), round_up(e_const * 1.001, 4)
+    err = (round_up(e_coef * 1.001, 4), round_up(e_const * 1.001, 4))
+    return err, (round_up(s_coef * 1.001, 4), round_up(s_const * 1.001, 4))

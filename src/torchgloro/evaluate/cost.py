@@ -178,6 +178,7 @@ def measure_certification_cost(
         "inference": lambda xb: net.backbone(xb).argmax(1),
         "certify_fast": lambda xb: net.certify(xb, mode="fast").certified,
         "certify_sound": lambda xb: net.certify(xb, mode="sound").certified,
+        "certify_sound_float64": lambda xb: net.certify(xb, precision="float64").certified,
     }
     times: dict[str, list[float]] = {k: [] for k in passes}
     mems: dict[str, list[int]] = {k: [] for k in passes}

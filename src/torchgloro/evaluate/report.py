@@ -144,6 +144,7 @@ def cost_table(result: dict) -> str:
         "inference": "inference of f",
         "certify_fast": "certify (fast, frozen K)",
         "certify_sound": "certify (sound)",
+        "certify_sound_float64": "certify (sound, all float64)",
     }
     rows = []
     for key, label in labels.items():

@@ -173,7 +173,7 @@ def _fallback_section(net, x, yc, eps, opts, cs) -> dict:
 
     t0 = time.perf_counter()
     certified = torch.cat([
-        certify_local(net, xb, eps, net.certify(xb, eps, mode="sound")).cpu()
+        certify_local(net, xb, eps, net.certify(xb, eps, precision="float64")).cpu()
         for xb in x.split(opts.batch_size)
     ])  # fmt: skip
     seconds = time.perf_counter() - t0

@@ -1,0 +1,213 @@
+"""Certificates, and sound-mode logits: float32 first with a proven allowance, then float64.
+
+Sound certification needs logits whose round-off is bounded by a proof. The float64 copy of
+the backbone gives a tiny allowance (≈1e-10 of the logits) but costs 4–9× float32 inference on
+a CPU. The float32 backbone itself obeys the same per-layer round-off model with float32's
+unit round-off ``u = 2^-24`` (``SoundState.layerwise32``: measured per point from the norms
+of the activations the pass computes), provided every affine output is a plain
+sum of products: no TF32 or bfloat16 arithmetic and no Winograd/FFT convolutions
+(:func:`strict_fp32`). Its allowance is larger (a few % of the ε·K a certificate needs, on
+the MNIST nets), so:
+
+1. every point is decided on float32 logits with the float32 allowance;
+2. the points that float32 leaves open — not certified, but float64 might certify them —
+   are recomputed on the float64 copy, exactly as ``precision="float64"`` does.
+
+Step 2 catches every point float64 would certify (docs/soundness.md, §7), so the certified
+set is the float64 one, at the cost of float32 inference plus float64 on the few open points.
+Radii from step 1 are proven but smaller than float64's by about the allowance divided by K.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from torchgloro import margins
+from torchgloro._weight_cache import SoundState
+from torchgloro.lipschitz import flatten_layers
+
+
+@dataclass
+class Certificate:
+    """The result of certifying a batch.
+
+    Attributes:
+        pred: (B,) the class predicted by the backbone f (argmax, ties to the lower index).
+        certified: (B,) True where f provably keeps ``pred`` on the whole ε-ball.
+        radius: (B,) the largest radius the certificate holds for (strictly below it); 0 when
+            none, e.g. on ties.
+        logits: (B, C) the logits the decision was made on (float64 values in ``sound``
+            mode).
+        epsilon: The radius that ``certified`` refers to.
+        mode: ``"sound"`` or ``"fast"``.
+        precision: The precision the logits were computed in: ``"float64"`` when every row
+            came from the float64 copy, ``"float32"`` when some are float32 values (sound
+            mode, ``precision="auto"``), or the backbone's dtype in fast mode.
+    """
+
+    pred: torch.Tensor
+    certified: torch.Tensor
+    radius: torch.Tensor
+    logits: torch.Tensor
+    epsilon: float
+    mode: str
+    precision: str = "float64"
+
+
+# float32 values below this cannot have overflowed (largest float32: 3.4e38).
+_F32_SAFE = 1e36
+
+
+@contextlib.contextmanager
+def strict_fp32():
+    """Plain IEEE float32 arithmetic for the enclosed forward pass.
+
+    cuDNN and NNPACK are switched off (they pick TF32, FFT and Winograd algorithms, whose
+    errors the per-layer model does not cover); CUDA falls back to im2col and cuBLAS GEMMs. Matrix
+    products on CUDA and oneDNN run in full float32 precision (no TF32 or bfloat16). On the
+    CPU, PyTorch's oneDNN convolutions use the direct algorithm (ideep's default), which
+    computes each output as a sum of products.
+    """
+    saved = []
+    for owner in _precision_owners():
+        saved.append((owner, owner.fp32_precision))
+        owner.fp32_precision = "ieee"
+    legacy = None
+    if not saved:  # PyTorch before the fp32_precision API
+        legacy = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32)
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=False), _no_nnpack():
+            yield
+    finally:
+        for owner, value in saved:
+            owner.fp32_precision = value
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy[0])
+            torch.backends.cuda.matmul.allow_tf32 = legacy[1]
+
+
+def _no_nnpack() -> contextlib.AbstractContextManager:
+    """NNPACK (a CPU convolution backend) may pick Winograd or FFT algorithms: off."""
+    nnpack = getattr(torch.backends, "nnpack", None)
+    return nnpack.flags(enabled=False) if nnpack is not None else contextlib.nullcontext()
+
+
+def _precision_owners() -> list:
+    b = torch.backends
+    owners = [
+        getattr(getattr(b, "cuda", None), "matmul", None),
+        getattr(getattr(b, "mkldnn", None), "matmul", None),
+        getattr(getattr(b, "mkldnn", None), "conv", None),
+    ]
+    return [o for o in owners if o is not None and hasattr(o, "fp32_precision")]
+
+
+@torch.no_grad()
+def sound_logits(
+    backbone: nn.Module,
+    st: SoundState,
+    x: torch.Tensor,
+    K: torch.Tensor,
+    epsilon: float,
+    lipschitz: str,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """Prediction, proven radius and logits of a batch in sound mode.
+
+    Args:
+        backbone: The live (float32) backbone.
+        st: The proven state of the current weights.
+        x: ``(B, *in_shape)`` finite inputs.
+        K: Proven float64 class-pair bounds (``(C, C)``, or ``(C,)`` for the basic variant).
+        epsilon: The radius the decision is for.
+        lipschitz: ``"margin"`` or ``"basic"``.
+        precision: ``"auto"`` (float32 first) or ``"float64"`` (every point in float64).
+
+    Returns:
+        ``(pred, radius, logits, precision)``: logits are float64 values; ``precision`` is
+        ``"float64"`` when every row of them came from the float64 copy, else ``"float32"``.
+    """
+    x_norm = torch.linalg.vector_norm(x.to(torch.float64).flatten(1), dim=1)  # (B,)
+    exact_in_f32 = x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    if precision == "float64" or st.err32 is None or not exact_in_f32:
+        return (*_float64(st, x, x_norm, K, lipschitz), "float64")
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with strict_fp32():
+            y, err = _float32_pass(flatten_layers(backbone), st.layerwise32, x)  # (B, C), (B,)
+    finally:
+        backbone.train(was_training)
+    # |e_j − e_i| ≤ 2‖e‖₂; 1.01 absorbs this line's rounding.
+    slack = 2.02 * err  # (B,)
+    pred, radius = margins.certified_radius(y, K, slack, lipschitz=lipschitz)
+    peak = st.peak32[0] * x_norm + st.peak32[1]  # (B,)
+    unsafe = ~torch.isfinite(y).all(dim=1) | ~(peak < _F32_SAFE)
+    radius = radius.masked_fill(unsafe, 0.0)
+    redo = unsafe | (~(radius > epsilon) & _may_certify(y, pred, K, slack, epsilon, lipschitz))
+    idx = redo.nonzero().flatten()
+    if idx.numel():
+        p64, r64, y64 = _float64(st, x[idx], x_norm[idx], K, lipschitz)
+        pred, radius, y = pred.index_put((idx,), p64), radius.index_put((idx,), r64), y.clone()
+        y[idx] = y64
+    return pred, radius, y, "float32"
+
+
+def _float32_pass(layers, layerwise: tuple[list[float], float], x: torch.Tensor):
+    """The backbone's float32 logits, layer by layer, and their proven ℓ2 error per point.
+
+    ``layers`` are the backbone's leaves (it is a chain of them, ``flatten_layers``). The norm
+    of each affine layer's computed input is taken in float32 as sqrt of a plain sum of
+    squares (PyTorch's 2-norm; it overflows to inf rather than rescaling): D squares and
+    any-order sums of non-negative terms stay within a relative γ_{D+1} (Higham §3.1), the
+    square root within u, and squares in the subnormal range lose at most sqrt(D·2^-149)
+    absolutely. Inflating by 1 + 2(D + 2)·u and adding 1e-18 covers all three (D < 10^6).
+    """
+    coefs, const = layerwise
+    h = x.to(torch.float32)
+    err = torch.full((h.shape[0],), const, dtype=torch.float64, device=h.device)  # (B,)
+    for layer, c in zip(layers, coefs, strict=True):
+        if c:
+            flat = h.flatten(1)
+            grow = 1 + 2 * (flat.shape[1] + 2) * margins.UNIT_ROUNDOFF_F32
+            norm = torch.linalg.vector_norm(flat, dim=1).to(torch.float64)  # (B,)
+            err = err + c * (norm * grow + 1e-18)
+        h = layer(h)
+    # float64 sums of non-negative terms: a relative (L + 1)·2^-53 at most; 1e-9 covers it.
+    return h.to(torch.float64), err * (1 + 1e-9)
+
+
+def _float64(st: SoundState, x, x_norm, K, lipschitz):
+    with torch.backends.cudnn.flags(enabled=False):  # plain dot-product kernels only
+        y = st.backbone64(x.to(torch.float64))  # (B, C)
+    # |e_j − e_i| ≤ 2‖e‖₂, and ‖e‖₂ ≤ coef·‖x‖ + const; 1.01 absorbs this line's rounding.
+    slack = 2.02 * (st.err_coef * x_norm + st.err_const)  # (B,)
+    pred, radius = margins.certified_radius(y, K, slack, lipschitz=lipschitz)
+    return pred, radius, y
+
+
+def _may_certify(y, pred, K, slack, epsilon: float, lipschitz: str) -> torch.Tensor:
+    """(B,) True where float64 might certify a point that float32 did not (a superset).
+
+    With ‖e‖ ≤ slack/2.02 the float32 error, any class j' that float64 certifies has exact
+    margins f_j' − f_i > ε·K_j'i, so float32 margins y_j' − y_i > ε·K_j'i − 2‖e‖ >
+    ε·K_j'i − slack. If j' is float32's argmax j, the first test below holds; otherwise
+    y_j' − y_j ≤ 0 forces ε·K_j'j < slack, which the second test catches. Both are loosened
+    by a relative 1e-9 so that their own rounding can only add points.
+    """
+    Kp = K if lipschitz == "margin" else K[:, None] + K[None, :]  # (C, C)
+    C = Kp.shape[0]
+    off = ~torch.eye(C, dtype=torch.bool, device=Kp.device)
+    Kj = Kp[pred]  # (B, C)
+    yj = y.gather(1, pred[:, None])  # (B, 1)
+    need = epsilon * Kj
+    tol = slack[:, None] * (1 + 1e-9) + 1e-9 * (yj.abs() + y.abs() + need)
+    all_pass = ((yj - y + tol >= need) | ~off[pred]).all(dim=1)  # (B,)
+    k_min = Kp[off].min() if C > 1 else Kp.new_tensor(float("inf"))
+    return all_pass | (epsilon * k_min < slack * (1 + 1e-9))

@@ -1,0 +1,161 @@
+"""Sound certification on float32 logits first (precision="auto"), float64 where needed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import torchgloro as tg
+from torchgloro._certify import _float32_pass, _may_certify, strict_fp32
+from torchgloro._errors import GloroInputError
+from torchgloro.layers import Residual
+from torchgloro.lipschitz import flatten_layers
+from torchgloro.local import certify_local
+from torchgloro.models import create_model
+
+
+def _net(arch="2c2f", in_shape=(1, 28, 28), seed=0, eps=0.05):
+    torch.manual_seed(seed)
+    return tg.GloroNet(create_model(arch, in_shape, 10), eps).eval()
+
+
+def test_strict_fp32_forces_ieee_and_restores():
+    owner = torch.backends.cuda.matmul
+    before = owner.fp32_precision
+    try:
+        owner.fp32_precision = "tf32"  # what a user chasing speed may have set
+        with strict_fp32():
+            assert owner.fp32_precision == "ieee"
+            assert torch.backends.mkldnn.conv.fp32_precision == "ieee"
+            assert not torch.backends.cudnn.enabled
+            assert not torch._C._get_nnpack_enabled()
+        assert owner.fp32_precision == "tf32"
+        assert torch.backends.cudnn.enabled
+    finally:
+        owner.fp32_precision = before
+
+
+@pytest.mark.parametrize("arch,in_shape", [("2c2f", (1, 28, 28)), ("6c2f", (3, 32, 32))])
+def test_float32_allowance_covers_float32_error_and_peak(arch, in_shape):
+    """‖y32 − y‖ ≤ p‖x‖ + q on registered nets with large activations (errors visible)."""
+    net = _net(arch, in_shape, seed=3)
+    with torch.no_grad():  # scale weights up: large logits, visible float32 round-off
+        for p in net.backbone.parameters():
+            p.mul_(3.0)
+    st = net._sound_state()
+    assert st.err32 is not None and st.peak32 is not None
+    x = torch.rand(64, *in_shape) * 5
+    with torch.no_grad(), strict_fp32():
+        y32 = net.backbone(x).double()
+    y64 = st.backbone64(x.double())  # within ~1e-10 of the exact logits (test_sound.py)
+    err = (y32 - y64).norm(dim=1)
+    x_norm = x.flatten(1).double().norm(dim=1)
+    bound = st.err32[0] * x_norm + st.err32[1]
+    assert float(err.max()) > 0
+    assert bool((err <= bound).all())
+    assert bool((y64.abs().amax(dim=1) <= st.peak32[0] * x_norm + st.peak32[1]).all())
+    # The per-point bound from the measured activation norms: valid, and tighter.
+    with torch.no_grad(), strict_fp32():
+        y_pass, err_post = _float32_pass(flatten_layers(net.backbone), st.layerwise32, x)
+    assert torch.equal(y_pass, y32)  # layer by layer is the backbone's own forward
+    assert bool((err <= err_post).all())
+    assert bool((err_post <= bound).all())
+    assert float((err_post / bound).median()) < 0.5
+
+
+def test_auto_certifies_exactly_the_float64_points(trained_digits_net):
+    net, _, test = trained_digits_net
+    for eps in (0.1, 0.3, 0.6):
+        auto = net.certify(test.x, eps)
+        f64 = net.certify(test.x, eps, precision="float64")
+        assert f64.precision == "float64" and auto.precision == "float32"
+        assert 0 < int(f64.certified.sum()) < len(test.x)  # a non-trivial split
+        assert torch.equal(auto.certified, f64.certified)
+        cert = auto.certified
+        assert torch.equal(auto.pred[cert], f64.pred[cert])
+        # float32 radii are proven too, hence never above the float64 ones (same K, more slack)
+        assert bool((auto.radius <= f64.radius + 1e-12).all())
+
+
+def test_open_points_go_to_float64(trained_digits_net):
+    """With a huge float32 allowance float32 decides nothing: every row is float64's."""
+    net, _, test = trained_digits_net
+    st = net._sound_state()
+    saved = st.layerwise32
+    try:
+        st.layerwise32 = (saved[0], 1e3)
+        auto = net.certify(test.x[:200])
+    finally:
+        st.layerwise32 = saved
+    f64 = net.certify(test.x[:200], precision="float64")
+    assert torch.allclose(auto.logits, f64.logits, rtol=1e-12, atol=0)
+    assert torch.allclose(auto.radius, f64.radius, rtol=1e-12, atol=0)
+    assert torch.equal(auto.certified, f64.certified)
+
+
+def test_float32_decisions_subtract_the_float32_allowance(trained_digits_net):
+    """Rows decided on float32 logits are certified only if y_j − y_i − slack32 > ε·K_ji."""
+    net, _, test = trained_digits_net
+    eps = 0.3
+    auto = net.certify(test.x, eps)
+    f64 = net.certify(test.x, eps, precision="float64")
+    # Rows float64 did not recompute: float32 values differ from float64 ones by ~1e-7, a
+    # recomputed row (a sub-batch, other BLAS blocking) by ~1e-16.
+    gap = (auto.logits - f64.logits).abs() / (1 + f64.logits.abs())
+    from32 = (gap > 1e-11).any(dim=1)
+    assert int(from32.sum()) > len(test.x) // 2  # most rows are decided on float32
+    st = net._sound_state()
+    K = net.lipschitz_constant("sound")  # (C, C) proven, float64
+    with torch.no_grad(), strict_fp32():
+        _, err = _float32_pass(flatten_layers(net.backbone), st.layerwise32, test.x)
+    slack = 2.0 * err
+    y, j = auto.logits, auto.pred
+    margin = y.gather(1, j[:, None]) - y - slack[:, None] - eps * K[j]  # (B, C)
+    margin.scatter_(1, j[:, None], float("inf"))
+    ok = (margin > 0).all(dim=1)
+    assert bool((ok | ~(auto.certified & from32)).all())
+    assert int((ok & from32).sum()) > 0
+
+
+def test_may_certify_catches_a_different_float64_class():
+    # float32 argmax is class 0 by a hair; float64 could prefer class 1 by up to 2·slack.
+    y = torch.tensor([[1.0, 0.999, -5.0]], dtype=torch.float64)
+    K = torch.full((3, 3), 1.0, dtype=torch.float64).fill_diagonal_(0)
+    pred = y.argmax(1)
+    slack = torch.tensor([0.01], dtype=torch.float64)
+    assert bool(_may_certify(y, pred, K, slack, epsilon=0.004, lipschitz="margin")[0])
+    assert not bool(_may_certify(y, pred, K, slack, epsilon=0.5, lipschitz="margin")[0])
+
+
+def test_float64_input_and_residual_nets_use_float64(trained_digits_net):
+    net, _, test = trained_digits_net
+    c = net.certify(test.x[:50].double())
+    assert c.precision == "float64"
+    torch.manual_seed(0)
+    backbone = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), Residual(nn.Sequential(nn.Linear(32, 32), nn.ReLU())),
+        nn.Linear(32, 10),
+    )  # fmt: skip
+    rnet = tg.GloroNet(backbone, 0.1, in_shape=(1, 8, 8)).eval()
+    assert rnet._sound_state().err32 is None  # its fp_terms hold float64's unit round-off
+    assert rnet.certify(test.x[:50]).precision == "float64"
+    dw = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, groups=4), nn.Flatten(),
+                       nn.Linear(64, 10))  # fmt: skip
+    dwnet = tg.GloroNet(dw, 0.1, in_shape=(1, 8, 8)).eval()
+    assert dwnet._sound_state().err32 is None  # depthwise 3x3: Winograd on ARM CPUs
+
+
+def test_local_fallback_same_from_either_precision(trained_digits_net):
+    net, _, test = trained_digits_net
+    x = test.x[:120]
+    a = certify_local(net, x, 0.3, net.certify(x, 0.3))
+    b = certify_local(net, x, 0.3, net.certify(x, 0.3, precision="float64"))
+    assert torch.equal(a, b)
+    assert torch.equal(net.certify(x, 0.3, fallback="local").certified, b)
+
+
+def test_bad_precision_is_a_clear_error(trained_digits_net):
+    net, _, test = trained_digits_net
+    with pytest.raises(GloroInputError, match="precision must be 'auto' or 'float64'"):
+        net.certify(test.x[:2], precision="float16")
