@@ -42,7 +42,8 @@ class DenseBound(PowerIterationBound):
         return sound.dense_norm_upper(self.layer.weight.detach())
 
     def fp_terms(self) -> tuple[int, float, float]:
-        return linear_fp_terms(self.layer.weight, self.layer.bias)
+        w = self._weight().detach()
+        return linear_fp_terms(w, self.layer.bias, abs_norm_upper=sound.dense_norm_upper(w.abs()))
 
 
 class Conv2dBound(PowerIterationBound):
@@ -110,9 +111,12 @@ class Conv2dBound(PowerIterationBound):
         )
 
     def sound(self) -> float:
+        return self._norm_upper(self.layer.weight.detach())
+
+    def _norm_upper(self, kernel: torch.Tensor) -> float:
         layer = self.layer
         return sound.conv2d_norm_upper(
-            self.layer.weight.detach(),
+            kernel,
             tuple(self.u.shape[2:]),
             stride=layer.stride,
             padding=self.padding,
@@ -122,8 +126,11 @@ class Conv2dBound(PowerIterationBound):
 
     def fp_terms(self) -> tuple[int, float, float]:
         # Bias is added once per output position: ‖b‖ over the output map.
-        n_out = self._op(self.u, self.layer.weight.detach()).shape[2:].numel()
-        return linear_fp_terms(self.layer.weight, self.layer.bias, positions=n_out)
+        w = self.layer.weight.detach()
+        n_out = self._op(self.u, w).shape[2:].numel()
+        return linear_fp_terms(
+            w, self.layer.bias, positions=n_out, abs_norm_upper=self._norm_upper(w.abs())
+        )
 
 
 def _numeric_padding(layer: nn.Conv2d, in_shape: tuple[int, ...]) -> tuple[int, int, int, int]:

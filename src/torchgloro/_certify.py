@@ -133,10 +133,11 @@ def sound_logits(
         ``(pred, radius, logits, precision)``: logits are float64 values; ``precision`` is
         ``"float64"`` when every row of them came from the float64 copy, else ``"float32"``.
     """
-    x_norm = torch.linalg.vector_norm(x.to(torch.float64).flatten(1), dim=1)  # (B,)
     exact_in_f32 = x.dtype in (torch.float32, torch.float16, torch.bfloat16)
     if precision == "float64" or st.err32 is None or not exact_in_f32:
-        return (*_float64(st, x, x_norm, K, lipschitz), "float64")
+        x64 = x.to(torch.float64)
+        x_norm = torch.linalg.vector_norm(x64.flatten(1), dim=1)  # (B,)
+        return (*_float64(st, x64, x_norm, K, lipschitz), "float64")
     was_training = backbone.training
     backbone.eval()
     try:
@@ -147,13 +148,14 @@ def sound_logits(
     # |e_j − e_i| ≤ 2‖e‖₂; 1.01 absorbs this line's rounding.
     slack = 2.02 * err  # (B,)
     pred, radius = margins.certified_radius(y, K, slack, lipschitz=lipschitz)
+    x_norm = _norm_upper(x.to(torch.float32))  # (B,) float64
     peak = st.peak32[0] * x_norm + st.peak32[1]  # (B,)
     unsafe = ~torch.isfinite(y).all(dim=1) | ~(peak < _F32_SAFE)
     radius = radius.masked_fill(unsafe, 0.0)
     redo = unsafe | (~(radius > epsilon) & _may_certify(y, pred, K, slack, epsilon, lipschitz))
     idx = redo.nonzero().flatten()
     if idx.numel():
-        p64, r64, y64 = _float64(st, x[idx], x_norm[idx], K, lipschitz)
+        p64, r64, y64 = _float64(st, x[idx].to(torch.float64), x_norm[idx], K, lipschitz)
         pred, radius, y = pred.index_put((idx,), p64), radius.index_put((idx,), r64), y.clone()
         y[idx] = y64
     return pred, radius, y, "float32"
@@ -174,18 +176,22 @@ def _float32_pass(layers, layerwise: tuple[list[float], float], x: torch.Tensor)
     err = torch.full((h.shape[0],), const, dtype=torch.float64, device=h.device)  # (B,)
     for layer, c in zip(layers, coefs, strict=True):
         if c:
-            flat = h.flatten(1)
-            grow = 1 + 2 * (flat.shape[1] + 2) * margins.UNIT_ROUNDOFF_F32
-            norm = torch.linalg.vector_norm(flat, dim=1).to(torch.float64)  # (B,)
-            err = err + c * (norm * grow + 1e-18)
+            err = err + c * _norm_upper(h)
         h = layer(h)
     # float64 sums of non-negative terms: a relative (L + 1)·2^-53 at most; 1e-9 covers it.
     return h.to(torch.float64), err * (1 + 1e-9)
 
 
-def _float64(st: SoundState, x, x_norm, K, lipschitz):
+def _norm_upper(h: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 upper bounds on the exact ℓ2 norm of each float32 row of ``h``."""
+    flat = h.flatten(1)
+    grow = 1 + 2 * (flat.shape[1] + 2) * margins.UNIT_ROUNDOFF_F32
+    return torch.linalg.vector_norm(flat, dim=1).to(torch.float64) * grow + 1e-18
+
+
+def _float64(st: SoundState, x64, x_norm, K, lipschitz):
     with torch.backends.cudnn.flags(enabled=False):  # plain dot-product kernels only
-        y = st.backbone64(x.to(torch.float64))  # (B, C)
+        y = st.backbone64(x64)  # (B, C)
     # |e_j − e_i| ≤ 2‖e‖₂, and ‖e‖₂ ≤ coef·‖x‖ + const; 1.01 absorbs this line's rounding.
     slack = 2.02 * (st.err_coef * x_norm + st.err_const)  # (B,)
     pred, radius = margins.certified_radius(y, K, slack, lipschitz=lipschitz)

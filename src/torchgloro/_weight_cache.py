@@ -91,7 +91,8 @@ def build_sound_state(
         p.requires_grad_(False)
     norms = [b.sound() for b in bounds]
     w = head_weight.detach()
-    head = (sound.dense_norm_upper(w), linear_fp_terms(w, head_bias))
+    abs_w = sound.dense_norm_upper(w.abs())
+    head = (sound.dense_norm_upper(w), linear_fp_terms(w, head_bias, abs_norm_upper=abs_w))
     layers = [(n, b.fp_terms()) for n, b in zip(norms, bounds)]
     chain = [*layers, head]
     err_coef, err_const = margins.forward_error_coefficients(chain, underflow=_UNDERFLOW_F64)

@@ -258,9 +258,10 @@ class LiResBlockBound(PowerIterationBound):
 
     def fp_terms(self) -> tuple[int, float, float]:
         # Evaluated as one convolution with the folded kernel; the bias once per position.
-        return linear_fp_terms(
-            self.layer.folded_kernel(), self.layer.bias, positions=self.u.shape[2:].numel()
-        )
+        k, p = self.layer.folded_kernel().detach(), self.layer.padding
+        abs_norm = sound.conv2d_norm_upper(k.abs(), tuple(self.u.shape[2:]), padding=(p, p))
+        positions = self.u.shape[2:].numel()
+        return linear_fp_terms(k, self.layer.bias, positions, abs_norm_upper=abs_norm)
 
 
 class LLNLinearBound(DenseBound):
@@ -271,9 +272,6 @@ class LLNLinearBound(DenseBound):
 
     def sound(self) -> float:
         return sound.dense_norm_upper(self.layer.effective_weight().detach())
-
-    def fp_terms(self) -> tuple[int, float, float]:
-        return linear_fp_terms(self.layer.effective_weight(), self.layer.bias)
 
 
 class ResidualBound(LayerBound):

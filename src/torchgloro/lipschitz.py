@@ -282,7 +282,10 @@ class PowerIterationBound(LayerBound):
 
 @torch.no_grad()
 def linear_fp_terms(
-    weight: torch.Tensor, bias: torch.Tensor | None, positions: int = 1
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    positions: int = 1,
+    abs_norm_upper: float | None = None,
 ) -> tuple[int, float, float]:
     """Round-off terms ``(n, ‖|A|‖₂ bound, ‖b‖₂)`` of a dense or convolution layer.
 
@@ -291,12 +294,16 @@ def linear_fp_terms(
     a row of A holds one output channel's kernel entries (at most), and a column holds, for
     one input channel, each (output channel, kernel offset) at most once, so R and C are
     bounded by sums of |weight| over (in, kernel) and over (out, kernel) respectively.
+    ``abs_norm_upper``, a proven bound on ‖|A|‖₂ computed by the caller (the operator of
+    |weight|: each entry of A is one weight or 0), replaces Schur's when smaller.
     """
     w = weight.detach().abs().to(torch.float64)
     w2 = w.reshape(w.shape[0], w.shape[1], -1)  # (out, in, k)
     row = w2.sum(dim=(1, 2)).max().item()
     col = w2.sum(dim=(0, 2)).max().item()
     abs_norm = round_up(math.sqrt(round_up(row * col, 4)) * (1 + 1e-12), 4)
+    if abs_norm_upper is not None:
+        abs_norm = min(abs_norm, abs_norm_upper)
     n = w2.shape[1] * w2.shape[2] + (bias is not None)
     b = 0.0
     if bias is not None:
