@@ -138,17 +138,17 @@ def sound_logits(
         x64 = x.to(torch.float64)
         x_norm = torch.linalg.vector_norm(x64.flatten(1), dim=1)  # (B,)
         return (*_float64(st, x64, x_norm, K, lipschitz), "float64")
+    x_norm = _norm_upper(x.to(torch.float32))  # (B,) float64
     was_training = backbone.training
     backbone.eval()
     try:
         with strict_fp32():
-            y, err = _float32_pass(flatten_layers(backbone), st.layerwise32, x)  # (B, C), (B,)
+            y, err = _float32_pass(flatten_layers(backbone), st.layerwise32, x, x_norm)
     finally:
         backbone.train(was_training)
     # |e_j − e_i| ≤ 2‖e‖₂; 1.01 absorbs this line's rounding.
     slack = 2.02 * err  # (B,)
     pred, radius = margins.certified_radius(y, K, slack, lipschitz=lipschitz)
-    x_norm = _norm_upper(x.to(torch.float32))  # (B,) float64
     peak = st.peak32[0] * x_norm + st.peak32[1]  # (B,)
     unsafe = ~torch.isfinite(y).all(dim=1) | ~(peak < _F32_SAFE)
     radius = radius.masked_fill(unsafe, 0.0)
@@ -161,7 +161,7 @@ def sound_logits(
     return pred, radius, y, "float32"
 
 
-def _float32_pass(layers, layerwise: tuple[list[float], float], x: torch.Tensor):
+def _float32_pass(layers, layerwise: tuple[list[float], float], x: torch.Tensor, x_norm=None):
     """The backbone's float32 logits, layer by layer, and their proven ℓ2 error per point.
 
     ``layers`` are the backbone's leaves (it is a chain of them, ``flatten_layers``). The norm
@@ -170,13 +170,15 @@ def _float32_pass(layers, layerwise: tuple[list[float], float], x: torch.Tensor)
     any-order sums of non-negative terms stay within a relative γ_{D+1} (Higham §3.1), the
     square root within u, and squares in the subnormal range lose at most sqrt(D·2^-149)
     absolutely. Inflating by 1 + 2(D + 2)·u and adding 1e-18 covers all three (D < 10^6).
+    ``x_norm``, if given, is that bound for the input itself (reused, not recomputed).
     """
     coefs, const = layerwise
     h = x.to(torch.float32)
     err = torch.full((h.shape[0],), const, dtype=torch.float64, device=h.device)  # (B,)
-    for layer, c in zip(layers, coefs, strict=True):
+    for i, (layer, c) in enumerate(zip(layers, coefs, strict=True)):
         if c:
-            err = err + c * _norm_upper(h)
+            norm = x_norm if (i == 0 and x_norm is not None) else _norm_upper(h)  # (B,)
+            err = err + c * norm
         h = layer(h)
     # float64 sums of non-negative terms: a relative (L + 1)·2^-53 at most; 1e-9 covers it.
     return h.to(torch.float64), err * (1 + 1e-9)

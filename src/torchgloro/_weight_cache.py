@@ -67,6 +67,7 @@ class SoundState:
     err32: tuple[float, float] | None = None
     layerwise32: tuple[list[float], float] | None = None
     peak32: tuple[float, float] | None = None
+    class_bounds: torch.Tensor | None = None  # proven float64 K, filled by GloroNet on use
 
 
 @torch.no_grad()

@@ -239,15 +239,21 @@ class GloroNet(nn.Module):
             (margin variant), or ``(C,)`` with K_i bounding f_i (basic variant).
         """
         if mode == "sound":
-            k_pen = torch.tensor(self._sound_state().k_pen, dtype=torch.float64)
-            w = self._head_weight().detach().to(torch.float64)
-            return self._class_bounds(w, k_pen, upper=True)
+            return self._sound_class_bounds(self._sound_state()).clone()
         if mode != "fast":
             raise GloroInputError(f"mode must be 'sound' or 'fast', got {mode!r}.")
         with torch.no_grad():
             if self.training:  # the live estimate, without advancing the iterates
                 return self._class_bounds(self._head_weight(), self._penultimate_fast(0, False))
             return self._current_class_bounds().clone()
+
+    def _sound_class_bounds(self, st: SoundState) -> torch.Tensor:
+        """Proven float64 K of the state's weights (computed once per weights generation)."""
+        if st.class_bounds is None:
+            k_pen = torch.tensor(st.k_pen, dtype=torch.float64)
+            w = self._head_weight().detach().to(torch.float64)
+            st.class_bounds = self._class_bounds(w, k_pen, upper=True)
+        return st.class_bounds
 
     def _class_bounds(self, w: torch.Tensor, k_pen: torch.Tensor, upper: bool = False):
         if self.lipschitz == "margin":
@@ -342,15 +348,10 @@ class GloroNet(nn.Module):
         eps = self.epsilon if epsilon is None else check_epsilon(epsilon)
         self._check_input(x, check_finite=True)
         if mode == "sound":
-            K = self._class_bounds(
-                self._head_weight().detach().double(),
-                torch.tensor(self._sound_state().k_pen, dtype=torch.float64),
-                upper=True,
-            )
+            st = self._sound_state()
+            K = self._sound_class_bounds(st)
             prec = "float64" if fallback == "local" else precision
-            pred, radius, y, used = sound_logits(
-                self.backbone, self._sound_state(), x, K, eps, self.lipschitz, prec
-            )
+            pred, radius, y, used = sound_logits(self.backbone, st, x, K, eps, self.lipschitz, prec)
             cert = Certificate(pred, radius > eps, radius, y, eps, mode, used)
             if fallback == "local":
                 from torchgloro.local import certify_local
