@@ -8,14 +8,24 @@ points it leaves open), plain float64 inference (the sound state's float64 backb
 (``net._sound_state()`` after ``net._sound_cache = None``) is timed once per round.
 
     python -m benchmarks.certify_overhead [--quick] [--device cpu|cuda] [--threads N]
+    python -m benchmarks.certify_overhead --run RUN_DIR [--threads N]   # a trained MNIST run
+
+With ``--run`` the trained net of a run folder (``best.safetensors``) is timed on the MNIST
+test set instead of random weights, and the share of points sound certification sends to
+float64 is recorded (``certify_overhead-trained-<device>.json``).
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import time
+from pathlib import Path
 
 import torch
 
+import torchgloro as tg
+import torchgloro.train
 from benchmarks import _common as C
 from torchgloro import GloroNet
 from torchgloro.models import create_model
@@ -31,10 +41,10 @@ FULL_ROUNDS = {"2c2f": 5, "4c3f": 3, "6c2f": 3}
 TARGETS = {"certify_fast_over_inference": 1.05, "certify_sound_over_inference": 1.05}
 
 
-def run_model(arch, data, in_shape, eps, args, device) -> dict:
+def run_model(arch, data, in_shape, eps, args, device, run: Path | None = None) -> dict:
     n_full = 10_000
-    n = 128 if args.quick else FULL_N[arch]
-    rounds = 2 if args.quick else FULL_ROUNDS[arch]
+    n = 128 if args.quick else FULL_N.get(arch, n_full)
+    rounds = 2 if args.quick else FULL_ROUNDS.get(arch, 5)
     batch = 1000  # the trainer's default eval_batch_size
     if data == "mnist":
         split, source = C.load_mnist("test", n)
@@ -43,8 +53,12 @@ def run_model(arch, data, in_shape, eps, args, device) -> dict:
     x = split.x.to(device)
     batches = list(torch.split(x, batch))
     torch.manual_seed(args.seed)
-    with torch.device(device):
-        net = GloroNet(create_model(arch, in_shape, 10), eps)
+    if run is not None:
+        net = tg.load(run).to(device)
+        eps = float(net.epsilon)
+    else:
+        with torch.device(device):
+            net = GloroNet(create_model(arch, in_shape, 10), eps)
     net.eval()
     t0 = time.perf_counter()
     net.refresh()  # converge K once: certification below reuses it
@@ -108,6 +122,19 @@ def run_model(arch, data, in_shape, eps, args, device) -> dict:
     }
     for k, v in t.items():
         out[k] = {"seconds_median": med[k], "seconds_all": v, "test_set_seconds": med[k] * scale}
+    if run is not None:  # which points went to float64, and that the decisions agree
+        auto = [net.certify(xb) for xb in batches]
+        full = [net.certify(xb, precision="float64") for xb in batches]
+        y32 = torch.cat([c.logits for c in auto])
+        y64 = torch.cat([c.logits for c in full])
+        gap = ((y32 - y64).abs() / (1 + y64.abs())).amax(dim=1)
+        out["run"] = str(run)
+        out["epsilon"] = eps
+        out["float64_fraction"] = float((gap < 1e-11).double().mean())  # rows recomputed
+        out["same_certified"] = bool(
+            torch.equal(torch.cat([c.certified for c in auto]),
+                        torch.cat([c.certified for c in full]))
+        )  # fmt: skip
     out["ratio_fast_over_f32_inference"] = med["certify_fast"] / med["inference_f32"]
     out["ratio_sound_over_f32_inference"] = med["certify_sound"] / med["inference_f32"]
     out["ratio_sound_float64_over_f64_inference"] = (
@@ -137,7 +164,20 @@ def main(argv=None) -> dict:
         "certify_sound_float64 is compared with float64 inference of the same float64 "
         "backbone copy (what it runs).",
     ]
-    return C.run_per_model("certify_overhead", __doc__, MODELS, run_model, notes, TARGETS, argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--run", type=Path, default=None)
+    known, rest = pre.parse_known_args(argv)
+    if known.run is None:
+        return C.run_per_model("certify_overhead", __doc__, MODELS, run_model, notes, TARGETS, rest)
+    cfg = tg.train.load_config(known.run / "config.toml")
+    if cfg.data.name != "mnist":
+        raise SystemExit(f"--run times MNIST runs only; {known.run} trained on {cfg.data.name}.")
+    models = [(cfg.model.arch, "mnist", (1, 28, 28), None)]
+    notes[0] = f"Trained weights: {known.run}/best.safetensors on the MNIST test set."
+    measure = functools.partial(run_model, run=known.run)
+    return C.run_per_model(
+        "certify_overhead-trained", __doc__, models, measure, notes, TARGETS, rest
+    )
 
 
 if __name__ == "__main__":
