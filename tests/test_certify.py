@@ -7,12 +7,27 @@ import torch
 from torch import nn
 
 import torchgloro as tg
-from torchgloro._certify import _float32_pass, _may_certify, strict_fp32
+from torchgloro._certify import (
+    _float32_pass,
+    _layerwise_error,
+    _may_certify,
+    _norm_upper,
+    strict_fp32,
+)
 from torchgloro._errors import GloroInputError
 from torchgloro.layers import Residual
 from torchgloro.lipschitz import flatten_layers
 from torchgloro.local import certify_local
 from torchgloro.models import create_model
+
+
+def _post_error(net, x):
+    """(B,) the per-point float32 allowance of every row, and the float32 logits."""
+    st = net._sound_state()
+    with torch.no_grad(), strict_fp32():
+        y, acts = _float32_pass(flatten_layers(net.backbone), st.layerwise32[0], x)
+        rows = torch.arange(x.shape[0])
+        return y, _layerwise_error(acts, st.layerwise32[1], rows, _norm_upper(x))
 
 
 def _net(arch="2c2f", in_shape=(1, 28, 28), seed=0, eps=0.05):
@@ -56,8 +71,7 @@ def test_float32_allowance_covers_float32_error_and_peak(arch, in_shape):
     assert bool((err <= bound).all())
     assert bool((y64.abs().amax(dim=1) <= st.peak32[0] * x_norm + st.peak32[1]).all())
     # The per-point bound from the measured activation norms: valid, and tighter.
-    with torch.no_grad(), strict_fp32():
-        y_pass, err_post = _float32_pass(flatten_layers(net.backbone), st.layerwise32, x)
+    y_pass, err_post = _post_error(net, x)
     assert torch.equal(y_pass, y32)  # layer by layer is the backbone's own forward
     assert bool((err <= err_post).all())
     assert bool((err_post <= bound).all())
@@ -82,12 +96,12 @@ def test_open_points_go_to_float64(trained_digits_net):
     """With a huge float32 allowance float32 decides nothing: every row is float64's."""
     net, _, test = trained_digits_net
     st = net._sound_state()
-    saved = st.layerwise32
-    try:
-        st.layerwise32 = (saved[0], 1e3)
+    saved = st.err32, st.layerwise32
+    try:  # both float32 allowances (a priori, then per point)
+        st.err32, st.layerwise32 = (1e3, 1e3), (saved[1][0], 1e3)
         auto = net.certify(test.x[:200])
     finally:
-        st.layerwise32 = saved
+        st.err32, st.layerwise32 = saved
     f64 = net.certify(test.x[:200], precision="float64")
     assert torch.allclose(auto.logits, f64.logits, rtol=1e-12, atol=0)
     assert torch.allclose(auto.radius, f64.radius, rtol=1e-12, atol=0)
@@ -107,13 +121,14 @@ def test_float32_decisions_subtract_the_float32_allowance(trained_digits_net):
     assert int(from32.sum()) > len(test.x) // 2  # most rows are decided on float32
     st = net._sound_state()
     K = net.lipschitz_constant("sound")  # (C, C) proven, float64
-    with torch.no_grad(), strict_fp32():
-        _, err = _float32_pass(flatten_layers(net.backbone), st.layerwise32, test.x)
-    slack = 2.0 * err
+    _, err = _post_error(net, test.x)
+    prior = st.err32[0] * _norm_upper(test.x) + st.err32[1]
     y, j = auto.logits, auto.pred
-    margin = y.gather(1, j[:, None]) - y - slack[:, None] - eps * K[j]  # (B, C)
-    margin.scatter_(1, j[:, None], float("inf"))
-    ok = (margin > 0).all(dim=1)
+    ok = torch.zeros(len(y), dtype=torch.bool)
+    for e in (err, prior):  # certified by the per-point or by the a-priori allowance
+        margin = y.gather(1, j[:, None]) - y - 2.0 * e[:, None] - eps * K[j]  # (B, C)
+        margin.scatter_(1, j[:, None], float("inf"))
+        ok |= (margin > 0).all(dim=1)
     assert bool((ok | ~(auto.certified & from32)).all())
     assert int((ok & from32).sum()) > 0
 

@@ -3,19 +3,20 @@
 Sound certification needs logits whose round-off is bounded by a proof. The float64 copy of
 the backbone gives a tiny allowance (≈1e-10 of the logits) but costs 4–9× float32 inference on
 a CPU. The float32 backbone itself obeys the same per-layer round-off model with float32's
-unit round-off ``u = 2^-24`` (``SoundState.layerwise32``: measured per point from the norms
-of the activations the pass computes), provided every affine output is a plain
-sum of products: no TF32 or bfloat16 arithmetic and no Winograd/FFT convolutions
-(:func:`strict_fp32`). Its allowance is larger (a few % of the ε·K a certificate needs, on
-the MNIST nets), so:
+unit round-off ``u = 2^-24``, provided every affine output is a plain sum of products: no TF32
+or bfloat16 arithmetic and no Winograd/FFT convolutions (:func:`strict_fp32`). Its allowance
+is larger (a few % of the ε·K a certificate needs, on the MNIST nets), so each point is
+decided in up to three steps:
 
-1. every point is decided on float32 logits with the float32 allowance;
-2. the points that float32 leaves open — not certified, but float64 might certify them —
-   are recomputed on the float64 copy, exactly as ``precision="float64"`` does.
+1. float32 logits with the a-priori allowance ``p‖x‖ + q`` (``SoundState.err32``: free);
+2. for the points step 1 leaves open, the per-point allowance from the norms of the
+   activations the float32 pass computed (``SoundState.layerwise32``: about 2× tighter);
+3. the points still open — not certified, but float64 might certify them — are recomputed
+   on the float64 copy, exactly as ``precision="float64"`` does.
 
-Step 2 catches every point float64 would certify (docs/soundness.md, §7), so the certified
+Step 3 catches every point float64 would certify (docs/soundness.md, §7b), so the certified
 set is the float64 one, at the cost of float32 inference plus float64 on the few open points.
-Radii from step 1 are proven but smaller than float64's by about the allowance divided by K.
+Radii from steps 1–2 are proven but smaller than float64's by about the allowance over K.
 """
 
 from __future__ import annotations
@@ -143,16 +144,27 @@ def sound_logits(
     backbone.eval()
     try:
         with strict_fp32():
-            y, err = _float32_pass(flatten_layers(backbone), st.layerwise32, x, x_norm)
+            y, acts = _float32_pass(flatten_layers(backbone), st.layerwise32[0], x)  # (B, C)
     finally:
         backbone.train(was_training)
-    # |e_j − e_i| ≤ 2‖e‖₂; 1.01 absorbs this line's rounding.
-    slack = 2.02 * err  # (B,)
-    pred, radius = margins.certified_radius(y, K, slack, lipschitz=lipschitz)
     peak = st.peak32[0] * x_norm + st.peak32[1]  # (B,)
     unsafe = ~torch.isfinite(y).all(dim=1) | ~(peak < _F32_SAFE)
+    # 1. The a-priori allowance ‖e‖ ≤ p‖x‖ + q: free, decides most points.
+    # (|e_j − e_i| ≤ 2‖e‖₂; 1.01 absorbs the rounding of these lines.)
+    slack = 2.02 * (st.err32[0] * x_norm + st.err32[1])  # (B,)
+    pred, radius = margins.certified_radius(y, K, slack, lipschitz=lipschitz)
     radius = radius.masked_fill(unsafe, 0.0)
-    redo = unsafe | (~(radius > epsilon) & _may_certify(y, pred, K, slack, epsilon, lipschitz))
+    open_ = ~unsafe & ~(radius > epsilon) & _may_certify(y, pred, K, slack, epsilon, lipschitz)
+    # 2. The per-point allowance from the measured activation norms, on the open points only.
+    idx = open_.nonzero().flatten()
+    redo = unsafe.clone()
+    if idx.numel():
+        err = _layerwise_error(acts, st.layerwise32[1], idx, x_norm[idx])
+        s2 = 2.02 * err  # (n,)
+        p2, r2 = margins.certified_radius(y[idx], K, s2, lipschitz=lipschitz)
+        radius = radius.index_put((idx,), r2)
+        redo[idx] = ~(r2 > epsilon) & _may_certify(y[idx], p2, K, s2, epsilon, lipschitz)
+    # 3. float64 for what float32 leaves open.
     idx = redo.nonzero().flatten()
     if idx.numel():
         p64, r64, y64 = _float64(st, x[idx].to(torch.float64), x_norm[idx], K, lipschitz)
@@ -161,31 +173,43 @@ def sound_logits(
     return pred, radius, y, "float32"
 
 
-def _float32_pass(layers, layerwise: tuple[list[float], float], x: torch.Tensor, x_norm=None):
-    """The backbone's float32 logits, layer by layer, and their proven ℓ2 error per point.
+def _float32_pass(layers, coefs: list[float], x: torch.Tensor):
+    """The backbone's float32 logits, layer by layer, keeping the input of each layer whose
+    round-off coefficient is not 0: ``(logits (B, C) float64, [(c_l, h̃_l), ...])``.
 
-    ``layers`` are the backbone's leaves (it is a chain of them, ``flatten_layers``). The norm
-    of each affine layer's computed input is taken in float32 as sqrt of a plain sum of
-    squares (PyTorch's 2-norm; it overflows to inf rather than rescaling): D squares and
-    any-order sums of non-negative terms stay within a relative γ_{D+1} (Higham §3.1), the
-    square root within u, and squares in the subnormal range lose at most sqrt(D·2^-149)
-    absolutely. Inflating by 1 + 2(D + 2)·u and adding 1e-18 covers all three (D < 10^6).
-    ``x_norm``, if given, is that bound for the input itself (reused, not recomputed).
+    ``layers`` are the backbone's leaves (it is a chain of them, ``flatten_layers``).
     """
-    coefs, const = layerwise
     h = x.to(torch.float32)
-    err = torch.full((h.shape[0],), const, dtype=torch.float64, device=h.device)  # (B,)
+    acts = []
     for i, (layer, c) in enumerate(zip(layers, coefs, strict=True)):
         if c:
-            norm = x_norm if (i == 0 and x_norm is not None) else _norm_upper(h)  # (B,)
-            err = err + c * norm
+            acts.append((c, None if i == 0 else h))  # None: the input, whose norm is known
         h = layer(h)
+    return h.to(torch.float64), acts
+
+
+def _layerwise_error(acts, const: float, idx: torch.Tensor, x_norm: torch.Tensor):
+    """(n,) proven ‖fl(f(x)) − f(x)‖₂ of rows ``idx``: const + Σ_l c_l‖h̃_l‖ (a posteriori).
+
+    ``x_norm`` bounds the rows' input norms. The other norms are taken in float32 as sqrt of
+    a plain sum of squares (PyTorch's 2-norm; it overflows to inf rather than rescaling):
+    D squares and any-order sums of non-negative terms stay within a relative γ_{D+1}
+    (Higham §3.1), the square root within u, and squares in the subnormal range lose at most
+    sqrt(D·2^-149) absolutely; :func:`_norm_upper` covers all three.
+    """
+    err = torch.full_like(x_norm, const)
+    for c, h in acts:
+        err = err + c * (x_norm if h is None else _norm_upper(h[idx]))
     # float64 sums of non-negative terms: a relative (L + 1)·2^-53 at most; 1e-9 covers it.
-    return h.to(torch.float64), err * (1 + 1e-9)
+    return err * (1 + 1e-9)
 
 
 def _norm_upper(h: torch.Tensor) -> torch.Tensor:
-    """(B,) float64 upper bounds on the exact ℓ2 norm of each float32 row of ``h``."""
+    """(B,) float64 upper bounds on the exact ℓ2 norm of each float32 row of ``h``.
+
+    Inflating PyTorch's float32 2-norm by 1 + 2(D + 2)·u and adding 1e-18 covers its
+    round-off and squares in the subnormal range (D < 10^6; see :func:`_layerwise_error`).
+    """
     flat = h.flatten(1)
     grow = 1 + 2 * (flat.shape[1] + 2) * margins.UNIT_ROUNDOFF_F32
     return torch.linalg.vector_norm(flat, dim=1).to(torch.float64) * grow + 1e-18
