@@ -203,7 +203,8 @@ def markdown_report(result: dict) -> str:
         ]
     lines += [
         f"VRA sound {pct(m.get('vra_sound'))}% vs fast {pct(m.get('vra_fast'))}%: sound mode "
-        f"uses proven float64 bounds, fast mode converged power iteration.",
+        f"uses proven bounds and a proven round-off allowance, fast mode converged power "
+        f"iteration.",
         "",
     ]
     fb = result.get("fallback")
