@@ -198,8 +198,13 @@ def _layerwise_error(acts, const: float, idx: torch.Tensor, x_norm: torch.Tensor
     sqrt(D·2^-149) absolutely; :func:`_norm_upper` covers all three.
     """
     err = torch.full_like(x_norm, const)
+    few = 4 * idx.numel() < next((h.shape[0] for _, h in acts if h is not None), 0)
     for c, h in acts:
-        err = err + c * (x_norm if h is None else _norm_upper(h[idx]))
+        if h is None:
+            norm = x_norm
+        else:  # copying a few rows out is cheaper than all norms; for many it is not
+            norm = _norm_upper(h[idx]) if few else _norm_upper(h)[idx]
+        err = err + c * norm
     # float64 sums of non-negative terms: a relative (L + 1)·2^-53 at most; 1e-9 covers it.
     return err * (1 + 1e-9)
 
