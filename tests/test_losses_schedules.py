@@ -94,6 +94,16 @@ def test_lambda_and_lr_schedules():
         S.parse_lr_schedule("decay_to_-1")
 
 
+def test_scale_schedule_scales_only_ramp_lengths():
+    assert S.scale_schedule("0,2,500", 0.1) == "0,2,50"
+    assert S.scale_schedule("0.05, 1.75, 60", 0.5) == "0.05,1.75,30"
+    assert S.scale_schedule("1,10,500", 0.003) == "1,10,1.5"
+    for fixed in ("single", "log", "1.2", 2.0):  # already relative to the run, or constant
+        assert S.scale_schedule(fixed, 0.1) == str(fixed)
+    ramp = S.parse_lambda_schedule(S.scale_schedule("0,3,300", 0.1))
+    assert ramp.value(15, 30) == pytest.approx(1.5) and ramp.value(30, 30) == 3
+
+
 def test_decay_from_epoch_zero_as_in_the_authors_code():
     lr = S.parse_lr_schedule("decay_to_5e-6", decay_start=0.0)
     assert lr.value(0, 300, 1e-3) == 1e-3

@@ -26,6 +26,7 @@ __all__ = [
     "parse_epsilon_schedule",
     "parse_lambda_schedule",
     "parse_lr_schedule",
+    "scale_schedule",
 ]
 
 # ε may never be 0 for a GloRo net: ramps start at this fraction of the target instead.
@@ -165,3 +166,18 @@ def parse_lr_schedule(text: str, decay_start: float = 0.5) -> ConstantLR | Decay
     if not m or float(m.group(1)) <= 0:
         raise ConfigError(f"Bad LR schedule {text!r}: use 'constant' or 'decay_to_X' (X > 0).")
     return DecayToLR(float(m.group(1)), decay_start)
+
+
+def scale_schedule(text: str | float, factor: float) -> str:
+    """An ε or λ schedule string with its ramp length (``e`` of ``x,y,e``) times ``factor``.
+
+    Named schedules (``single``, ``log``) and constants are already relative to the run's
+    length and come back unchanged. Used by ``gloro train --epochs N`` to shorten or lengthen
+    a recipe as a whole.
+    """
+    text = str(text)
+    m = _TRIPLE.match(text)
+    if m is None:
+        return text
+    x, y, e = m.groups()
+    return f"{x},{y},{float(e) * factor:.6g}"

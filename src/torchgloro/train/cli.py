@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torchgloro._errors import CheckpointError, ConfigError
 from torchgloro.train.checkpoint import RESUME_OVERRIDABLE
+from torchgloro.schedules import scale_schedule
 from torchgloro.train.config import (
     DEFAULT_RECIPE,
     TrainConfig,
@@ -17,7 +18,7 @@ from torchgloro.train.config import (
     saved_run_config,
 )
 
-__all__ = ["add_arguments", "run", "config_from_args", "RESUME_OVERRIDABLE"]
+__all__ = ["add_arguments", "run", "config_from_args", "rescale_epochs", "RESUME_OVERRIDABLE"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,7 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", metavar="DIR", help="data root (data.root)")
     p.add_argument("--out", metavar="RUNS", help="folder for run folders (run.out)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="run.device")
-    p.add_argument("--epochs", type=int, metavar="N", help="run.epochs (schedules scale)")
+    p.add_argument(
+        "--epochs", type=int, metavar="N",
+        help="run.epochs, with the recipe's ramps (x,y,e schedules, warm-ups) scaled to match",
+    )  # fmt: skip
     p.add_argument("--download", action="store_true", help="download missing data files")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -52,10 +56,28 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
         out.append(f"run.out={args.out}")
     if args.device is not None:
         out.append(f"run.device={args.device}")
-    if args.epochs is not None:
-        out.append(f"run.epochs={args.epochs}")
     if args.download:
         out.append("data.download=true")
+    return out
+
+
+def rescale_epochs(cfg: TrainConfig, epochs: int) -> TrainConfig:
+    """``cfg`` shortened or lengthened to ``epochs``, keeping its shape over the run.
+
+    Schedules given as fractions of the run (``decay_to_X``, ``cosine``, ``log``) follow
+    ``run.epochs`` by themselves; the lengths given in epochs are scaled by
+    ``epochs / cfg.run.epochs``: the ramp ``e`` of ``x,y,e`` ε and λ schedules,
+    ``optim.warmup_lr_epochs``, and ``optim.warmup_epochs`` (rounded to whole epochs).
+    """
+    if epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {epochs}.")
+    factor = epochs / cfg.run.epochs
+    out = apply_overrides(cfg, [])  # a copy
+    out.run.epochs = epochs
+    out.gloro.epsilon_schedule = scale_schedule(cfg.gloro.epsilon_schedule, factor)
+    out.loss.lam_schedule = scale_schedule(cfg.loss.lam_schedule, factor)
+    out.optim.warmup_lr_epochs = cfg.optim.warmup_lr_epochs * factor
+    out.optim.warmup_epochs = round(cfg.optim.warmup_epochs * factor)
     return out
 
 
@@ -82,14 +104,19 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> TrainConfig:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The resolved config: the recipe, ``--epochs`` (rescaling it), then flags and ``--set``."""
     overrides = _flag_overrides(args) + list(args.overrides)
     if args.resume:
         if args.recipe or args.config:
             raise ConfigError("--resume takes its config from the run folder; drop the recipe.")
-        return resume_config(args.resume, overrides)
+        epochs = [] if args.epochs is None else [f"run.epochs={args.epochs}"]
+        return resume_config(args.resume, epochs + overrides)
     if args.recipe and args.config:
         raise ConfigError("Pass a RECIPE or --config FILE, not both.")
-    return load_config(args.config or args.recipe, overrides)
+    cfg = load_config(args.config or args.recipe)
+    if args.epochs is not None:
+        cfg = rescale_epochs(cfg, args.epochs)
+    return apply_overrides(cfg, overrides).validate()
 
 
 def run(args: argparse.Namespace) -> int:
