@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import torchgloro as tg
 from torchgloro import schedules as S
+from torchgloro.activations import group_sort
 
 
 def test_gloro_cross_entropy_treats_bottom_as_never_correct():
@@ -111,6 +112,37 @@ def test_decay_from_epoch_zero_as_in_the_authors_code():
     assert lr.value(300, 300, 1e-3) == pytest.approx(5e-6)
     later = S.parse_lr_schedule("decay_to_5e-6", decay_start=0.25)
     assert later.value(75, 300, 1e-3) == 1e-3 and later.value(76, 300, 1e-3) < 1e-3
+
+
+def _minmax_autograd(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """The plain-autograd MinMax the custom backward must reproduce."""
+    shape = x.shape[:dim] + (x.shape[dim] // 2, 2) + x.shape[dim + 1 :]
+    a, b = x.reshape(shape).unbind(dim + 1)
+    return torch.stack((torch.minimum(a, b), torch.maximum(a, b)), dim + 1).reshape(x.shape)
+
+
+@pytest.mark.parametrize("dim", [1, 2, -1])
+def test_minmax_gradient_matches_autograd_through_min_and_max(dim):
+    torch.manual_seed(0)
+    x = torch.randn(5, 6, 4, 8, dtype=torch.float64)
+    x[:, :, :2] = 0.0  # ties, as on a zero background with zero biases
+    x.requires_grad_(True)
+    g = torch.randn(5, 6, 4, 8, dtype=torch.float64)
+    y = group_sort(x, 2, dim)
+    y_ref = _minmax_autograd(x, dim % 4)
+    assert torch.equal(y, y_ref)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (gx_ref,) = torch.autograd.grad(y_ref, x, g)
+    tie = (x.detach() == x.detach().roll(1, dim)) | (x.detach() == x.detach().roll(-1, dim))
+    assert torch.equal(gx[~tie], gx_ref[~tie])  # exact off ties
+    torch.testing.assert_close(gx[tie], gx_ref[tie], rtol=0, atol=1e-15)  # halves on ties
+    assert tie.any() and (~tie).any()
+    # second order (a double backward through the custom function), and no grad at all
+    xs = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: group_sort(t, 2) * t, (xs,))
+    assert torch.autograd.gradgradcheck(lambda t: group_sort(t, 2) * t, (xs,))
+    with torch.no_grad():
+        assert torch.equal(group_sort(x, 2, dim), y_ref)
 
 
 def test_minmax_and_groupsort_are_lipschitz_one_and_gradient_norm_preserving():

@@ -33,13 +33,54 @@ def group_sort(x: torch.Tensor, group_size: int = 2, dim: int = 1) -> torch.Tens
         )
     dim = dim % x.dim()
     shape = x.shape[:dim] + (n // group_size, group_size) + x.shape[dim + 1 :]
-    grouped = x.reshape(shape)
     if group_size == 2:
-        a, b = grouped.unbind(dim + 1)
-        out = torch.stack((torch.minimum(a, b), torch.maximum(a, b)), dim + 1)
-    else:
-        out = grouped.sort(dim=dim + 1).values
-    return out.reshape(x.shape)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _MinMax.apply(x, shape, dim + 1)
+        return _min_max(x, shape, dim + 1)[0]
+    return x.reshape(shape).sort(dim=dim + 1).values.reshape(x.shape)
+
+
+def _min_max(x: torch.Tensor, pairs: tuple[int, ...], pair_dim: int):
+    """MinMax of ``x`` written straight into the output: ``(out, a, b)`` with ``a, b`` the
+    first and second member of each pair (views of ``x``)."""
+    a, b = x.reshape(pairs).unbind(pair_dim)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    lo, hi = out.view(pairs).unbind(pair_dim)
+    torch.minimum(a, b, out=lo)
+    torch.maximum(a, b, out=hi)
+    return out, a, b
+
+
+class _MinMax(torch.autograd.Function):
+    """MinMax with a lean backward (the same gradient as autograd's through
+    ``torch.minimum``/``torch.maximum``, which costs several masked passes).
+
+    Saves ``w`` = 1 where a pair's first member is the larger (it went to the max slot), 0
+    where it is the smaller, 1/2 on ties (autograd's split); then ∂a = lerp(∂lo, ∂hi, w) and
+    ∂b = lerp(∂hi, ∂lo, w): exact off ties (lerp with weight 0 or 1 returns an endpoint), and
+    within an ulp of the half-sum on ties.
+    """
+
+    @staticmethod
+    def forward(ctx, x, pairs, pair_dim):
+        out, a, b = _min_max(x, pairs, pair_dim)
+        # a − b is 0 exactly on ties (gradual underflow), so its sign tells the three cases.
+        ctx.save_for_backward(torch.sign(a - b).mul_(0.5).add_(0.5))
+        ctx.pairs, ctx.pair_dim = pairs, pair_dim
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        g_lo, g_hi = grad.reshape(ctx.pairs).unbind(ctx.pair_dim)
+        if torch.is_grad_enabled():  # double backward: out= is not differentiable
+            gx = torch.stack((torch.lerp(g_lo, g_hi, w), torch.lerp(g_hi, g_lo, w)), ctx.pair_dim)
+            return gx.reshape(grad.shape), None, None
+        gx = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+        g_a, g_b = gx.view(ctx.pairs).unbind(ctx.pair_dim)
+        torch.lerp(g_lo, g_hi, w, out=g_a)
+        torch.lerp(g_hi, g_lo, w, out=g_b)
+        return gx, None, None
 
 
 class GroupSort(nn.Module):

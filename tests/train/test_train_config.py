@@ -236,7 +236,10 @@ def test_epochs_flag_rescales_the_recipes_ramps():
     assert short.optim.warmup_lr_epochs == pytest.approx(full.optim.warmup_lr_epochs / 10)
     assert short.optim.lr_schedule == full.optim.lr_schedule == "cosine"  # relative already
     cifar = _cli_config("cifar10-6c2f-gloro", "--epochs", "80")
-    assert (load_config("cifar10-6c2f-gloro").optim.warmup_epochs, cifar.optim.warmup_epochs) == (20, 2)
+    assert (load_config("cifar10-6c2f-gloro").optim.warmup_epochs, cifar.optim.warmup_epochs) == (
+        20,
+        2,
+    )
     # --set is absolute and applies after the rescaling
     mixed = _cli_config("mnist-4c3f-plus", "--epochs", "30", "--set", "loss.lam_schedule=0,1,3")
     assert mixed.loss.lam_schedule == "0,1,3" and mixed.gloro.epsilon_schedule == "0.05,1.75,6"

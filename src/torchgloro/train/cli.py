@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from torchgloro._errors import CheckpointError, ConfigError
-from torchgloro.train.checkpoint import RESUME_OVERRIDABLE
 from torchgloro.schedules import scale_schedule
+from torchgloro.train.checkpoint import RESUME_OVERRIDABLE
 from torchgloro.train.config import (
     DEFAULT_RECIPE,
     TrainConfig,
