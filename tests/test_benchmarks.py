@@ -108,3 +108,15 @@ def test_record_run_summarizes_a_run_folder(tmp_path):
     data = json.loads(out.read_text())
     assert data["evaluation"] is None and data["note"] == "timing only"
     assert data["eval_command"] is None and data["sec_per_epoch_median"] == 12.0
+
+
+def test_activation_cost_quick(tmp_path):
+    from benchmarks import activation_cost
+
+    data = _run(activation_cost, tmp_path)
+    assert [r["arch"] for r in data["results"]] == ["2c2f", "4c3f"]
+    for r in data["results"]:
+        assert set(r["sec_per_step_median"]) == {"minmax", "minmax_autograd", "relu"}
+        saved = r["saved_for_backward_per_instance_bytes"]
+        # MinMax keeps a 1-byte weight per activation; plain autograd keeps the 4-byte input
+        assert saved["relu"] < saved["minmax"] < saved["minmax_autograd"]
