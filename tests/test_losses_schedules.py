@@ -158,3 +158,17 @@ def test_minmax_and_groupsort_are_lipschitz_one_and_gradient_norm_preserving():
     assert torch.equal(tg.MinMax()(torch.tensor([[3.0, 1.0]])), torch.tensor([[1.0, 3.0]]))
     with pytest.raises(tg.GloroInputError, match="divisible"):
         tg.MinMax()(torch.randn(2, 3))
+
+
+def test_minmax_compiles_with_the_same_values_and_gradients():
+    torch.manual_seed(0)
+    f = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), tg.MinMax(), torch.nn.Flatten())
+    x = torch.randn(3, 1, 6, 6)
+    f(x).square().sum().backward()
+    eager = [p.grad.clone() for p in f.parameters()]
+    f.zero_grad()
+    y = torch.compile(f, backend="aot_eager")(x)
+    torch.testing.assert_close(y, f(x))
+    y.square().sum().backward()
+    for g, p in zip(eager, f.parameters()):
+        torch.testing.assert_close(p.grad, g)
