@@ -40,6 +40,7 @@ __all__ = [
     "sync",
     "interleave",
     "median",
+    "endless",
     "RssSampler",
     "peak_bytes_block",
     "saved_activation_bytes",
@@ -161,6 +162,12 @@ def sync(device: torch.device) -> None:
 
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
+
+
+def endless(batches):
+    """Yields from ``batches`` forever, starting a new pass (a new shuffle) when one ends."""
+    while True:
+        yield from batches
 
 
 def interleave(

@@ -58,18 +58,11 @@ class Stepper:
         self.loss_fn = GloroTrades(2.0)
         gen = torch.Generator().manual_seed(seed)
         self.batches = DeviceBatches(split, batch, True, gen, drop_last=True, device=device)
-        self._it = iter(self.batches)
-
-    def _next(self):
-        try:
-            return next(self._it)
-        except StopIteration:
-            self._it = iter(self.batches)
-            return next(self._it)
+        self._it = C.endless(self.batches)
 
     def steps(self, n: int) -> None:
         for _ in range(n):
-            x, y = self._next()
+            x, y = next(self._it)
             loss = self.loss_fn(self.net(x), y)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -52,22 +52,15 @@ class Runner:
         self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-7)
         gen = torch.Generator().manual_seed(seed)
         self.batches = DeviceBatches(split, batch, True, gen, drop_last=True, device=device)
-        self._it = iter(self.batches)
+        self._it = C.endless(self.batches)
         self.loss_fn = GloroCrossEntropy()
         self.acc = torch.zeros(4, dtype=torch.float64, device=device)
-
-    def _next(self):
-        try:
-            return next(self._it)
-        except StopIteration:
-            self._it = iter(self.batches)
-            return next(self._it)
 
     def forward(self, x):
         return self.net(x) if self.robust else self.net.backbone(x)
 
     def step(self) -> None:
-        x, y = self._next()
+        x, y = next(self._it)
         net, opt = self.net, self.opt
         net.epsilon = self.eps  # the trainer sets ε and lr every batch
         for group in opt.param_groups:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def rescale_epochs(cfg: TrainConfig, epochs: int) -> TrainConfig:
     if epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {epochs}.")
     factor = epochs / cfg.run.epochs
-    out = apply_overrides(cfg, [])  # a copy
+    out = copy.deepcopy(cfg)
     out.run.epochs = epochs
     out.gloro.epsilon_schedule = scale_schedule(cfg.gloro.epsilon_schedule, factor)
     out.loss.lam_schedule = scale_schedule(cfg.loss.lam_schedule, factor)
