@@ -337,8 +337,9 @@ def conv_bound(
         k = k.reshape(groups, co // groups, *k.shape[1:])
         nh = max(nh, k.shape[-2])
         nw = max(nw, k.shape[-1])
-        # Any torus at least (nh, nw) works; the DFT grids differ, so try a few sizes.
-        for extra in range(1 if exact else CIRCULAR_SIZES):
+        # Any torus at least (nh, nw) works; the DFT grids differ, so try a few sizes (all of
+        # them in ``auto`` too: its exact path may be skipped, and then this is the answer).
+        for extra in range(CIRCULAR_SIZES):
             best = min(best, circular_bound(k, (nh + extra, nw + extra)))
     if exact:
         skip = best if method == "auto" else None
