@@ -30,8 +30,9 @@ from torchgloro._sound_linalg import U64, gamma, lanczos_top, lmax_upper, sigma_
 Pad4 = tuple[int, int, int, int]
 
 #: The exact Gram matrix of the smaller side is built and verified when its order (per group)
-#: is at most this (the Cholesky of a 3136×3136 matrix takes ~0.4 s on 2 cores).
-EXACT_MAX_SIDE = 4096
+#: is at most this: 6400 covers 4C3F's 64-channel 3×3 layer on 14×14 (order 6272, ~1 GB and
+#: ~8 s on 2 cores, once per weights), where the circular bound was 0.75% loose after training.
+EXACT_MAX_SIDE = 6400
 #: ``auto`` skips the exact path when the circular bound is already within this factor of a
 #: Lanczos estimate of the exact norm.
 AUTO_SKIP_RATIO = 1.004

@@ -104,7 +104,7 @@ def conv2d_norm_upper(
         dilation: int or pair.
         groups: Number of groups.
         method: ``"auto"`` (the smaller of the circular bound and, for operators with at
-            most 4096 rows or columns per group, the verified norm of the exact operator),
+            most 6400 rows or columns per group, the verified norm of the exact operator),
             ``"circular"`` or ``"exact"``.
 
     Returns:

@@ -170,9 +170,24 @@ def test_lr_schedules():
     assert decay.value(5, 10, 1e-3) == 1e-3 and abs(decay.value(10, 10, 1e-3) - 1e-6) < 1e-15
 
 
-def test_plus_recipes_keep_the_kl_form_they_were_recorded_with():
-    for name in ("mnist-2c2f-plus", "mnist-4c3f-plus"):
-        assert load_config(name).loss.trades_robust == "kl"
+def test_plus_recipes_keep_the_robust_term_they_were_recorded_with():
+    assert load_config("mnist-2c2f-plus").loss.trades_robust == "kl"
+    assert load_config("mnist-4c3f-plus").loss.trades_robust == "ce"
+
+
+def test_4c3f_plus_recipe_is_the_recorded_100_epoch_run():
+    """The shipped recipe equals `--epochs 100` applied to the 300-epoch one it replaced."""
+    import json
+    from pathlib import Path
+
+    from torchgloro.train.config import config_to_dict
+
+    rec = Path(__file__).parents[2] / "benchmarks/results/mnist-4c3f-plus-100epochs-ce-cpu.json"
+    ran = json.loads(rec.read_text())["config"]
+    now = config_to_dict(load_config("mnist-4c3f-plus"))
+    for section in ("model", "gloro", "loss", "optim"):
+        assert now[section] == ran[section], section
+    assert now["run"]["epochs"] == ran["run"]["epochs"] == 100
 
 
 def test_a_saved_run_predating_trades_robust_resumes_with_the_kl_form(tmp_path):
