@@ -243,11 +243,11 @@ def _cli_config(*argv: str) -> TrainConfig:
 def test_epochs_flag_rescales_the_recipes_ramps():
     """`--epochs N` shortens a recipe as a whole: ramps given in epochs scale with it."""
     full = load_config("mnist-4c3f-plus")
-    short = _cli_config("mnist-4c3f-plus", "--epochs", "30")
-    assert (full.run.epochs, short.run.epochs) == (300, 30)
-    assert full.gloro.epsilon_schedule == "0.05,1.75,60"
-    assert short.gloro.epsilon_schedule == "0.05,1.75,6"
-    assert (full.loss.lam_schedule, short.loss.lam_schedule) == ("0.5,3,150", "0.5,3,15")
+    short = _cli_config("mnist-4c3f-plus", "--epochs", "10")
+    assert (full.run.epochs, short.run.epochs) == (100, 10)
+    assert full.gloro.epsilon_schedule == "0.05,1.75,20"
+    assert short.gloro.epsilon_schedule == "0.05,1.75,2"
+    assert (full.loss.lam_schedule, short.loss.lam_schedule) == ("0.5,3,50", "0.5,3,5")
     assert short.optim.warmup_lr_epochs == pytest.approx(full.optim.warmup_lr_epochs / 10)
     assert short.optim.lr_schedule == full.optim.lr_schedule == "cosine"  # relative already
     cifar = _cli_config("cifar10-6c2f-gloro", "--epochs", "80")
@@ -256,9 +256,9 @@ def test_epochs_flag_rescales_the_recipes_ramps():
         2,
     )
     # --set is absolute and applies after the rescaling
-    mixed = _cli_config("mnist-4c3f-plus", "--epochs", "30", "--set", "loss.lam_schedule=0,1,3")
-    assert mixed.loss.lam_schedule == "0,1,3" and mixed.gloro.epsilon_schedule == "0.05,1.75,6"
+    mixed = _cli_config("mnist-4c3f-plus", "--epochs", "10", "--set", "loss.lam_schedule=0,1,3")
+    assert mixed.loss.lam_schedule == "0,1,3" and mixed.gloro.epsilon_schedule == "0.05,1.75,2"
     # run.epochs through --set changes the length only
-    assert _cli_config("mnist-4c3f-plus", "--set", "run.epochs=30").loss.lam_schedule == "0.5,3,150"
+    assert _cli_config("mnist-4c3f-plus", "--set", "run.epochs=30").loss.lam_schedule == "0.5,3,50"
     with pytest.raises(tg.ConfigError, match="--epochs must be >= 1"):
         _cli_config("mnist-4c3f-plus", "--epochs", "0")
