@@ -29,7 +29,12 @@ TIMING_EPOCHS=${TIMING_EPOCHS:-20}
 # Recipes to train, or run folders (carried in, e.g. under .devdata/) to resume. Measured on an
 # H100 (2026-11-26): a 4C3F recipe takes about 1.7 s/epoch alone and 2.7 s/epoch with three
 # side by side, so one call finishes at most one 300-epoch 4C3F recipe; resume the others.
+# Separated by ';'; a recipe may carry its own flags after a '|':
+# RECIPES="mnist-4c3f-plus|--epochs 300;mnist-4c3f-gloro-t".
 RECIPES=${RECIPES:-"mnist-4c3f-plus"}
+# Seconds kept after training for evaluation, timing and packing; lower it (e.g. 45) when
+# every run is to be resumed elsewhere rather than evaluated here.
+TRAIN_RESERVE=${TRAIN_RESERVE:-120}
 DEVICE=${DEVICE:-cuda}
 # For a dry run on a CPU: DEVICE=cpu TRAIN_ARGS="--epochs 1 --set data.train_subset=1000"
 # BENCH_ARGS=--quick EVAL_ARGS="--limit 100" (all empty on the GPU).
@@ -56,15 +61,16 @@ work=$(mktemp -d) && mkdir -p "$work/bench" "$work/runs"
 gloro=(python3 -m torchgloro.cli)
 
 echo "== A. full recipes side by side: $RECIPES ($(left) s left)"
-train_end=$((T0 + BUDGET - 120))
-job() {  # job RECIPE, or job PATH/TO/RUN_FOLDER (carried in): resume it
-    local r=$1 run cmd
+train_end=$((T0 + BUDGET - TRAIN_RESERVE))
+job() {  # job RECIPE[|FLAGS], or job PATH/TO/RUN_FOLDER (carried in): resume it
+    local r=${1%%|*} run cmd extra=()
+    [[ "$1" == *"|"* ]] && read -ra extra <<<"${1#*|}"
     if [ -d "$1" ]; then
         cp -r "$1" "$work/runs/" && run="$work/runs/$(basename "$1")"
         r=$(basename "$1" | sed 's/-[0-9]\{8\}-[0-9]\{6\}$//')
         cmd=("${gloro[@]}" train --resume "$run" --device "$DEVICE" --data-dir "$MNIST" --no-progress)
     else
-        cmd=("${gloro[@]}" train "$r" --device "$DEVICE" --data-dir "$MNIST" --out "$work/runs" --no-progress "${TRAIN_ARGS[@]}")
+        cmd=("${gloro[@]}" train "$r" --device "$DEVICE" --data-dir "$MNIST" --out "$work/runs" --no-progress "${TRAIN_ARGS[@]}" "${extra[@]}")
     fi
     local log="$work/$r.train.log"
     local t=$((train_end - $(date +%s)))
@@ -85,12 +91,13 @@ job() {  # job RECIPE, or job PATH/TO/RUN_FOLDER (carried in): resume it
         "${EVAL_ARGS[@]}" >"$run/eval.log" 2>&1 || echo "$r: evaluation did not finish"
     tail -12 "$run/eval.log"
     python3 -m benchmarks.record_run "$run" --name "$r-$DEVICE" --out-dir "$run" \
-        --train-command "gloro train $r --device $DEVICE --data-dir MNIST --no-progress" \
+        --train-command "gloro train $r ${extra[*]} --device $DEVICE --data-dir MNIST --no-progress" \
         --eval-command "${ev[*]}" --commit "$GIT_COMMIT" --device "$DEVICE: $gpu" | tail -2
 }
 pids=()
-for r in $RECIPES; do
-    job "$r" &
+IFS=';' read -ra specs <<<"$RECIPES"
+for spec in "${specs[@]}"; do
+    job "$spec" &
     pids+=($!)
 done
 if [ "$DEVICE" = cuda ]; then
