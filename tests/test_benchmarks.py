@@ -120,3 +120,15 @@ def test_activation_cost_quick(tmp_path):
         saved = r["saved_for_backward_per_instance_bytes"]
         # MinMax keeps a 1-byte weight per activation; plain autograd keeps the 4-byte input
         assert saved["relu"] < saved["minmax"] < saved["minmax_autograd"]
+
+
+def test_bound_tightness_quick(tmp_path):
+    from benchmarks import bound_tightness
+
+    data = _run(bound_tightness, tmp_path)
+    assert [r["bound"] for r in data["layers"]] == ["Conv2dBound"] * 2 + ["DenseBound"]
+    for r in data["layers"]:
+        # Power iteration only ever under-estimates a norm; the proven bound must sit above it.
+        assert r["long_iteration_estimate"] <= r["sound_upper"] * (1 + 1e-6)
+        assert r["frozen_estimate"] <= r["sound_upper"] * (1 + 1e-6)
+    assert data["global_ub_sound"] >= data["global_ub_fast"] * (1 - 1e-6)
