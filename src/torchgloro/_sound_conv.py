@@ -35,7 +35,7 @@ Pad4 = tuple[int, int, int, int]
 EXACT_MAX_SIDE = 6400
 #: ``auto`` skips the exact path when the circular bound is already within this factor of a
 #: Lanczos estimate of the exact norm.
-AUTO_SKIP_RATIO = 1.004
+AUTO_SKIP_RATIO = 1.0005
 #: Number of torus sizes ``N_min + j`` (``j < CIRCULAR_SIZES``) tried by the circular bound.
 CIRCULAR_SIZES = 4
 
