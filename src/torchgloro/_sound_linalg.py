@@ -140,10 +140,10 @@ def lanczos_top(g: torch.Tensor, iters: int = 400, rtol: float = 1e-11) -> torch
         betas.append(b)
         q = w / b
         if (j + 1) % 10 == 0:
-            new = float(_ritz_top(alphas, betas))
-            if abs(new - top) <= rtol * abs(new):
-                break
-            top = new
+            ritz = _ritz_top(alphas, betas)
+            if abs(float(ritz) - top) <= rtol * abs(float(ritz)):
+                return ritz  # the same tridiagonal matrix the loop's end would solve
+            top = float(ritz)
     return _ritz_top(alphas, betas)
 
 
