@@ -175,19 +175,19 @@ def test_plus_recipes_keep_the_robust_term_they_were_recorded_with():
     assert load_config("mnist-4c3f-plus").loss.trades_robust == "ce"
 
 
-def test_4c3f_plus_recipe_is_the_recorded_110_epoch_run():
-    """The shipped recipe equals the recorded `--epochs 110` run of the 100-epoch one."""
+def test_4c3f_plus_recipe_is_the_recorded_130_epoch_run():
+    """The shipped recipe equals the recorded `--epochs 130` run of the 110-epoch one."""
     import json
     from pathlib import Path
 
     from torchgloro.train.config import config_to_dict
 
-    rec = Path(__file__).parents[2] / "benchmarks/results/mnist-4c3f-plus-110epochs-ce-cpu.json"
+    rec = Path(__file__).parents[2] / "benchmarks/results/mnist-4c3f-plus-130epochs-ce-cpu.json"
     ran = json.loads(rec.read_text())["config"]
     now = config_to_dict(load_config("mnist-4c3f-plus"))
     for section in ("model", "gloro", "loss", "optim"):
         assert now[section] == ran[section], section
-    assert now["run"]["epochs"] == ran["run"]["epochs"] == 110
+    assert now["run"]["epochs"] == ran["run"]["epochs"] == 130
 
 
 def test_a_saved_run_predating_trades_robust_resumes_with_the_kl_form(tmp_path):
@@ -243,11 +243,11 @@ def _cli_config(*argv: str) -> TrainConfig:
 def test_epochs_flag_rescales_the_recipes_ramps():
     """`--epochs N` shortens a recipe as a whole: ramps given in epochs scale with it."""
     full = load_config("mnist-4c3f-plus")
-    short = _cli_config("mnist-4c3f-plus", "--epochs", "11")
-    assert (full.run.epochs, short.run.epochs) == (110, 11)
-    assert full.gloro.epsilon_schedule == "0.05,1.75,22"
-    assert short.gloro.epsilon_schedule == "0.05,1.75,2.2"
-    assert (full.loss.lam_schedule, short.loss.lam_schedule) == ("0.5,3,55", "0.5,3,5.5")
+    short = _cli_config("mnist-4c3f-plus", "--epochs", "13")
+    assert (full.run.epochs, short.run.epochs) == (130, 13)
+    assert full.gloro.epsilon_schedule == "0.05,1.75,26"
+    assert short.gloro.epsilon_schedule == "0.05,1.75,2.6"
+    assert (full.loss.lam_schedule, short.loss.lam_schedule) == ("0.5,3,65", "0.5,3,6.5")
     assert short.optim.warmup_lr_epochs == pytest.approx(full.optim.warmup_lr_epochs / 10)
     assert short.optim.lr_schedule == full.optim.lr_schedule == "cosine"  # relative already
     cifar = _cli_config("cifar10-6c2f-gloro", "--epochs", "80")
@@ -256,9 +256,9 @@ def test_epochs_flag_rescales_the_recipes_ramps():
         2,
     )
     # --set is absolute and applies after the rescaling
-    mixed = _cli_config("mnist-4c3f-plus", "--epochs", "11", "--set", "loss.lam_schedule=0,1,3")
-    assert mixed.loss.lam_schedule == "0,1,3" and mixed.gloro.epsilon_schedule == "0.05,1.75,2.2"
+    mixed = _cli_config("mnist-4c3f-plus", "--epochs", "13", "--set", "loss.lam_schedule=0,1,3")
+    assert mixed.loss.lam_schedule == "0,1,3" and mixed.gloro.epsilon_schedule == "0.05,1.75,2.6"
     # run.epochs through --set changes the length only
-    assert _cli_config("mnist-4c3f-plus", "--set", "run.epochs=30").loss.lam_schedule == "0.5,3,55"
+    assert _cli_config("mnist-4c3f-plus", "--set", "run.epochs=30").loss.lam_schedule == "0.5,3,65"
     with pytest.raises(tg.ConfigError, match="--epochs must be >= 1"):
         _cli_config("mnist-4c3f-plus", "--epochs", "0")
