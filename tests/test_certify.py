@@ -9,9 +9,11 @@ from torch import nn
 import torchgloro as tg
 from torchgloro._certify import (
     _float32_pass,
+    _head_error,
     _layerwise_error,
     _may_certify,
     _norm_upper,
+    _pair_slack,
     strict_fp32,
 )
 from torchgloro._errors import GloroInputError
@@ -21,13 +23,19 @@ from torchgloro.local import certify_local
 from torchgloro.models import create_model
 
 
-def _post_error(net, x):
-    """(B,) the per-point float32 allowance of every row, and the float32 logits."""
+def _allowances(net, x, j=None):
+    """Float32 logits and the (B, C) margin allowances for class j (default: the argmax):
+    a priori (step 1) and per point (step 2)."""
     st = net._sound_state()
     with torch.no_grad(), strict_fp32():
-        y, acts = _float32_pass(flatten_layers(net.backbone), st.layerwise32[0], x)
-        rows = torch.arange(x.shape[0])
-        return y, _layerwise_error(acts, st.layerwise32[1], rows, _norm_upper(x))
+        y, feats, acts = _float32_pass(flatten_layers(net.backbone), st.layerwise32[0], x)
+    j = y.argmax(dim=1) if j is None else torch.full((len(x),), j, dtype=torch.long)
+    x_norm = _norm_upper(x)
+    r = _head_error(st.head32, feats)
+    prior = _pair_slack(st.head32, j, st.pen32[0] * x_norm + st.pen32[1], r)
+    rows = torch.arange(x.shape[0])
+    post = _pair_slack(st.head32, j, _layerwise_error(acts, st.layerwise32[1], rows, x_norm), r)
+    return y, prior, post
 
 
 def _net(arch="2c2f", in_shape=(1, 28, 28), seed=0, eps=0.05):
@@ -70,12 +78,17 @@ def test_float32_allowance_covers_float32_error_and_peak(arch, in_shape):
     assert float(err.max()) > 0
     assert bool((err <= bound).all())
     assert bool((y64.abs().amax(dim=1) <= st.peak32[0] * x_norm + st.peak32[1]).all())
-    # The per-point bound from the measured activation norms: valid, and tighter.
-    y_pass, err_post = _post_error(net, x)
-    assert torch.equal(y_pass, y32)  # layer by layer is the backbone's own forward
-    assert bool((err <= err_post).all())
-    assert bool((err_post <= bound).all())
-    assert float((err_post / bound).median()) < 0.5
+    # Each margin's allowance, a priori and from the measured activation norms: valid for
+    # every class pair, tighter per point, and tighter than 2‖e‖ from the logits' bound.
+    for j in range(y32.shape[1]):
+        y_pass, prior, post = _allowances(net, x, j)
+        assert torch.equal(y_pass, y32)  # layer by layer is the backbone's own forward
+        off = (y32[:, j : j + 1] - y32) - (y64[:, j : j + 1] - y64)  # (B, C) margin errors
+        assert float(off.abs().max()) > 0
+        assert bool((off.abs() <= post).all()) and bool((off.abs() <= prior).all())
+        assert bool((post <= prior).all())
+        assert float((post / prior).median()) < 0.5
+        assert float((prior / (2 * bound[:, None])).median()) < 1.0
 
 
 def test_auto_certifies_exactly_the_float64_points(trained_digits_net):
@@ -96,12 +109,12 @@ def test_open_points_go_to_float64(trained_digits_net):
     """With a huge float32 allowance float32 decides nothing: every row is float64's."""
     net, _, test = trained_digits_net
     st = net._sound_state()
-    saved = st.err32, st.layerwise32
+    saved = st.pen32, st.layerwise32
     try:  # both float32 allowances (a priori, then per point)
-        st.err32, st.layerwise32 = (1e3, 1e3), (saved[1][0], 1e3)
+        st.pen32, st.layerwise32 = (1e3, 1e3), (saved[1][0], 1e3)
         auto = net.certify(test.x[:200])
     finally:
-        st.err32, st.layerwise32 = saved
+        st.pen32, st.layerwise32 = saved
     f64 = net.certify(test.x[:200], precision="float64")
     assert torch.allclose(auto.logits, f64.logits, rtol=1e-12, atol=0)
     assert torch.allclose(auto.radius, f64.radius, rtol=1e-12, atol=0)
@@ -119,14 +132,13 @@ def test_float32_decisions_subtract_the_float32_allowance(trained_digits_net):
     gap = (auto.logits - f64.logits).abs() / (1 + f64.logits.abs())
     from32 = (gap > 1e-11).any(dim=1)
     assert int(from32.sum()) > len(test.x) // 2  # most rows are decided on float32
-    st = net._sound_state()
     K = net.lipschitz_constant("sound")  # (C, C) proven, float64
-    _, err = _post_error(net, test.x)
-    prior = st.err32[0] * _norm_upper(test.x) + st.err32[1]
+    y32, prior, post = _allowances(net, test.x)
     y, j = auto.logits, auto.pred
+    assert torch.equal(y[from32], y32[from32]) and torch.equal(j, y32.argmax(dim=1))
     ok = torch.zeros(len(y), dtype=torch.bool)
-    for e in (err, prior):  # certified by the per-point or by the a-priori allowance
-        margin = y.gather(1, j[:, None]) - y - 2.0 * e[:, None] - eps * K[j]  # (B, C)
+    for slack in (post, prior):  # certified by the per-point or by the a-priori allowance
+        margin = y.gather(1, j[:, None]) - y - slack - eps * K[j]  # (B, C)
         margin.scatter_(1, j[:, None], float("inf"))
         ok |= (margin > 0).all(dim=1)
     assert bool((ok | ~(auto.certified & from32)).all())
@@ -141,6 +153,19 @@ def test_may_certify_catches_a_different_float64_class():
     slack = torch.tensor([0.01], dtype=torch.float64)
     assert bool(_may_certify(y, pred, K, slack, epsilon=0.004, lipschitz="margin")[0])
     assert not bool(_may_certify(y, pred, K, slack, epsilon=0.5, lipschitz="margin")[0])
+    # Per-pair slack: class 1 can win in float64 only by up to slack[1] - 0.001 (class 2 is
+    # 6 below), so a large slack on the pair (0, 2) keeps nothing open.
+    wide, narrow = [[0.0, 0.01, 1e-6]], [[0.0, 1e-6, 0.01]]
+    for pair, expect in ((wide, True), (narrow, False)):
+        pair = torch.tensor(pair, dtype=torch.float64)
+        assert bool(_may_certify(y, pred, K, pair, epsilon=0.004, lipschitz="margin")[0]) is expect
+    # Class 0 cannot be certified (class 2 is 1e-5 below it, with no slack); class 1 can only
+    # if its pair's slack covers the 0.001 it trails by plus ε·K = 0.004.
+    y2 = torch.tensor([[1.0, 0.999, 0.99999]], dtype=torch.float64)
+    for s1, expect in ((0.006, True), (0.0049, False)):
+        pair = torch.tensor([[0.0, s1, 0.0]], dtype=torch.float64)
+        got = bool(_may_certify(y2, pred, K, pair, epsilon=0.004, lipschitz="margin")[0])
+        assert got is expect
 
 
 def test_float64_input_and_residual_nets_use_float64(trained_digits_net):

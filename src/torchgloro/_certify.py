@@ -4,11 +4,13 @@ Sound certification needs logits whose round-off is bounded by a proof. The floa
 the backbone gives a tiny allowance (≈1e-10 of the logits) but costs 4–9× float32 inference on
 a CPU. The float32 backbone itself obeys the same per-layer round-off model with float32's
 unit round-off ``u = 2^-24``, provided every affine output is a plain sum of products: no TF32
-or bfloat16 arithmetic and no Winograd/FFT convolutions (:func:`strict_fp32`). Its allowance
-is larger (a few % of the ε·K a certificate needs, on the MNIST nets), so each point is
-decided in up to three steps:
+or bfloat16 arithmetic and no Winograd/FFT convolutions (:func:`strict_fp32`). A margin
+y_j − y_i of the float32 logits is off by at most ‖w_j − w_i‖·‖e‖ + r_j + r_i, with e the
+error of the penultimate features and r the head's own componentwise round-off
+(``SoundState.head32``), about 1% of the ε·K a certificate needs on the MNIST nets. Each
+point is decided in up to three steps:
 
-1. float32 logits with the a-priori allowance ``p‖x‖ + q`` (``SoundState.err32``: free);
+1. float32 logits with the a-priori feature allowance ``‖e‖ ≤ p‖x‖ + q`` (``SoundState.pen32``);
 2. for the points step 1 leaves open, the per-point allowance from the norms of the
    activations the float32 pass computed (``SoundState.layerwise32``: about 2× tighter);
 3. the points still open — not certified, but float64 might certify them — are recomputed
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from torchgloro import margins
-from torchgloro._weight_cache import SoundState
+from torchgloro._weight_cache import HeadRoundoff, SoundState
 from torchgloro.lipschitz import flatten_layers
 
 
@@ -144,14 +146,15 @@ def sound_logits(
     backbone.eval()
     try:
         with strict_fp32():
-            y, acts = _float32_pass(flatten_layers(backbone), st.layerwise32[0], x)  # (B, C)
+            y, feats, acts = _float32_pass(flatten_layers(backbone), st.layerwise32[0], x)
     finally:
         backbone.train(was_training)
     peak = st.peak32[0] * x_norm + st.peak32[1]  # (B,)
     unsafe = ~torch.isfinite(y).all(dim=1) | ~(peak < _F32_SAFE)
-    # 1. The a-priori allowance ‖e‖ ≤ p‖x‖ + q: free, decides most points.
-    # (|e_j − e_i| ≤ 2‖e‖₂; 1.01 absorbs the rounding of these lines.)
-    slack = 2.02 * (st.err32[0] * x_norm + st.err32[1])  # (B,)
+    j = y.argmax(dim=1)  # (B,) the class certified_radius decides on
+    r = _head_error(st.head32, feats)  # (B, C)
+    # 1. The a-priori feature allowance ‖e‖ ≤ p‖x‖ + q: free, decides most points.
+    slack = _pair_slack(st.head32, j, st.pen32[0] * x_norm + st.pen32[1], r)  # (B, C)
     pred, radius = margins.certified_radius(y, K, slack, lipschitz=lipschitz)
     radius = radius.masked_fill(unsafe, 0.0)
     open_ = ~unsafe & ~(radius > epsilon) & _may_certify(y, pred, K, slack, epsilon, lipschitz)
@@ -159,8 +162,8 @@ def sound_logits(
     idx = open_.nonzero().flatten()
     redo = unsafe.clone()
     if idx.numel():
-        err = _layerwise_error(acts, st.layerwise32[1], idx, x_norm[idx])
-        s2 = 2.02 * err  # (n,)
+        err = _layerwise_error(acts, st.layerwise32[1], idx, x_norm[idx])  # (n,)
+        s2 = _pair_slack(st.head32, j[idx], err, r[idx])  # (n, C)
         p2, r2 = margins.certified_radius(y[idx], K, s2, lipschitz=lipschitz)
         radius = radius.index_put((idx,), r2)
         redo[idx] = ~(r2 > epsilon) & _may_certify(y[idx], p2, K, s2, epsilon, lipschitz)
@@ -174,22 +177,26 @@ def sound_logits(
 
 
 def _float32_pass(layers, coefs: list[float], x: torch.Tensor):
-    """The backbone's float32 logits, layer by layer, keeping the input of each layer whose
-    round-off coefficient is not 0: ``(logits (B, C) float64, [(c_l, h̃_l), ...])``.
+    """The backbone's float32 logits, layer by layer.
 
-    ``layers`` are the backbone's leaves (it is a chain of them, ``flatten_layers``).
+    ``layers`` are the backbone's leaves (it is a chain of them, ``flatten_layers``), the
+    last one the head; ``coefs`` the round-off coefficients of the others.
+
+    Returns:
+        ``(logits (B, C) float64, the head's input h̃ (B, ...) float32, [(c_l, h̃_l), ...])``
+        with the input of each leaf before the head whose coefficient is not 0.
     """
     h = x.to(torch.float32)
     acts = []
-    for i, (layer, c) in enumerate(zip(layers, coefs, strict=True)):
+    for i, (layer, c) in enumerate(zip(layers[:-1], coefs, strict=True)):
         if c:
             acts.append((c, None if i == 0 else h))  # None: the input, whose norm is known
         h = layer(h)
-    return h.to(torch.float64), acts
+    return layers[-1](h).to(torch.float64), h, acts
 
 
 def _layerwise_error(acts, const: float, idx: torch.Tensor, x_norm: torch.Tensor):
-    """(n,) proven ‖fl(f(x)) − f(x)‖₂ of rows ``idx``: const + Σ_l c_l‖h̃_l‖ (a posteriori).
+    """(n,) proven ‖h̃ − h‖₂ of the features of rows ``idx``: const + Σ_l c_l‖h̃_l‖ (a posteriori).
 
     ``x_norm`` bounds the rows' input norms. The other norms are taken in float32 as sqrt of
     a plain sum of squares (PyTorch's 2-norm; it overflows to inf rather than rescaling):
@@ -207,6 +214,28 @@ def _layerwise_error(acts, const: float, idx: torch.Tensor, x_norm: torch.Tensor
         err = err + c * norm
     # float64 sums of non-negative terms: a relative (L + 1)·2^-53 at most; 1e-9 covers it.
     return err * (1 + 1e-9)
+
+
+def _head_error(hd: HeadRoundoff, feats: torch.Tensor) -> torch.Tensor:
+    """(B, C) proven bounds on the float32 round-off of each logit, given its input h̃.
+
+    γ_n(|W||h̃| + |b|) + underflow, evaluated in float64: |h̃| converts exactly, and a float64
+    sum of d non-negative products is within a relative d·2^-53 (d < 10^6), which the final
+    1 + 1e-9 covers with the few operations after it.
+    """
+    f = feats.flatten(1).to(torch.float64).abs()  # (B, d)
+    return (hd.gamma * (f @ hd.abs_weight.t() + hd.abs_bias) + hd.underflow) * (1 + 1e-9)
+
+
+def _pair_slack(hd: HeadRoundoff, j: torch.Tensor, err: torch.Tensor, r: torch.Tensor):
+    """(B, C) proven bounds on the float32 round-off of each margin y_j − y_i.
+
+    y_j − y_i = (w_j − w_i)·h̃ + b_j − b_i, rounded per logit: off from the exact margin by at
+    most ‖w_j − w_i‖·‖h̃ − h‖ + r_j + r_i, with ``err`` (B,) ≥ ‖h̃ − h‖ and ``r`` (B, C) the
+    logits' own round-off. 1 + 1e-9 covers the rounding of these few float64 operations.
+    """
+    s = hd.pair[j] * err[:, None] + r + r.gather(1, j[:, None])
+    return s * (1 + 1e-9)
 
 
 def _norm_upper(h: torch.Tensor) -> torch.Tensor:
@@ -232,19 +261,22 @@ def _float64(st: SoundState, x64, x_norm, K, lipschitz):
 def _may_certify(y, pred, K, slack, epsilon: float, lipschitz: str) -> torch.Tensor:
     """(B,) True where float64 might certify a point that float32 did not (a superset).
 
-    With ‖e‖ ≤ slack/2.02 the float32 error, any class j' that float64 certifies has exact
-    margins f_j' − f_i > ε·K_j'i, so float32 margins y_j' − y_i > ε·K_j'i − 2‖e‖ >
-    ε·K_j'i − slack. If j' is float32's argmax j, the first test below holds; otherwise
-    y_j' − y_j ≤ 0 forces ε·K_j'j < slack, which the second test catches. Both are loosened
-    by a relative 1e-9 so that their own rounding can only add points.
+    ``slack`` is ``(B,)`` or ``(B, C)`` as in :func:`margins.certified_radius`: it bounds
+    |(y_j − y_i) − (f_j − f_i)| for j = ``pred``. Any class j' that float64 certifies has exact
+    margins f_j' − f_i > ε·K_j'i, so float32 margins y_j' − y_i > ε·K_j'i − slack. If j' is
+    float32's argmax j, the first test below holds; otherwise, for i = j,
+    y_j' − y_j + slack_jj' > ε·K_j'j (slack bounds the pair's error in either order), which
+    the second test catches. Both are loosened by a relative 1e-9 so that their own rounding
+    can only add points.
     """
     Kp = K if lipschitz == "margin" else K[:, None] + K[None, :]  # (C, C)
     C = Kp.shape[0]
-    off = ~torch.eye(C, dtype=torch.bool, device=Kp.device)
-    Kj = Kp[pred]  # (B, C)
+    off = ~torch.eye(C, dtype=torch.bool, device=Kp.device)[pred]  # (B, C): i ≠ j
+    s = (slack if slack.dim() == 2 else slack[:, None]) * (1 + 1e-9)  # (B, C) or (B, 1)
     yj = y.gather(1, pred[:, None])  # (B, 1)
-    need = epsilon * Kj
-    tol = slack[:, None] * (1 + 1e-9) + 1e-9 * (yj.abs() + y.abs() + need)
-    all_pass = ((yj - y + tol >= need) | ~off[pred]).all(dim=1)  # (B,)
-    k_min = Kp[off].min() if C > 1 else Kp.new_tensor(float("inf"))
-    return all_pass | (epsilon * k_min < slack * (1 + 1e-9))
+    need = epsilon * Kp[pred]  # (B, C): ε·K_ji
+    tol = s + 1e-9 * (yj.abs() + y.abs() + need)
+    all_pass = ((yj - y + tol >= need) | ~off).all(dim=1)  # (B,)
+    need_t = epsilon * Kp.t()[pred]  # (B, C): ε·K_ij, class i over the argmax j
+    other = ((y - yj + s + 1e-9 * (yj.abs() + y.abs() + need_t) >= need_t) & off).any(dim=1)
+    return all_pass | other

@@ -60,14 +60,34 @@ class SoundState:
     backbone64: nn.Module
     err_coef: float  # ‖float64 logits − exact logits‖₂ ≤ err_coef·‖x‖₂ + err_const
     err_const: float
-    # The same for float32 logits of the live backbone: a priori (p, q), and per layer
-    # (c, d): ‖error‖ ≤ Σ_l c_l‖h̃_l‖ + d with h̃_l the computed input of leaf layer l; and a
-    # bound a·‖x‖ + b on every value computed on the way (overflow check). None where the
-    # float32 path does not apply.
+    # The same for float32 logits of the live backbone, a priori (p, q); and a bound
+    # a·‖x‖ + b on every value computed on the way (overflow check). None where the float32
+    # path does not apply, as are the fields below.
     err32: tuple[float, float] | None = None
-    layerwise32: tuple[list[float], float] | None = None
     peak32: tuple[float, float] | None = None
+    # The float32 error of the penultimate features h̃ (the head's input): a priori (p, q),
+    # and per layer (c, d), ‖h̃ − h‖ ≤ Σ_l c_l‖h̃_l‖ + d over the leaves before the head, with
+    # h̃_l the computed input of leaf l. With the head's own round-off they bound each margin.
+    pen32: tuple[float, float] | None = None
+    layerwise32: tuple[list[float], float] | None = None
+    head32: HeadRoundoff | None = None
     class_bounds: torch.Tensor | None = None  # proven float64 K, filled by GloroNet on use
+
+
+@dataclass
+class HeadRoundoff:
+    """What bounds the float32 round-off of a margin y_j − y_i beyond the features' error.
+
+    Each float32 logit is a sum of ``n`` products (bias included), so, componentwise,
+    |fl(w_j·h̃ + b_j) − (w_j·h̃ + b_j)| ≤ ``gamma``·(|w_j|·|h̃| + |b_j|) + ``underflow``
+    (Higham §3.1), and an error e in the features moves the margin by at most ‖w_j − w_i‖·‖e‖.
+    """
+
+    gamma: float  # γ_n for float32, rounded up with a 0.1% margin
+    underflow: float  # absolute error of products in the subnormal range
+    abs_weight: torch.Tensor  # (C, d) float64 |W| of the head's effective weight
+    abs_bias: torch.Tensor  # (C,) float64 |b| (zeros without a bias)
+    pair: torch.Tensor  # (C, C) float64 proven upper bounds on ‖w_j − w_i‖₂
 
 
 @torch.no_grad()
@@ -97,14 +117,27 @@ def build_sound_state(
     layers = [(n, b.fp_terms()) for n, b in zip(norms, bounds)]
     chain = [*layers, head]
     err_coef, err_const = margins.forward_error_coefficients(chain, underflow=_UNDERFLOW_F64)
-    err32 = layerwise32 = peak32 = None
+    k_pen = margins.product_upper(norms)
+    state = SoundState(fp, k_pen, backbone64, err_coef, err_const)
     if _float32_model_applies(backbone, bounds):
         u32, low = margins.UNIT_ROUNDOFF_F32, _UNDERFLOW_F32
-        err32 = margins.forward_error_coefficients(chain, u32, underflow=low)
-        layerwise32 = margins.layerwise_error_coefficients(chain, u32, underflow=low)
-        peak32 = margins.peak_magnitude_coefficients(chain, u32, underflow=low)
-    k_pen = margins.product_upper(norms)
-    return SoundState(fp, k_pen, backbone64, err_coef, err_const, err32, layerwise32, peak32)
+        state.err32 = margins.forward_error_coefficients(chain, u32, underflow=low)
+        state.peak32 = margins.peak_magnitude_coefficients(chain, u32, underflow=low)
+        state.pen32 = margins.forward_error_coefficients(layers, u32, underflow=low)
+        state.layerwise32 = margins.layerwise_error_coefficients(layers, u32, underflow=low)
+        state.head32 = _head_roundoff(w, head_bias, u32, low)
+    return state
+
+
+def _head_roundoff(w: torch.Tensor, bias: torch.Tensor | None, u: float, low: float):
+    w64 = w.to(torch.float64)
+    n = w64.shape[1] + (bias is not None)
+    gamma = margins.round_up(n * u / (1 - n * u) * 1.001, 4)
+    abs_b = torch.zeros(w64.shape[0], dtype=torch.float64, device=w64.device)
+    if bias is not None:
+        abs_b = bias.detach().to(torch.float64).abs()
+    pair = margins.pairwise_row_distances(w64, upper=True)
+    return HeadRoundoff(gamma, low, w64.abs(), abs_b, pair)
 
 
 # Absolute error per affine layer from products in the subnormal range: at most n·2^-150

@@ -108,7 +108,8 @@ def certified_radius(
     Args:
         y: ``(B, C)`` logits.
         K: ``(C, C)`` or ``(C,)`` bounds as in :func:`bottom_logit`.
-        slack: ``(B,)`` proven bound on the round-off error of any margin y_j − y_i.
+        slack: ``(B,)`` proven bound on the round-off error of any margin y_j − y_i, or
+            ``(B, C)`` with ``slack[b, i]`` bounding that of y_j − y_i, j the argmax of row b.
         lipschitz: ``"margin"`` or ``"basic"``, matching the shape of ``K``.
 
     Returns:
@@ -119,7 +120,8 @@ def certified_radius(
     yj = y.gather(1, j[:, None])  # (B, 1)
     eps_rel = 8 * torch.finfo(y.dtype).eps
     # Round-off of the subtraction itself, on top of the forward-pass slack.
-    margin = (yj - y) - slack[:, None] - eps_rel * (yj.abs() + y.abs())  # (B, C)
+    slack = slack if slack.dim() == 2 else slack[:, None]  # (B, C) or (B, 1)
+    margin = (yj - y) - slack - eps_rel * (yj.abs() + y.abs())  # (B, C)
     ratio = torch.where(Kj > 0, margin / Kj, torch.where(margin > 0, torch.inf, 0.0))
     ratio = ratio * (1 - eps_rel)
     is_top = torch.nn.functional.one_hot(j, y.shape[1]).bool()
