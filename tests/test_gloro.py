@@ -90,12 +90,21 @@ def test_input_errors_are_clear():
         net(torch.rand(2, 1, 9, 9))
     with pytest.raises(tg.GloroInputError, match="unsqueeze"):
         net.predict(torch.rand(1, 8, 8))
-    x = torch.rand(2, 1, 8, 8)
-    x[1, 0, 3, 3] = float("nan")
-    with pytest.raises(tg.GloroInputError, match="NaN"):
-        net.certify(x)
-    with pytest.raises(tg.GloroInputError, match="NaN"):
-        net(x)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.rand(2, 1, 8, 8)
+        x[1, 0, 3, 3] = bad
+        for kw in ({}, {"precision": "float64"}, {"mode": "fast"}):
+            with pytest.raises(tg.GloroInputError, match="NaN or Inf"):
+                net.certify(x, **kw)
+        with pytest.raises(tg.GloroInputError, match="NaN or Inf"):
+            net.certify(x.half())  # float16: converts to float32 exactly
+        with pytest.raises(tg.GloroInputError, match="NaN"):
+            net(x)
+    # Huge but finite: float32 norms overflow (the elementwise test then passes) and sound
+    # mode decides it on float64, whose norm is finite.
+    huge = torch.full((1, 1, 8, 8), 3e38)
+    auto, f64 = net.certify(huge), net.certify(huge, precision="float64")
+    assert bool(f64.logits.isfinite().all()) and torch.equal(auto.logits, f64.logits)
     with pytest.raises(tg.GloroInputError, match="floating"):
         net(torch.ones(2, 1, 8, 8, dtype=torch.long))
 

@@ -5,8 +5,8 @@ the backbone gives a tiny allowance (≈1e-10 of the logits) but costs 4–9× f
 a CPU. The float32 backbone itself obeys the same per-layer round-off model with float32's
 unit round-off ``u = 2^-24``, provided every affine output is a plain sum of products: no TF32
 or bfloat16 arithmetic and no Winograd/FFT convolutions (:func:`strict_fp32`). A margin
-y_j − y_i of the float32 logits is off by at most ‖w_j − w_i‖·‖e‖ + r_j + r_i, with e the
-error of the penultimate features and r the head's own componentwise round-off
+y_j − y_i of the float32 logits is off by at most ‖w_j − w_i‖·‖e‖ + 2r, with e the
+error of the penultimate features and r the head's own round-off per logit
 (``SoundState.head32``), about 1% of the ε·K a certificate needs on the MNIST nets. Each
 point is decided in up to three steps:
 
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from torchgloro import margins
+from torchgloro._errors import GloroInputError
 from torchgloro._weight_cache import HeadRoundoff, SoundState
 from torchgloro.lipschitz import flatten_layers
 
@@ -126,7 +127,7 @@ def sound_logits(
     Args:
         backbone: The live (float32) backbone.
         st: The proven state of the current weights.
-        x: ``(B, *in_shape)`` finite inputs.
+        x: ``(B, *in_shape)`` inputs; NaN or Inf raises :class:`GloroInputError`.
         K: Proven float64 class-pair bounds (``(C, C)``, or ``(C,)`` for the basic variant).
         epsilon: The radius the decision is for.
         lipschitz: ``"margin"`` or ``"basic"``.
@@ -140,8 +141,10 @@ def sound_logits(
     if precision == "float64" or st.err32 is None or not exact_in_f32:
         x64 = x.to(torch.float64)
         x_norm = torch.linalg.vector_norm(x64.flatten(1), dim=1)  # (B,)
+        _require_finite(x, x_norm)
         return (*_float64(st, x64, x_norm, K, lipschitz), "float64")
     x_norm = _norm_upper(x.to(torch.float32))  # (B,) float64
+    _require_finite(x, x_norm)
     was_training = backbone.training
     backbone.eval()
     try:
@@ -152,7 +155,7 @@ def sound_logits(
     peak = st.peak32[0] * x_norm + st.peak32[1]  # (B,)
     unsafe = ~torch.isfinite(y).all(dim=1) | ~(peak < _F32_SAFE)
     j = y.argmax(dim=1)  # (B,) the class certified_radius decides on
-    r = _head_error(st.head32, feats)  # (B, C)
+    r = _head_error(st.head32, feats)  # (B,)
     # 1. The a-priori feature allowance ‖e‖ ≤ p‖x‖ + q: free, decides most points.
     slack = _pair_slack(st.head32, j, st.pen32[0] * x_norm + st.pen32[1], r)  # (B, C)
     pred, radius = margins.certified_radius(y, K, slack, lipschitz=lipschitz)
@@ -174,6 +177,16 @@ def sound_logits(
         pred, radius, y = pred.index_put((idx,), p64), radius.index_put((idx,), r64), y.clone()
         y[idx] = y64
     return pred, radius, y, "float32"
+
+
+NON_FINITE_INPUT = "Input contains NaN or Inf values; clean or clip the input before certifying."
+
+
+def _require_finite(x: torch.Tensor, x_norm: torch.Tensor) -> None:
+    """Raises on NaN/Inf input. A finite norm proves a finite row, so the elementwise test
+    runs only when some norm is not finite (NaN/Inf input, or a huge finite one)."""
+    if not bool(torch.isfinite(x_norm).all()) and not bool(x.isfinite().all()):
+        raise GloroInputError(NON_FINITE_INPUT)
 
 
 def _float32_pass(layers, coefs: list[float], x: torch.Tensor):
@@ -217,25 +230,22 @@ def _layerwise_error(acts, const: float, idx: torch.Tensor, x_norm: torch.Tensor
 
 
 def _head_error(hd: HeadRoundoff, feats: torch.Tensor) -> torch.Tensor:
-    """(B, C) proven bounds on the float32 round-off of each logit, given its input h̃.
+    """(B,) proven bounds on the float32 round-off of every logit, given the head's input h̃.
 
-    γ_n(|W||h̃| + |b|) + underflow, evaluated in float64: |h̃| converts exactly, and a float64
-    sum of d non-negative products is within a relative d·2^-53 (d < 10^6), which the final
-    1 + 1e-9 covers with the few operations after it.
+    γ_n(max_k ‖w_k‖·‖h̃‖ + max_k |b_k|) + underflow, with ‖h̃‖ bounded by :func:`_norm_upper`;
+    1 + 1e-9 covers the rounding of these few float64 operations.
     """
-    f = feats.flatten(1).to(torch.float64).abs()  # (B, d)
-    return (hd.gamma * (f @ hd.abs_weight.t() + hd.abs_bias) + hd.underflow) * (1 + 1e-9)
+    return (hd.gamma * (hd.row_norm * _norm_upper(feats) + hd.bias) + hd.underflow) * (1 + 1e-9)
 
 
 def _pair_slack(hd: HeadRoundoff, j: torch.Tensor, err: torch.Tensor, r: torch.Tensor):
     """(B, C) proven bounds on the float32 round-off of each margin y_j − y_i.
 
     y_j − y_i = (w_j − w_i)·h̃ + b_j − b_i, rounded per logit: off from the exact margin by at
-    most ‖w_j − w_i‖·‖h̃ − h‖ + r_j + r_i, with ``err`` (B,) ≥ ‖h̃ − h‖ and ``r`` (B, C) the
-    logits' own round-off. 1 + 1e-9 covers the rounding of these few float64 operations.
+    most ‖w_j − w_i‖·‖h̃ − h‖ + 2r, with ``err`` (B,) ≥ ‖h̃ − h‖ and ``r`` (B,) the logits' own
+    round-off. 1 + 1e-9 covers the rounding of these few float64 operations.
     """
-    s = hd.pair[j] * err[:, None] + r + r.gather(1, j[:, None])
-    return s * (1 + 1e-9)
+    return (hd.pair[j] * err[:, None] + 2 * r[:, None]) * (1 + 1e-9)
 
 
 def _norm_upper(h: torch.Tensor) -> torch.Tensor:

@@ -78,15 +78,16 @@ class SoundState:
 class HeadRoundoff:
     """What bounds the float32 round-off of a margin y_j − y_i beyond the features' error.
 
-    Each float32 logit is a sum of ``n`` products (bias included), so, componentwise,
-    |fl(w_j·h̃ + b_j) − (w_j·h̃ + b_j)| ≤ ``gamma``·(|w_j|·|h̃| + |b_j|) + ``underflow``
-    (Higham §3.1), and an error e in the features moves the margin by at most ‖w_j − w_i‖·‖e‖.
+    Each float32 logit is a sum of ``n`` products (bias included), so
+    |fl(w_k·h̃ + b_k) − (w_k·h̃ + b_k)| ≤ ``gamma``·(‖w_k‖‖h̃‖ + |b_k|) + ``underflow``
+    (Higham §3.1 and Cauchy–Schwarz), and an error e in the features moves the margin by at
+    most ‖w_j − w_i‖·‖e‖.
     """
 
     gamma: float  # γ_n for float32, rounded up with a 0.1% margin
     underflow: float  # absolute error of products in the subnormal range
-    abs_weight: torch.Tensor  # (C, d) float64 |W| of the head's effective weight
-    abs_bias: torch.Tensor  # (C,) float64 |b| (zeros without a bias)
+    row_norm: float  # proven upper bound on max_k ‖w_k‖₂
+    bias: float  # max_k |b_k| (0 without a bias)
     pair: torch.Tensor  # (C, C) float64 proven upper bounds on ‖w_j − w_i‖₂
 
 
@@ -133,11 +134,9 @@ def _head_roundoff(w: torch.Tensor, bias: torch.Tensor | None, u: float, low: fl
     w64 = w.to(torch.float64)
     n = w64.shape[1] + (bias is not None)
     gamma = margins.round_up(n * u / (1 - n * u) * 1.001, 4)
-    abs_b = torch.zeros(w64.shape[0], dtype=torch.float64, device=w64.device)
-    if bias is not None:
-        abs_b = bias.detach().to(torch.float64).abs()
-    pair = margins.pairwise_row_distances(w64, upper=True)
-    return HeadRoundoff(gamma, low, w64.abs(), abs_b, pair)
+    b = 0.0 if bias is None else bias.detach().to(torch.float64).abs().max().item()
+    row = margins.row_norms(w64, upper=True).max().item()
+    return HeadRoundoff(gamma, low, row, b, margins.pairwise_row_distances(w64, upper=True))
 
 
 # Absolute error per affine layer from products in the subnormal range: at most n·2^-150

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from torchgloro import margins
-from torchgloro._certify import Certificate, sound_logits
+from torchgloro._certify import NON_FINITE_INPUT, Certificate, sound_logits
 from torchgloro._cuda_graph import GraphedIterations, graphs_usable
 from torchgloro._errors import GloroInputError, UnsupportedLayerError
 from torchgloro._weight_cache import SoundState, WeightsGeneration, build_sound_state
@@ -294,9 +294,7 @@ class GloroNet(nn.Module):
         # One cheap reduction first; the elementwise test only if the sum is not finite
         # (NaN/Inf input, or a finite input whose sum overflows).
         if check_finite and not bool(x.sum().isfinite()) and not bool(x.isfinite().all()):
-            raise GloroInputError(
-                "Input contains NaN or Inf values; clean or clip the input before certifying."
-            )
+            raise GloroInputError(NON_FINITE_INPUT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Returns ``(B, C+1)`` logits: f(x), then ⊥."""
@@ -346,7 +344,7 @@ class GloroNet(nn.Module):
         if precision not in ("auto", "float64"):
             raise GloroInputError(f"precision must be 'auto' or 'float64', got {precision!r}.")
         eps = self.epsilon if epsilon is None else check_epsilon(epsilon)
-        self._check_input(x, check_finite=True)
+        self._check_input(x, check_finite=mode != "sound")  # sound mode: on the input norms
         if mode == "sound":
             st = self._sound_state()
             K = self._sound_class_bounds(st)
