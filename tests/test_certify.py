@@ -17,6 +17,7 @@ from torchgloro._certify import (
     strict_fp32,
 )
 from torchgloro._errors import GloroInputError
+from torchgloro._weight_cache import HeadRoundoff
 from torchgloro.layers import Residual
 from torchgloro.lipschitz import flatten_layers
 from torchgloro.local import certify_local
@@ -199,3 +200,22 @@ def test_bad_precision_is_a_clear_error(trained_digits_net):
     net, _, test = trained_digits_net
     with pytest.raises(GloroInputError, match="precision must be 'auto' or 'float64'"):
         net.certify(test.x[:2], precision="float16")
+
+
+def test_pair_slack_known_answer():
+    """slack_ji = ‖w_j − w_i‖·err + 2r, rounded up by a relative 1e-9, for the argmax j."""
+    hd = HeadRoundoff(
+        gamma=1e-7, underflow=1e-30, row_norm=5.0, bias=2.0,
+        pair=torch.tensor([[0.0, 2.0, 3.0], [2.0, 0.0, 4.0], [3.0, 4.0, 0.0]], dtype=torch.float64),
+    )  # fmt: skip
+    j = torch.tensor([0, 2])
+    err = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    r = torch.tensor([0.1, 0.0], dtype=torch.float64)
+    s = _pair_slack(hd, j, err, r)
+    want = torch.tensor([[0.2, 1.2, 1.7], [0.75, 1.0, 0.0]], dtype=torch.float64)
+    assert torch.allclose(s, want * (1 + 1e-9), rtol=1e-15, atol=0)
+    # The head's own round-off: γ(max‖w_k‖·‖h̃‖ + max|b|) + underflow, never below it.
+    feats = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    rr = _head_error(hd, feats)
+    assert float(rr[0]) >= 1e-7 * (5.0 * 5.0 + 2.0) and float(rr[0]) <= 1e-7 * 27 * (1 + 1e-6)
+    assert float(rr[1]) >= 1e-7 * 2.0

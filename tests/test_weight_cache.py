@@ -44,3 +44,24 @@ def test_sound_state_bounds_the_exact_norms():
     assert st.err_coef > 0 and st.err_const > 0  # float64 round-off is accounted for
     assert next(st.backbone64.parameters()).dtype == torch.float64
     assert not any(p.requires_grad for p in st.backbone64.parameters())
+
+
+def test_head_roundoff_known_answer():
+    """The head's float32 round-off terms: γ_n with n = d + 1, max row norm, max |b|, and
+    row distances, each a proven upper bound within a hair of the exact value."""
+    lin1 = torch.nn.Linear(2, 2)
+    head = torch.nn.Linear(2, 3)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[3.0, 4.0], [0.0, 1.0], [-3.0, 0.0]]))
+        head.bias.copy_(torch.tensor([0.5, -2.0, 1.0]))
+    backbone = torch.nn.Sequential(lin1, torch.nn.ReLU(), head)
+    bounds = [bound_for(lin1, (2,)), bound_for(torch.nn.ReLU(), (2,))]
+    hd = build_sound_state(1, backbone, bounds, head.weight, head.bias).head32
+    u = 2.0**-24
+    assert 3 * u / (1 - 3 * u) * 1.001 <= hd.gamma <= 3 * u * 1.0011  # n = 2 products + bias
+    assert 5.0 <= hd.row_norm <= 5.0 * (1 + 1e-12)  # ‖(3, 4)‖
+    assert hd.bias == 2.0
+    exact = torch.tensor([[0.0, 18**0.5, 52**0.5], [18**0.5, 0.0, 10**0.5],
+                          [52**0.5, 10**0.5, 0.0]], dtype=torch.float64)  # fmt: skip
+    assert bool((hd.pair >= exact).all()) and bool((hd.pair <= exact * (1 + 1e-12) + 1e-300).all())
+    assert hd.underflow > 0
