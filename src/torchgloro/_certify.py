@@ -284,9 +284,9 @@ def _may_certify(y, pred, K, slack, epsilon: float, lipschitz: str) -> torch.Ten
     off = ~torch.eye(C, dtype=torch.bool, device=Kp.device)[pred]  # (B, C): i ≠ j
     s = (slack if slack.dim() == 2 else slack[:, None]) * (1 + 1e-9)  # (B, C) or (B, 1)
     yj = y.gather(1, pred[:, None])  # (B, 1)
+    mag = yj.abs() + y.abs()  # (B, C)
     need = epsilon * Kp[pred]  # (B, C): ε·K_ji
-    tol = s + 1e-9 * (yj.abs() + y.abs() + need)
-    all_pass = ((yj - y + tol >= need) | ~off).all(dim=1)  # (B,)
+    all_pass = ((yj - y + s + 1e-9 * (mag + need) >= need) | ~off).all(dim=1)  # (B,)
     need_t = epsilon * Kp.t()[pred]  # (B, C): ε·K_ij, class i over the argmax j
-    other = ((y - yj + s + 1e-9 * (yj.abs() + y.abs() + need_t) >= need_t) & off).any(dim=1)
+    other = ((y - yj + s + 1e-9 * (mag + need_t) >= need_t) & off).any(dim=1)
     return all_pass | other
