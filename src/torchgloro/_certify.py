@@ -96,6 +96,24 @@ def strict_fp32():
             torch.backends.cuda.matmul.allow_tf32 = legacy[1]
 
 
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """``module`` in eval mode for the enclosed block, then its training flag restored.
+
+    A module tree already wholly in eval mode is left alone: ``Module.train`` walks it and
+    costs about 0.1 ms per call, a percent of a batch's inference on the MNIST nets.
+    """
+    if not any(m.training for m in module.modules()):
+        yield
+        return
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
 def _no_nnpack() -> contextlib.AbstractContextManager:
     """NNPACK (a CPU convolution backend) may pick Winograd or FFT algorithms: off."""
     nnpack = getattr(torch.backends, "nnpack", None)
@@ -145,13 +163,8 @@ def sound_logits(
         return (*_float64(st, x64, x_norm, K, lipschitz), "float64")
     x_norm = _norm_upper(x.to(torch.float32))  # (B,) float64
     _require_finite(x, x_norm)
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        with strict_fp32():
-            y, feats, acts = _float32_pass(flatten_layers(backbone), st.layerwise32[0], x)
-    finally:
-        backbone.train(was_training)
+    with eval_mode(backbone), strict_fp32():
+        y, feats, acts = _float32_pass(flatten_layers(backbone), st.layerwise32[0], x)
     peak = st.peak32[0] * x_norm + st.peak32[1]  # (B,)
     unsafe = ~torch.isfinite(y).all(dim=1) | ~(peak < _F32_SAFE)
     j = y.argmax(dim=1)  # (B,) the class certified_radius decides on
@@ -280,13 +293,13 @@ def _may_certify(y, pred, K, slack, epsilon: float, lipschitz: str) -> torch.Ten
     can only add points.
     """
     Kp = K if lipschitz == "margin" else K[:, None] + K[None, :]  # (C, C)
-    C = Kp.shape[0]
-    off = ~torch.eye(C, dtype=torch.bool, device=Kp.device)[pred]  # (B, C): i ≠ j
     s = (slack if slack.dim() == 2 else slack[:, None]) * (1 + 1e-9)  # (B, C) or (B, 1)
     yj = y.gather(1, pred[:, None])  # (B, 1)
-    mag = yj.abs() + y.abs()  # (B, C)
-    need = epsilon * Kp[pred]  # (B, C): ε·K_ji
-    all_pass = ((yj - y + s + 1e-9 * (mag + need) >= need) | ~off).all(dim=1)  # (B,)
-    need_t = epsilon * Kp.t()[pred]  # (B, C): ε·K_ij, class i over the argmax j
-    other = ((y - yj + s + 1e-9 * (mag + need_t) >= need_t) & off).any(dim=1)
-    return all_pass | other
+    d = yj - y  # (B, C): y_j − y_i
+    s = s.add(y.abs().add_(yj.abs()), alpha=1e-9)  # (B, C): the slack, 1e-9·(|y_j| + |y_i|)
+    need = Kp[pred].mul_(epsilon)  # (B, C): ε·K_ji
+    ok = (d + s).add_(need, alpha=1e-9) >= need  # (B, C)
+    all_pass = ok.scatter_(1, pred[:, None], True).all(dim=1)  # (B,): i = j passes
+    need_t = Kp.t()[pred].mul_(epsilon)  # (B, C): ε·K_ij, class i over the argmax j
+    other = (s - d).add_(need_t, alpha=1e-9) >= need_t  # (B, C)
+    return all_pass | other.scatter_(1, pred[:, None], False).any(dim=1)

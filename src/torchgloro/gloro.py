@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from torchgloro import margins
-from torchgloro._certify import NON_FINITE_INPUT, Certificate, sound_logits
+from torchgloro._certify import NON_FINITE_INPUT, Certificate, eval_mode, sound_logits
 from torchgloro._cuda_graph import GraphedIterations, graphs_usable
 from torchgloro._errors import GloroInputError, UnsupportedLayerError
 from torchgloro._weight_cache import SoundState, WeightsGeneration, build_sound_state
@@ -356,11 +356,9 @@ class GloroNet(nn.Module):
 
                 cert.certified = certify_local(self, x, eps, cert)
             return cert
-        was_training = self.training  # fast mode: the frozen power-iteration constants
-        self.eval()
-        y = self.backbone(x)
-        K = self._current_class_bounds()
-        self.train(was_training)
+        with eval_mode(self):  # fast mode: the frozen power-iteration constants
+            y = self.backbone(x)
+            K = self._current_class_bounds()
         slack = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
         pred, radius = margins.certified_radius(y, K, slack, lipschitz=self.lipschitz)
         return Certificate(pred, radius > eps, radius, y, eps, mode, str(y.dtype)[6:])

@@ -121,14 +121,14 @@ def certified_radius(
     eps_rel = 8 * torch.finfo(y.dtype).eps
     # Round-off of the subtraction itself, on top of the forward-pass slack.
     slack = slack if slack.dim() == 2 else slack[:, None]  # (B, C) or (B, 1)
-    margin = (yj - y) - slack - eps_rel * (yj.abs() + y.abs())  # (B, C)
-    ratio = torch.where(Kj > 0, margin / Kj, torch.where(margin > 0, torch.inf, 0.0))
-    ratio = ratio * (1 - eps_rel)
-    is_top = torch.nn.functional.one_hot(j, y.shape[1]).bool()
-    radius = ratio.masked_fill(is_top, torch.inf).amin(dim=1).clamp_min(0.0)  # (B,)
+    margin = (yj - y).sub_(slack).sub_(y.abs().add_(yj.abs()).mul_(eps_rel))  # (B, C)
+    # K_ji = 0: margin/0 is +inf (certified at any radius), -inf or 0/0 (never): NaN → 0.
+    ratio = margin.div_(Kj).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+    ratio = ratio.mul_(1 - eps_rel).scatter_(1, j[:, None], math.inf)  # i ≠ j only
+    radius = ratio.amin(dim=1).clamp_min_(0.0)  # (B,)
     # Any other logit equal to the top one (a tie) must give radius exactly 0.
-    tie = ((y == yj) & ~is_top).any(dim=1)
-    return j, radius.masked_fill(tie, 0.0)
+    tie = (y == yj).sum(dim=1) > 1
+    return j, radius.masked_fill_(tie, 0.0)
 
 
 def forward_error_coefficients(
