@@ -14,6 +14,7 @@ from torchgloro._certify import (
     _may_certify,
     _norm_upper,
     _pair_slack,
+    eval_mode,
     strict_fp32,
 )
 from torchgloro._errors import GloroInputError
@@ -58,6 +59,25 @@ def test_strict_fp32_forces_ieee_and_restores():
         assert torch.backends.cudnn.enabled
     finally:
         owner.fp32_precision = before
+
+
+@pytest.mark.parametrize("mode", ["sound", "fast"])
+def test_certify_runs_in_eval_mode_and_restores_every_flag(mode):
+    """Dropout-free nets give the same answer either way, so the flags are checked directly:
+    certify evaluates in eval mode and hands back each submodule's own mode, mixed or not."""
+    net = _net(eps=0.01)
+    seen = []
+    hook = net.backbone[0].register_forward_hook(lambda m, i, o: seen.append(m.training))
+    net.train()
+    net.backbone[1].eval()  # a user's mixed state
+    before = [m.training for m in net.modules()]
+    net.certify(torch.rand(3, 1, 28, 28), mode=mode)
+    assert seen and not any(seen)
+    assert [m.training for m in net.modules()] == before
+    hook.remove()
+    with eval_mode(net):
+        pass
+    assert [m.training for m in net.modules()] == before
 
 
 @pytest.mark.parametrize("arch,in_shape", [("2c2f", (1, 28, 28)), ("6c2f", (3, 32, 32))])

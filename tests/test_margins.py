@@ -42,6 +42,20 @@ def test_ties_get_radius_zero_whatever_the_slack():
     assert torch.equal(r, torch.zeros(2, dtype=torch.float64))
 
 
+def test_a_zero_class_pair_bound_certifies_only_a_positive_margin():
+    """K_ji = 0 (identical head rows): a positive margin holds at every radius, a zero or
+    negative one (after slack) at none, and a NaN logit certifies nothing."""
+    K0 = torch.zeros(2, 2, dtype=torch.float64)
+    y = torch.tensor([[3.0, 1.0], [3.0, 1.0], [3.0, 1.0], [float("nan"), 0.0]], dtype=torch.float64)
+    s = torch.tensor([0.0, 2.0, 3.0, 0.0], dtype=torch.float64)  # margins 2, 0⁻, −1, NaN
+    _, r = margins.certified_radius(y, K0, s)
+    assert math.isinf(float(r[0])) and r[1:].tolist() == [0.0, 0.0, 0.0]
+    # beside a pair with K > 0, the zero pair does not bind: min(∞, (3 − (−9)) / 1)
+    K = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    _, r = margins.certified_radius(torch.tensor([[3.0, 1.0, -9.0]], dtype=torch.float64), K, s[:1])
+    assert float(r[0]) == pytest.approx(12.0, rel=1e-12) and float(r[0]) < 12.0
+
+
 def test_radius_above_eps_implies_the_exact_margin_test():
     """radius > ε ⇒ y_j − y_i − slack_ji > ε·K_ji for every i ≠ j, checked in exact rationals."""
     g = torch.Generator().manual_seed(0)
