@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from torchgloro._certify import eval_mode
+
 __all__ = ["PGDResult", "pgd_l2", "random_in_ball", "project_l2", "default_step_size"]
 
 # The ball is shrunk by this relative amount while attacking, so that float32 round-off in
@@ -158,27 +160,36 @@ def pgd_l2(
     """
     alpha = default_step_size(epsilon, steps) if step_size is None else float(step_size)
     gen = torch.Generator(device=x.device).manual_seed(int(seed))
-    was_training = f.training
-    f.eval()
     req = [p.requires_grad for p in f.parameters()]
     for p in f.parameters():
         p.requires_grad_(False)
     try:
-        advs, fooled = [], []
-        for i in range(0, x.shape[0], batch_size):
-            xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-            a, fo = _attack_batch(
-                f, xb, yb, float(epsilon), int(steps), alpha, int(restarts), random_start, clip, gen
+        with eval_mode(f):  # restores every submodule's own flag
+            advs, fooled = [], []
+            for i in range(0, x.shape[0], batch_size):
+                xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+                a, fo = _attack_batch(
+                    f,
+                    xb,
+                    yb,
+                    float(epsilon),
+                    int(steps),
+                    alpha,
+                    int(restarts),
+                    random_start,
+                    clip,
+                    gen,
+                )
+                advs.append(a)
+                fooled.append(fo)
+            x_adv = torch.cat(advs) if advs else x.clone()
+            fooled_t = torch.cat(fooled) if fooled else torch.zeros(0, dtype=torch.bool)
+            x_adv, fooled_t, max_norm = _enforce_ball(
+                f, x, y, x_adv, fooled_t, float(epsilon), clip
             )
-            advs.append(a)
-            fooled.append(fo)
-        x_adv = torch.cat(advs) if advs else x.clone()
-        fooled_t = torch.cat(fooled) if fooled else torch.zeros(0, dtype=torch.bool)
-        x_adv, fooled_t, max_norm = _enforce_ball(f, x, y, x_adv, fooled_t, float(epsilon), clip)
     finally:
         for p, r in zip(f.parameters(), req):
             p.requires_grad_(r)
-        f.train(was_training)
     acc = float((~fooled_t).double().mean()) if fooled_t.numel() else 0.0
     return PGDResult(
         x_adv, fooled_t, acc, max_norm, int(steps), int(restarts), alpha, float(epsilon)
