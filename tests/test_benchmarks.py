@@ -132,3 +132,13 @@ def test_bound_tightness_quick(tmp_path):
         assert r["long_iteration_estimate"] <= r["sound_upper"] * (1 + 1e-6)
         assert r["frozen_estimate"] <= r["sound_upper"] * (1 + 1e-6)
     assert data["global_ub_sound"] >= data["global_ub_fast"] * (1 - 1e-6)
+
+
+def test_certify_decisions_quick(tmp_path):
+    from benchmarks import certify_decisions
+
+    data = _run(certify_decisions, tmp_path)
+    assert [r["batch"] for r in data["rows"]] == [256, 1000]
+    for r in data["rows"]:
+        assert r["certified_radius_us"] > 0 and r["may_certify_us"] > 0
+    assert data["eval_mode_on_eval_net_us"] > 0
