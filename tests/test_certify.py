@@ -239,3 +239,46 @@ def test_pair_slack_known_answer():
     rr = _head_error(hd, feats)
     assert float(rr[0]) >= 1e-7 * (5.0 * 5.0 + 2.0) and float(rr[0]) <= 1e-7 * 27 * (1 + 1e-6)
     assert float(rr[1]) >= 1e-7 * 2.0
+
+
+def _certificates_equal(a, b):
+    for name in ("pred", "certified", "radius", "logits"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.precision == b.precision
+
+
+def test_caller_autocast_does_not_change_certificates():
+    """Under a caller's bfloat16 autocast the backbone's convolutions and products would run
+    in bfloat16, outside the float32 round-off model: certification must ignore it. The
+    proven state is built inside the autocast block here, so its bounds are checked too."""
+    x = torch.rand(256, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    plain, cast = _net(eps=0.01), _net(eps=0.01)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert plain.backbone(x).dtype == torch.bfloat16  # autocast is really on
+        got = {
+            "auto": cast.certify(x),
+            "float64": cast.certify(x, precision="float64"),
+            "fast": cast.certify(x, mode="fast"),
+        }
+        k_sound, k_fast = cast.lipschitz_constant("sound"), cast.lipschitz_constant("fast")
+    _certificates_equal(got["auto"], plain.certify(x))
+    _certificates_equal(got["float64"], plain.certify(x, precision="float64"))
+    _certificates_equal(got["fast"], plain.certify(x, mode="fast"))
+    assert got["auto"].certified.any() and not got["auto"].certified.all()
+    assert torch.equal(k_sound, plain.lipschitz_constant("sound"))
+    assert torch.equal(k_fast, plain.lipschitz_constant("fast"))
+
+
+def test_training_bound_stays_float32_under_autocast():
+    """The power iteration and the differentiable K run in float32 inside a caller's
+    autocast, as with the trainer's own AMP (which casts only the backbone)."""
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    plain, cast = _net().train(), _net().train()
+    out = plain(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_cast = cast(x)
+    assert cast.last_class_bounds.dtype == torch.float32
+    assert torch.equal(cast.last_class_bounds, plain.last_class_bounds)
+    for a, b in zip(plain.buffers(), cast.buffers()):  # the persistent iterates (and NaNs)
+        assert torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+    assert out_cast.shape == out.shape

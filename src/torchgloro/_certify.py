@@ -24,7 +24,10 @@ Radii from steps 1–2 are proven but smaller than float64's by about the allowa
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -66,15 +69,41 @@ class Certificate:
 _F32_SAFE = 1e36
 
 
+_F = TypeVar("_F", bound=Callable)
+
+
+@contextlib.contextmanager
+def no_autocast():
+    """Autocast off on the CPU and CUDA for the enclosed block.
+
+    A caller's ``torch.autocast`` would run the float32 backbone's convolutions and matrix
+    products in bfloat16 or float16, whose round-off the float32 model does not cover, and
+    the power iteration and proven bounds at that precision too.
+    """
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        yield
+
+
+def autocast_off(fn: _F) -> _F:
+    """Decorates ``fn`` to run under :func:`no_autocast`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with no_autocast():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 @contextlib.contextmanager
 def strict_fp32():
     """Plain IEEE float32 arithmetic for the enclosed forward pass.
 
-    cuDNN and NNPACK are switched off (they pick TF32, FFT and Winograd algorithms, whose
-    errors the per-layer model does not cover); CUDA falls back to im2col and cuBLAS GEMMs. Matrix
-    products on CUDA and oneDNN run in full float32 precision (no TF32 or bfloat16). On the
-    CPU, PyTorch's oneDNN convolutions use the direct algorithm (ideep's default), which
-    computes each output as a sum of products.
+    Autocast is off (:func:`no_autocast`). cuDNN and NNPACK are switched off (they pick
+    TF32, FFT and Winograd algorithms, whose errors the per-layer model does not cover); CUDA
+    falls back to im2col and cuBLAS GEMMs. Matrix products on CUDA and oneDNN run in full
+    float32 precision (no TF32 or bfloat16). On the CPU, PyTorch's oneDNN convolutions use the
+    direct algorithm (ideep's default), which computes each output as a sum of products.
     """
     saved = []
     for owner in _precision_owners():
@@ -86,7 +115,7 @@ def strict_fp32():
         torch.set_float32_matmul_precision("highest")
         torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        with torch.backends.cudnn.flags(enabled=False), _no_nnpack():
+        with torch.backends.cudnn.flags(enabled=False), _no_nnpack(), no_autocast():
             yield
     finally:
         for owner, value in saved:
@@ -129,6 +158,7 @@ def _precision_owners() -> list:
     return [o for o in owners if o is not None and hasattr(o, "fp32_precision")]
 
 
+@autocast_off
 @torch.no_grad()
 def sound_logits(
     backbone: nn.Module,

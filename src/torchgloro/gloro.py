@@ -9,7 +9,13 @@ import torch
 from torch import nn
 
 from torchgloro import margins
-from torchgloro._certify import NON_FINITE_INPUT, Certificate, eval_mode, sound_logits
+from torchgloro._certify import (
+    NON_FINITE_INPUT,
+    Certificate,
+    autocast_off,
+    eval_mode,
+    sound_logits,
+)
 from torchgloro._cuda_graph import GraphedIterations, graphs_usable
 from torchgloro._errors import GloroInputError, UnsupportedLayerError
 from torchgloro._weight_cache import SoundState, WeightsGeneration, build_sound_state
@@ -175,6 +181,7 @@ class GloroNet(nn.Module):
         return self._epsilon.new_ones(()) if k is None else k
 
     @torch.compiler.disable  # a data-dependent convergence loop: nothing for a compiler
+    @autocast_off
     @torch.no_grad()
     def refresh(self, converge: bool = True, tol: float = 1e-5) -> torch.Tensor:
         """Runs power iteration (to convergence by default) and freezes the fast constants.
@@ -217,6 +224,7 @@ class GloroNet(nn.Module):
         """Whether the frozen constants predate the current weights."""
         return self._frozen_at != self._fingerprint() or bool(self._frozen_k_pen.isnan())
 
+    @autocast_off  # proven bounds at full precision, whatever the caller's autocast
     def _sound_state(self) -> SoundState:
         """Proven constants and a float64 copy of the backbone, cached per weights."""
         fp = self._fingerprint()
@@ -260,6 +268,7 @@ class GloroNet(nn.Module):
             return margins.pairwise_row_distances(w, upper=upper) * k_pen  # (C, C)
         return margins.row_norms(w, upper=upper) * k_pen  # (C,)
 
+    @autocast_off  # the bound stays float32 under a caller's autocast (as in the trainer's AMP)
     def _current_class_bounds(self) -> torch.Tensor:
         """K for the forward pass: live and differentiable in training, else frozen (cached)."""
         if self.training:
@@ -307,6 +316,7 @@ class GloroNet(nn.Module):
 
     # ---- certification ---------------------------------------------------------------------
 
+    @autocast_off  # certificates need plain float32/float64 arithmetic (docs/soundness.md)
     @torch.no_grad()
     def certify(
         self,

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchgloro import margins, sound
+from torchgloro._certify import autocast_off
 from torchgloro._errors import GloroInputError
 from torchgloro._sound_conv import explicit_matrix
 from torchgloro._sound_linalg import gamma, sigma_max_upper
@@ -255,6 +256,7 @@ def _check(net, x: torch.Tensor, epsilon: float) -> float:
     return eps
 
 
+@autocast_off
 @torch.no_grad()
 def local_margin_lipschitz(net, x: torch.Tensor, epsilon: float) -> torch.Tensor:
     """Proven local margin bounds on the ε-balls around each point of ``x``.
@@ -270,6 +272,7 @@ def local_margin_lipschitz(net, x: torch.Tensor, epsilon: float) -> torch.Tensor
     return torch.stack(out) if out else torch.zeros(0, c, c, dtype=torch.float64)
 
 
+@autocast_off
 @torch.no_grad()
 def certify_local(net, x: torch.Tensor, epsilon: float, cert) -> torch.Tensor:
     """``(B,)`` bool: certified by the global sound bound (``cert``) or by the local bound.
