@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from torchgloro import load
 from torchgloro.train import load_config, train
 
 DDP_SET = [
@@ -53,8 +54,16 @@ def test_ddp_gloo_two_processes_match_single(tmp_path):
     single = train(load_config(None, [*DDP_SET, f"run.out={tmp_path / 'single'}"]), progress=False)
     a = load_file(str(ddp_dir / "checkpoint.safetensors"))
     b = load_file(str(single.run_dir / "checkpoint.safetensors"))
+    iterates = [k for k in b if k.startswith("model.bounds.")]
+    assert iterates  # the power-iteration state is in the checkpoint
     for k in b:
-        if k.startswith("model.") and b[k].is_floating_point():
+        if k.startswith("model.") and k not in iterates and b[k].is_floating_point():
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    # The iterates are compared by the norm they estimate, not by direction: after the
+    # end-of-epoch convergence a near-degenerate top singular pair leaves the direction free
+    # to drift with round-off (gradients summed in another order), while the value agrees.
+    nets = [load(d / "checkpoint.safetensors") for d in (ddp_dir, single.run_dir)]
+    for i, (ba, bb) in enumerate(zip(nets[0].bounds, nets[1].bounds)):
+        torch.testing.assert_close(ba.estimate(), bb.estimate(), rtol=1e-4, atol=0, msg=str(i))
     # Metrics were reduced over both ranks: the test split is certified as a whole.
     assert "Test split (300 images)" in proc.stdout
