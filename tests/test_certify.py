@@ -282,3 +282,31 @@ def test_training_bound_stays_float32_under_autocast():
     for a, b in zip(plain.buffers(), cast.buffers()):  # the persistent iterates (and NaNs)
         assert torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
     assert out_cast.shape == out.shape
+
+
+def _overflowing_net():
+    """A net whose float64 pass overflows inside a dot product on x = 3e38: a partial sum
+    reaches −inf, the ReLU clips it to 0, and the float64 logits come out finite but wrong
+    (exactly: [1.3e301, 9.8e306], argmax 1; float64: [1.3e301, 0], argmax 0)."""
+    chain = [nn.Linear(1, 1, bias=False) for _ in range(7)]
+    bb = nn.Sequential(*chain, nn.Linear(1, 4, bias=False), nn.Linear(4, 2, bias=False),
+                       nn.ReLU(), nn.Linear(2, 2, bias=False))  # fmt: skip
+    with torch.no_grad():
+        for layer in chain:
+            layer.weight.fill_(3e38)
+        bb[7].weight.copy_(torch.tensor([[-1.83], [-1.83], [1.83], [1.98]]))
+        bb[8].weight.copy_(torch.tensor([[0, 0, 0, 1e-7], [1, 1, 1, 1]]))
+        bb[10].weight.copy_(torch.eye(2))
+    return tg.GloroNet(bb, epsilon=1.0, in_shape=(1,)).eval()
+
+
+@pytest.mark.parametrize("precision", ["auto", "float64"])
+def test_float64_overflow_is_never_certified(precision):
+    net = _overflowing_net()
+    x = torch.tensor([[3e38]])
+    cert = net.certify(x, precision=precision)
+    # The float64 pass really did go wrong: its argmax is not the exact one (class 1).
+    assert int(cert.pred[0]) == 0 and bool(torch.isfinite(cert.logits).all())
+    assert not bool(cert.certified[0]) and float(cert.radius[0]) == 0.0
+    assert int(net.predict(x)[0]) == net.ABSTAIN
+    assert not bool(net.certify(x, fallback="local").certified[0])

@@ -67,6 +67,8 @@ class Certificate:
 
 # float32 values below this cannot have overflowed (largest float32: 3.4e38).
 _F32_SAFE = 1e36
+# The same for float64 (largest float64: 1.8e308).
+F64_SAFE = 1e300
 
 
 _F = TypeVar("_F", bound=Callable)
@@ -307,7 +309,14 @@ def _float64(st: SoundState, x64, x_norm, K, lipschitz):
     # |e_j − e_i| ≤ 2‖e‖₂, and ‖e‖₂ ≤ coef·‖x‖ + const; 1.01 absorbs this line's rounding.
     slack = 2.02 * (st.err_coef * x_norm + st.err_const)  # (B,)
     pred, radius = margins.certified_radius(y, K, slack, lipschitz=lipschitz)
-    return pred, radius, y
+    # A row whose values may have overflowed on the way (an inf clipped by a ReLU leaves
+    # finite logits) is outside the round-off model: never certified.
+    return pred, radius.masked_fill_(~float64_safe(st, x_norm), 0.0), y
+
+
+def float64_safe(st: SoundState, x_norm: torch.Tensor) -> torch.Tensor:
+    """(B,) True where no value of the float64 pass can have overflowed (``SoundState.peak64``)."""
+    return st.peak64[0] * x_norm + st.peak64[1] < F64_SAFE
 
 
 def _may_certify(y, pred, K, slack, epsilon: float, lipschitz: str) -> torch.Tensor:

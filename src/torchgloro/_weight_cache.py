@@ -60,6 +60,9 @@ class SoundState:
     backbone64: nn.Module
     err_coef: float  # ‖float64 logits − exact logits‖₂ ≤ err_coef·‖x‖₂ + err_const
     err_const: float
+    # Every value the float64 pass computes is at most a·‖x‖₂ + b (overflow check: the
+    # round-off model above assumes nothing overflowed).
+    peak64: tuple[float, float]
     # The same for float32 logits of the live backbone, a priori (p, q); and a bound
     # a·‖x‖ + b on every value computed on the way (overflow check). None where the float32
     # path does not apply, as are the fields below.
@@ -118,8 +121,11 @@ def build_sound_state(
     layers = [(n, b.fp_terms()) for n, b in zip(norms, bounds)]
     chain = [*layers, head]
     err_coef, err_const = margins.forward_error_coefficients(chain, underflow=_UNDERFLOW_F64)
+    peak64 = margins.peak_magnitude_coefficients(
+        chain, margins.UNIT_ROUNDOFF_F64, underflow=_UNDERFLOW_F64
+    )
     k_pen = margins.product_upper(norms)
-    state = SoundState(fp, k_pen, backbone64, err_coef, err_const)
+    state = SoundState(fp, k_pen, backbone64, err_coef, err_const, peak64)
     if _float32_model_applies(backbone, bounds):
         u32, low = margins.UNIT_ROUNDOFF_F32, _UNDERFLOW_F32
         state.err32 = margins.forward_error_coefficients(chain, u32, underflow=low)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchgloro import margins, sound
-from torchgloro._certify import autocast_off
+from torchgloro._certify import autocast_off, float64_safe
 from torchgloro._errors import GloroInputError
 from torchgloro._sound_conv import explicit_matrix
 from torchgloro._sound_linalg import gamma, sigma_max_upper
@@ -304,7 +304,9 @@ def certify_local(net, x: torch.Tensor, epsilon: float, cert) -> torch.Tensor:
     if cert.precision != "float64":
         p32, q32 = net._sound_state().err32
         widen = 2.02 * (p32 * x_norm + q32) + slack
-    for b in torch.nonzero(~cert.certified).flatten().tolist():
+    # Rows whose float64 values may overflow are outside the round-off model (never certified).
+    candidates = ~cert.certified & float64_safe(net._sound_state(), x_norm)
+    for b in torch.nonzero(candidates).flatten().tolist():
         yb = cert.logits[b].to(torch.float64)
         gap = (yb[cert.pred[b]] - yb).masked_fill(
             torch.arange(yb.numel(), device=yb.device) == cert.pred[b], _INF
