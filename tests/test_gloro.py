@@ -263,16 +263,23 @@ def test_caches_follow_weight_changes_that_do_not_bump_version(change):
     assert torch.equal(c.radius, c_fresh.radius) and torch.equal(c.certified, c_fresh.certified)
 
 
-def test_deepcopy_after_a_training_step_and_with_amp_hooks():
-    """A net holding the last training graph's K (and the trainer's AMP hooks) still copies,
-    so the sound state (a float64 copy of the backbone) can be built after training."""
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_deepcopy_after_a_training_step_with_the_amp_train_module():
+    """A net holding the last training graph's K still copies, so the sound state (a float64
+    copy of the backbone) can be built after training; the trainer's AMP wrapper leaves no
+    hooks on the backbone (a GloroNet refuses hooked layers) and gives the net's logits."""
     from torchgloro.train.build import TrainModule
 
     torch.manual_seed(0)
     net = tg.GloroNet(tg.create_model("minicnn", (1, 8, 8), 10), 0.3)
-    TrainModule(net, amp=True)  # registers its AMP hooks on the backbone
+    module = TrainModule(net, amp=True)  # CUDA autocast: a no-op on this CPU
     net.train()
-    tg.GloroCrossEntropy()(net(torch.rand(4, 1, 8, 8)), torch.tensor([0, 1, 2, 3]))
+    x = torch.rand(4, 1, 8, 8)
+    out = module(x, robust=True)
+    assert out.shape == (4, 11) and out.dtype == torch.float32
+    assert torch.equal(module(x, robust=False), net.backbone(x))
+    assert torch.equal(out[:, :10], net(x)[:, :10])  # (⊥ moves: each step iterates K)
+    tg.GloroCrossEntropy()(out, torch.tensor([0, 1, 2, 3]))
     assert net.last_class_bounds is not None and net.last_class_bounds.grad_fn is not None
     copied = copy.deepcopy(net)
     assert copied.last_class_bounds is None
@@ -299,3 +306,13 @@ def test_joint_refresh_of_the_graphed_path_matches_per_layer_convergence(monkeyp
     assert k_layer * (1 - 1e-6) <= k_joint <= net._sound_state().k_pen
     assert k_joint == pytest.approx(k_layer, rel=1e-3)
     assert float(joint.refresh()) == pytest.approx(k_joint, rel=1e-4)  # unchanged weights
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_fast_mode_takes_other_float_inputs(dtype):
+    torch.manual_seed(0)
+    net = tg.GloroNet(tg.create_model("minicnn", (1, 8, 8), 10), 0.3).eval()
+    x = torch.rand(4, 1, 8, 8)
+    ref = net.certify(x.to(dtype).float(), mode="fast")
+    cert = net.certify(x.to(dtype), mode="fast")  # was a dtype-mismatch RuntimeError
+    assert torch.equal(cert.pred, ref.pred) and torch.equal(cert.radius, ref.radius)

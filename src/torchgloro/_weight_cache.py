@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from torchgloro import margins, sound
+from torchgloro._errors import UnsupportedLayerError
 from torchgloro.lipschitz import LayerBound, linear_fp_terms
 
 
@@ -111,6 +112,7 @@ def build_sound_state(
         head_weight: ``(C, d)`` the head's effective weight.
         head_bias: The head's bias, if any.
     """
+    _refuse_narrow_derived_weights(backbone)
     backbone64 = copy.deepcopy(backbone).to(torch.float64).eval()
     for p in backbone64.parameters():
         p.requires_grad_(False)
@@ -134,6 +136,29 @@ def build_sound_state(
         state.layerwise32 = margins.layerwise_error_coefficients(layers, u32, underflow=low)
         state.head32 = _head_roundoff(w, head_bias, u32, low)
     return state
+
+
+def _refuse_narrow_derived_weights(backbone: nn.Module) -> None:
+    """Layers that derive their weights (``LLNLinear``'s normalized rows, ``LiResBlock``'s
+    folded kernel) round them to a bfloat16/float16 backbone's dtype, while the float64 copy
+    keeps them at float32 precision: the bounds and the certified function would differ."""
+    narrow = {
+        t.dtype
+        for t in [*backbone.parameters(), *backbone.buffers()]
+        if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64)
+    }
+    derived = [
+        m
+        for m in backbone.modules()
+        if hasattr(m, "effective_weight") or hasattr(m, "folded_kernel")
+    ]
+    if narrow and derived:
+        raise UnsupportedLayerError(
+            f"Sound certification of {derived[0].__class__.__name__} needs float32 or float64 "
+            f"weights, got {', '.join(sorted(str(d) for d in narrow))}: its derived weights "
+            f"would be rounded differently in the net and in its proof. Call net.float() "
+            f"before certifying (mixed precision belongs in autocast, not in the weights)."
+        )
 
 
 def _head_roundoff(w: torch.Tensor, bias: torch.Tensor | None, u: float, low: float):

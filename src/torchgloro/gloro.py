@@ -18,6 +18,7 @@ from torchgloro._certify import (
 )
 from torchgloro._cuda_graph import GraphedIterations, graphs_usable
 from torchgloro._errors import GloroInputError, UnsupportedLayerError
+from torchgloro._structure import check_structure, structure_of
 from torchgloro._weight_cache import SoundState, WeightsGeneration, build_sound_state
 from torchgloro.lipschitz import (
     ConstantBound,
@@ -104,6 +105,7 @@ class GloroNet(nn.Module):
         object.__setattr__(self, "_head", head)
         shapes = trace_input_shapes(layers, self.in_shape)
         self.bounds = nn.ModuleList(bound_for(m, s) for m, s in zip(layers[:-1], shapes[:-1]))
+        self._structure = structure_of(backbone)  # what the bounds describe (_structure.py)
         self.num_classes = int(self._head_weight().shape[0])
         self.register_buffer("_epsilon", torch.tensor(check_epsilon(epsilon), dtype=torch.float32))
         # Converged power-iteration value of the penultimate bound, for eval-mode forward.
@@ -142,8 +144,10 @@ class GloroNet(nn.Module):
         return head.effective_weight() if hasattr(head, "effective_weight") else head.weight
 
     def _fingerprint(self) -> int:
-        """The weights generation: it changes whenever a backbone parameter's value does."""
-        return self._weights.update(list(self.backbone.parameters()))
+        """The weights generation: it changes whenever a backbone parameter's or buffer's
+        value does. Raises if the backbone's structure changed since the bounds were built."""
+        check_structure(self.backbone, self._structure)
+        return self._weights.update([*self.backbone.parameters(), *self.backbone.buffers()])
 
     # ---- Lipschitz constants ---------------------------------------------------------------
 
@@ -308,7 +312,10 @@ class GloroNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Returns ``(B, C+1)`` logits: f(x), then ⊥."""
         self._check_input(x, check_finite=not self.training)
-        y = self.backbone(x)  # (B, C)
+        return self._with_bottom(self.backbone(x))
+
+    def _with_bottom(self, y: torch.Tensor) -> torch.Tensor:
+        """``(B, C+1)``: the class logits ``y = f(x)`` (B, C), then ⊥ built from them."""
         K = self._current_class_bounds()  # (C, C) or (C,)
         self.last_class_bounds = K  # reused by margin-aware losses (EMMA, certified hinge)
         bot = margins.bottom_logit(y, K, self._epsilon.to(y.dtype))  # (B,)
@@ -367,7 +374,7 @@ class GloroNet(nn.Module):
                 cert.certified = certify_local(self, x, eps, cert)
             return cert
         with eval_mode(self):  # fast mode: the frozen power-iteration constants
-            y = self.backbone(x)
+            y = self.backbone(x.to(self._head.weight.dtype))  # e.g. float16 input
             K = self._current_class_bounds()
         slack = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
         pred, radius = margins.certified_radius(y, K, slack, lipschitz=self.lipschitz)

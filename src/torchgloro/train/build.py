@@ -133,38 +133,24 @@ def build_optimizer(cfg: TrainConfig, net: GloroNet, device: torch.device):
 class TrainModule(nn.Module):
     """What DDP wraps: ``forward(x, robust)`` gives the GloRo logits or f's logits.
 
-    With ``amp="bf16"`` the backbone alone runs under autocast (hooks on the backbone), so
-    the Lipschitz bound and ⊥ stay in float32.
+    With ``amp=True`` the backbone alone runs under CUDA bfloat16 autocast and its logits are
+    cast back to float32, so the Lipschitz bound and ⊥ stay in float32. (No hooks on the
+    backbone: a GloroNet refuses hooked layers, whose outputs its bounds cannot see.)
     """
 
     def __init__(self, net: GloroNet, amp: bool) -> None:
         super().__init__()
         self.net = net
-        self._amp_ctx = None
-        if amp:
-            net.backbone.register_forward_pre_hook(self._enter_amp)
-            net.backbone.register_forward_hook(self._exit_amp)
         self._amp = amp
-        self._amp_active = False
-
-    def _enter_amp(self, module, args):
-        if self._amp_active:
-            self._amp_ctx = torch.autocast("cuda", dtype=torch.bfloat16)
-            self._amp_ctx.__enter__()
-
-    def _exit_amp(self, module, args, output):
-        if self._amp_ctx is not None:
-            self._amp_ctx.__exit__(None, None, None)
-            self._amp_ctx = None
-            return output.float()
-        return None
 
     def forward(self, x: torch.Tensor, robust: bool) -> torch.Tensor:
-        self._amp_active = self._amp
-        try:
+        if not self._amp:
             return self.net(x) if robust else self.net.backbone(x)
-        finally:
-            self._amp_active = False
+        self.net._check_input(x, check_finite=False)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = self.net.backbone(x)
+        y = y.float()  # (B, C)
+        return self.net._with_bottom(y) if robust else y
 
 
 @torch.no_grad()

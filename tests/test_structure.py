@@ -1,0 +1,175 @@
+"""A GloroNet certifies only the network its bounds were built for (torchgloro._structure).
+
+Each case below certified points of another network before the check: the bounds (and
+the proven caches) described the backbone as it was when the GloroNet was built.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import torchgloro as tg
+from torchgloro._errors import GloroInputError, UnsupportedLayerError
+
+
+def _mlp() -> tg.GloroNet:
+    torch.manual_seed(0)
+    bb = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 3))
+    return tg.GloroNet(bb, epsilon=0.1, in_shape=(2,)).eval()
+
+
+def _every_proof_refuses(net: tg.GloroNet, error: type[Exception], match: str) -> None:
+    x = torch.randn(8, *net.in_shape)
+    for call in (
+        lambda: net.certify(x),
+        lambda: net.certify(x, precision="float64"),
+        lambda: net.certify(x, fallback="local"),
+        lambda: net.certify(x, mode="fast"),
+        lambda: net.lipschitz_constant("sound"),
+        lambda: net.predict(x),
+    ):
+        with pytest.raises(error, match=match):
+            call()
+
+
+def test_a_replaced_layer_is_refused():
+    net = _mlp()
+    net.certify(torch.randn(4, 2))  # caches built for the original layers
+    bigger = nn.Linear(2, 16)
+    with torch.no_grad():
+        bigger.weight.copy_(net.backbone[0].weight * 100)
+    net.backbone[0] = bigger  # the old bound still points at the old layer (K 100x too small)
+    _every_proof_refuses(net, GloroInputError, "modules changed")
+
+
+def test_a_swapped_parameterless_layer_is_refused():
+    net = _mlp()
+    net.backbone[1] = nn.GELU()  # Lipschitz 1.13 > the ReLU's 1 the bounds assume
+    _every_proof_refuses(net, GloroInputError, "modules changed")
+
+
+def test_a_changed_setting_is_refused():
+    torch.manual_seed(0)
+    block = tg.LiResBlock(2, 3, residual_scale=0.0, bias=False)
+    bb = nn.Sequential(block, nn.Flatten(), nn.Linear(2 * 5 * 5, 3))
+    net = tg.GloroNet(bb, epsilon=0.1, in_shape=(2, 5, 5)).eval()
+    k_before = float(net.lipschitz_constant("sound").max())
+    block.residual_scale = 50.0  # the folded kernel changes; no parameter value does
+    _every_proof_refuses(net, GloroInputError, r"LiResBlock .*\(residual_scale\)")
+    fresh = tg.GloroNet(bb, epsilon=0.1, in_shape=(2, 5, 5)).eval()
+    assert float(fresh.lipschitz_constant("sound").max()) > 10 * k_before  # it did matter
+
+
+def test_a_conv_padding_mode_changed_in_place_is_refused():
+    torch.manual_seed(0)
+    bb = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    net = tg.GloroNet(bb, epsilon=0.1, in_shape=(1, 4, 4)).eval()
+    bb[0].padding_mode = "circular"  # the same shapes, another operator
+    _every_proof_refuses(net, GloroInputError, r"Conv2d .*\(padding_mode\)")
+
+
+def test_a_parametrized_layer_is_refused():
+    net = _mlp()
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    parametrize.register_parametrization(net.backbone[2], "weight", Double())
+    _every_proof_refuses(net, GloroInputError, "changed after this GloroNet was built")
+
+
+def test_forward_hooks_are_refused_at_build_and_later():
+    torch.manual_seed(0)
+    bb = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 3))
+    handle = bb[0].register_forward_hook(lambda m, i, out: 10 * out)
+    with pytest.raises(UnsupportedLayerError, match="forward hooks"):
+        tg.GloroNet(bb, epsilon=0.1, in_shape=(2,))
+    handle.remove()
+    net = tg.GloroNet(bb, epsilon=0.1, in_shape=(2,)).eval()
+    x = torch.randn(4, 2)
+    net.certify(x)
+    handle = bb[2].register_forward_pre_hook(lambda m, args: (3 * args[0],))
+    _every_proof_refuses(net, UnsupportedLayerError, "forward hooks")
+    handle.remove()
+    assert net.certify(x).pred.shape == (4,)  # the same net, hooks gone: certifies again
+
+
+def test_spectral_norm_hook_is_refused():
+    """The old hook-based spectral_norm recomputes the weight in every forward (in float64
+    on the certification copy), which the bound taken from the float32 weight missed."""
+    net = _mlp()
+    nn.utils.spectral_norm(net.backbone[0])
+    _every_proof_refuses(net, UnsupportedLayerError, "spectral_norm")
+
+
+def test_global_forward_hooks_are_refused():
+    net = _mlp()
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, out: out)
+    try:
+        _every_proof_refuses(net, UnsupportedLayerError, "Global forward hooks")
+    finally:
+        handle.remove()
+    assert net.certify(torch.randn(2, 2)).pred.shape == (2,)
+
+
+def test_a_changed_buffer_refreshes_the_proven_bounds():
+    """LLNLinear's fixed scale is a buffer: loading a state that differs only there must
+    rebuild the proven K (it stayed 100x too small: parameters alone were compared)."""
+    torch.manual_seed(0)
+    bb = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), tg.LLNLinear(16, 3, scale=1.0))
+    net = tg.GloroNet(bb, epsilon=0.1, in_shape=(2,)).eval()
+    x = torch.randn(256, 2) * 3
+    k_before = net.lipschitz_constant("sound")
+    state = copy.deepcopy(net.state_dict())
+    state["backbone.2.scale"] = torch.tensor(100.0)
+    net.load_state_dict(state)
+    fresh = tg.GloroNet(copy.deepcopy(bb), epsilon=0.1, in_shape=(2,)).eval()
+    K = net.lipschitz_constant("sound")
+    assert torch.allclose(K, 100 * k_before, rtol=1e-6)
+    assert torch.equal(K, fresh.lipschitz_constant("sound"))
+    assert torch.equal(net.certify(x).certified, fresh.certify(x).certified)
+    assert torch.allclose(
+        net.lipschitz_constant("fast"), fresh.lipschitz_constant("fast"), rtol=1e-4
+    )
+
+
+@pytest.mark.parametrize("layer", ["lln", "liresblock"])
+def test_derived_weights_in_bfloat16_are_refused(layer):
+    """The net rounds LLN rows / folded kernels to bfloat16; the float64 proof did not."""
+    torch.manual_seed(0)
+    if layer == "lln":
+        bb = nn.Sequential(nn.Linear(2, 2), tg.LLNLinear(2, 2, bias=False))
+        shape = (2,)
+    else:
+        bb = nn.Sequential(tg.LiResBlock(2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+        shape = (2, 4, 4)
+    net = tg.GloroNet(bb.to(torch.bfloat16), epsilon=1.0, in_shape=shape).eval()
+    x = torch.rand(2, *shape, dtype=torch.bfloat16)
+    with pytest.raises(UnsupportedLayerError, match="net.float()"):
+        net.certify(x)
+    assert net.float().certify(x.float()).pred.shape == (2,)  # the advice works
+
+
+def test_plain_bfloat16_backbone_still_certifies():
+    net = _mlp().to(torch.bfloat16)
+    x = torch.randn(16, 2).to(torch.bfloat16)
+    cert = net.certify(x)
+    ref = copy.deepcopy(net).double().certify(x.double())
+    assert torch.equal(cert.certified, ref.certified)
+
+
+def test_copies_keep_a_consistent_structure():
+    net = _mlp()
+    copied = copy.deepcopy(net)
+    x = torch.randn(32, 2)
+    assert torch.equal(copied.certify(x).radius, net.certify(x).radius)
+    copied.backbone[1] = nn.ReLU()  # the copy's own layers, checked against the copy's
+    with pytest.raises(GloroInputError, match="modules changed"):
+        copied.certify(x)
+    assert net.certify(x).pred.shape == (32,)  # the original is untouched
