@@ -66,6 +66,23 @@ def test_maxpool_nonoverlapping_is_one_and_overlapping_is_bounded():
     assert b > 1.0 and float(ratio.max()) <= b
 
 
+def test_avgpool_without_padding_ignores_count_include_pad():
+    """With no padding every window is full, so count_include_pad=False is the same operator;
+    it used to fall to the explicit-matrix path, refused above 4096 pixels."""
+    shape = (1, 72, 72)
+    a = bound_for(nn.AvgPool2d(3, 2, count_include_pad=False), shape).sound()
+    assert a == bound_for(nn.AvgPool2d(3, 2), shape).sound()
+    small = (1, 9, 9)
+    pool = nn.AvgPool2d(3, 2, count_include_pad=False)
+    exact = float(torch.linalg.matrix_norm(explicit_operator(pool, small), 2))
+    assert exact <= bound_for(pool, small).sound() <= exact * 1.01
+
+
+def test_maxpool_with_indices_is_a_clear_error():
+    with pytest.raises(tg.UnsupportedLayerError, match="return_indices"):
+        bound_for(nn.MaxPool2d(2, return_indices=True), (1, 8, 8))
+
+
 @pytest.mark.parametrize(
     "cin,cout,k,stride,padding,dilation,groups,hw",
     [

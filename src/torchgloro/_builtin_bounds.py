@@ -174,12 +174,13 @@ def _avg_pool(module: nn.AvgPool2d, in_shape: tuple[int, ...]) -> LayerBound:
         raise UnsupportedLayerError(
             "AvgPool2d with ceil_mode=True or divisor_override is not supported; use the defaults."
         )
+    no_padding = module.padding in (0, (0, 0))  # then count_include_pad changes nothing
     value = sound.avgpool2d_norm(
         module.kernel_size,
         module.stride,
         module.padding,
         in_hw=tuple(in_shape[-2:]),
-        count_include_pad=module.count_include_pad,
+        count_include_pad=module.count_include_pad or no_padding,
     )
     k = module.kernel_size if isinstance(module.kernel_size, int) else math.prod(module.kernel_size)
     k = k * k if isinstance(module.kernel_size, int) else k
@@ -191,5 +192,10 @@ def _avg_pool(module: nn.AvgPool2d, in_shape: tuple[int, ...]) -> LayerBound:
 def _max_pool(module: nn.MaxPool2d, in_shape: tuple[int, ...]) -> LayerBound:
     if module.ceil_mode:
         raise UnsupportedLayerError("MaxPool2d with ceil_mode=True is not supported.")
+    if module.return_indices:
+        raise UnsupportedLayerError(
+            "MaxPool2d with return_indices=True is not supported in a backbone (it returns a "
+            "tuple); use return_indices=False."
+        )
     value = sound.maxpool2d_norm(module.kernel_size, module.stride, module.padding, module.dilation)
     return ConstantBound(value, "MaxPool2d")
