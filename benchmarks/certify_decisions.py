@@ -1,7 +1,9 @@
 """Per-call cost of certification's decision steps on a (B, 10) float64 batch.
 
 Times ``margins.certified_radius`` and ``_certify._may_certify`` (random logits, slack and a
-symmetric K) and one ``eval_mode`` enter/exit on an already-eval 2C2F GloroNet: the fixed
+symmetric K), one ``eval_mode`` enter/exit on an already-eval 2C2F GloroNet, and the net's
+weights key (``GloroNet._fingerprint``: the values of parameters and buffers against a
+snapshot, plus the structure check where the checkout has it), for 2C2F and 4C3F: the fixed
 per-batch work that sound certification adds to inference. With ``PYTHONPATH=OLD/src`` it
 times an older checkout's functions (``eval_mode``: null where the checkout lacks it).
 
@@ -69,10 +71,14 @@ def main(argv=None) -> dict:
         net.eval()
         net.train(False)
 
+    fingerprint = {"2c2f": _per_call_us(net._fingerprint, n)}
+    net4 = tg.GloroNet(create_model("4c3f", (1, 28, 28), 10), 1.58).eval()
+    fingerprint["4c3f"] = _per_call_us(net4._fingerprint, max(1, n // 5))
     out = {
         "rows": rows,
         "eval_mode_on_eval_net_us": None if eval_mode is None else _per_call_us(toggle, n),
         "module_eval_and_train_walk_us": _per_call_us(walk, n),
+        "fingerprint_us": fingerprint,
     }
     print(out)
     C.write_result("certify_decisions", args, device, out)

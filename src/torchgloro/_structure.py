@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
@@ -28,22 +29,31 @@ _SCALARS = (bool, int, float, str, type(None))
 
 @dataclass(frozen=True)
 class Structure:
-    """The backbone's modules (by identity) and their plain settings, when bounds were built."""
+    """The backbone's modules (by identity), and each one's class and plain settings (the
+    names of its public plain attributes and their values), when the bounds were built."""
 
     modules: tuple[nn.Module, ...]
-    settings: tuple
+    settings: tuple[tuple[type, tuple[str, ...], tuple], ...]
 
 
 def structure_of(backbone: nn.Module) -> Structure:
     """Records ``backbone``'s structure; raises :class:`UnsupportedLayerError` on hooks."""
-    modules = tuple(backbone.modules())
+    modules = tuple(_walk(backbone, []))
     _refuse_hooks(modules)
-    return Structure(modules, _settings(modules))
+    settings = []
+    for m in modules:
+        keys = tuple(k for k, v in vars(m).items() if _is_setting(k, v))
+        settings.append((type(m), keys, tuple(vars(m)[k] for k in keys)))
+    return Structure(modules, tuple(settings))
 
 
-def check_structure(backbone: nn.Module, built: Structure) -> None:
-    """Raises unless ``backbone`` still has the structure its bounds were built for."""
-    modules = tuple(backbone.modules())
+def check_structure(backbone: nn.Module, built: Structure) -> list[nn.Module]:
+    """Raises unless ``backbone`` still has the structure its bounds were built for.
+
+    Returns:
+        The backbone's modules (for :func:`state_tensors`).
+    """
+    modules = _walk(backbone, [])
     if len(modules) != len(built.modules) or any(
         a is not b for a, b in zip(modules, built.modules)
     ):
@@ -52,31 +62,45 @@ def check_structure(backbone: nn.Module, built: Structure) -> None:
             "added or removed), so its Lipschitz bounds describe the old network. Build a "
             "new GloroNet around the modified backbone."
         )
-    settings = _settings(modules)
-    if settings != built.settings:
-        old, new = next((a, b) for a, b in zip(built.settings, settings) if a != b)
-        changed = sorted({k for k, _ in set(old[1]) ^ set(new[1])}) or ["its class"]
-        raise GloroInputError(
-            f"A {old[0].__name__} layer of the backbone changed after this GloroNet was built "
-            f"({', '.join(changed)}), so its Lipschitz bound describes the old layer. Build "
-            f"a new GloroNet around the modified backbone."
-        )
+    for m, (cls, keys, values) in zip(modules, built.settings):
+        d = vars(m)
+        if type(m) is not cls or tuple(d.get(k, _MISSING) for k in keys) != values:
+            changed = [k for k, v in zip(keys, values) if d.get(k, _MISSING) != v]
+            raise GloroInputError(
+                f"A {cls.__name__} layer of the backbone changed after this GloroNet was "
+                f"built ({', '.join(changed) or 'its class'}), so its Lipschitz bound "
+                f"describes the old layer. Build a new GloroNet around the modified backbone."
+            )
     _refuse_hooks(modules)
+    return modules
 
 
-def _settings(modules: Sequence[nn.Module]) -> tuple:
-    """Each module's class and public plain attributes (numbers, strings, tuples of them)."""
-    return tuple((type(m), tuple(_plain(m))) for m in modules)
+def state_tensors(modules: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """Every parameter and buffer of ``modules`` (what the bounds' values depend on)."""
+    return [
+        t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None
+    ]
 
 
-def _plain(m: nn.Module):
-    for k, v in vars(m).items():
-        if k[0] == "_" or k == "training":
-            continue
-        if isinstance(v, _SCALARS) or (
-            isinstance(v, tuple) and all(isinstance(e, _SCALARS) for e in v)
-        ):
-            yield k, v
+_MISSING = object()
+
+
+def _walk(m: nn.Module, out: list[nn.Module]) -> list[nn.Module]:
+    """``m`` and its submodules, depth first (``Module.modules()`` order, without its memo)."""
+    out.append(m)
+    for child in m._modules.values():
+        if child is not None:
+            _walk(child, out)
+    return out
+
+
+def _is_setting(key: str, value) -> bool:
+    """A public plain attribute: a number, string, None, or a tuple of those."""
+    if key[0] == "_" or key == "training":
+        return False
+    return isinstance(value, _SCALARS) or (
+        isinstance(value, tuple) and all(isinstance(e, _SCALARS) for e in value)
+    )
 
 
 def _refuse_hooks(modules: Sequence[nn.Module]) -> None:

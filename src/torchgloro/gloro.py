@@ -18,7 +18,7 @@ from torchgloro._certify import (
 )
 from torchgloro._cuda_graph import GraphedIterations, graphs_usable
 from torchgloro._errors import GloroInputError, UnsupportedLayerError
-from torchgloro._structure import check_structure, structure_of
+from torchgloro._structure import check_structure, state_tensors, structure_of
 from torchgloro._weight_cache import SoundState, WeightsGeneration, build_sound_state
 from torchgloro.lipschitz import (
     ConstantBound,
@@ -146,8 +146,8 @@ class GloroNet(nn.Module):
     def _fingerprint(self) -> int:
         """The weights generation: it changes whenever a backbone parameter's or buffer's
         value does. Raises if the backbone's structure changed since the bounds were built."""
-        check_structure(self.backbone, self._structure)
-        return self._weights.update([*self.backbone.parameters(), *self.backbone.buffers()])
+        modules = check_structure(self.backbone, self._structure)
+        return self._weights.update(state_tensors(modules))
 
     # ---- Lipschitz constants ---------------------------------------------------------------
 
