@@ -313,3 +313,76 @@ def test_float64_overflow_is_never_certified(precision):
     assert not bool(cert.certified[0]) and float(cert.radius[0]) == 0.0
     assert int(net.predict(x)[0]) == net.ABSTAIN
     assert not bool(net.certify(x, fallback="local").certified[0])
+
+
+def _flush_denormal_net():
+    """Linear(1e-39, a float32 subnormal) → Linear(1e12) → head [1, −1], bias (0, 1e-9):
+    at x = 1e18 the exact margin f_0 − f_1 is +1e-9 (class 0). A CPU that reads subnormals
+    as 0 (torch.set_flush_denormal(True)) drops the first product whole: class 1."""
+    l1, l2, head = nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False), nn.Linear(1, 2)
+    with torch.no_grad():
+        l1.weight.fill_(1e-39)
+        l2.weight.fill_(1e12)
+        head.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        head.bias.copy_(torch.tensor([0.0, 1e-9]))
+    return tg.GloroNet(nn.Sequential(l1, l2, head), epsilon=1.0, in_shape=(1,)).eval()
+
+
+@pytest.mark.parametrize("precision", ["auto", "float64"])
+def test_certificates_ignore_a_callers_flush_denormal(precision):
+    net = _flush_denormal_net()
+    x = torch.tensor([[1e18]])
+    plain = net.certify(x, precision=precision)
+    assert int(plain.pred[0]) == 0 and bool(plain.certified[0])
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals (no DAZ/FTZ): nothing to guard")
+    try:
+        assert float(torch.tensor(1e-39) * 1.0) == 0.0  # flushing really is on
+        cert = net.certify(x, precision=precision)
+        assert float(torch.tensor(1e-39) * 1.0) == 0.0  # and the caller's setting is back
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(cert.pred, plain.pred) and torch.equal(cert.radius, plain.radius)
+
+
+def test_tiny_float64_inputs_keep_their_norm_allowance():
+    """Squares of entries near 1e-170 underflow: the float64 norm came out 0 and the relative
+    round-off allowance vanished; float64 cancellation then certified the wrong class."""
+    head = nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.5, 0.0]]))
+    net = tg.GloroNet(nn.Sequential(head), epsilon=1.0, in_shape=(3,)).eval()
+    s = 1e-170
+    x = torch.tensor([[s, s * 2.0**-54, -s]], dtype=torch.float64)
+    assert float(torch.linalg.vector_norm(x)) == 0.0  # the premise: the squares underflow
+    cert = net.certify(x, 1e-190)  # exact logits (5.55e-187, 2.78e-187): class 0; float64: 1
+    assert not bool(cert.certified[0]) or int(cert.pred[0]) == 0
+    assert not bool(certify_local(net, x, 1e-190, cert)[0]) or int(cert.pred[0]) == 0
+
+
+def test_auto_decides_finite_inputs_whose_float32_norm_overflows_like_float64():
+    l1, head = nn.Linear(2, 2), nn.Linear(2, 2)
+    with torch.no_grad():
+        l1.weight.copy_(torch.eye(2) * 1e-25)
+        l1.bias.zero_()
+        head.weight.copy_(torch.eye(2))
+        head.bias.zero_()
+    net = tg.GloroNet(nn.Sequential(l1, head), epsilon=1.0, in_shape=(2,)).eval()
+    x = torch.tensor([[3e19, 1e19]])  # finite, but its float32 norm is inf
+    auto, f64 = net.certify(x), net.certify(x, precision="float64")
+    assert bool(f64.certified[0])
+    assert torch.equal(auto.certified, f64.certified) and torch.equal(auto.pred, f64.pred)
+
+
+def test_a_loaded_invalid_epsilon_is_refused():
+    net = _net()
+    state = net.state_dict()
+    x = torch.rand(2, 1, 28, 28)
+    for bad in (-1.0, 0.0, float("nan")):
+        state["_epsilon"] = torch.tensor(bad)
+        net.load_state_dict(state)  # a buffer: nothing checks it on the way in
+        with pytest.raises(GloroInputError, match="epsilon"):
+            net.certify(x)
+        with pytest.raises(GloroInputError, match="epsilon"):
+            net.predict(x)
+    assert net.certify(x, epsilon=0.05).pred.shape == (2,)  # an explicit ε still works

@@ -316,3 +316,15 @@ def test_fast_mode_takes_other_float_inputs(dtype):
     ref = net.certify(x.to(dtype).float(), mode="fast")
     cert = net.certify(x.to(dtype), mode="fast")  # was a dtype-mismatch RuntimeError
     assert torch.equal(cert.pred, ref.pred) and torch.equal(cert.radius, ref.radius)
+
+
+@pytest.mark.parametrize("eps", [1e-300, 1e300])
+def test_epsilon_outside_float32_range_is_a_clear_error(eps):
+    """The net keeps ε in a float32 buffer: 1e-300 used to become 0 silently."""
+    f = tg.create_model("minicnn", (1, 8, 8), 10)
+    with pytest.raises(tg.GloroInputError, match="float32's range"):
+        tg.GloroNet(f, eps)
+    net = tg.GloroNet(f, 0.3)
+    with pytest.raises(tg.GloroInputError, match="float32's range"):
+        net.epsilon = eps
+    assert net.epsilon == pytest.approx(0.3)  # unchanged by the refused assignment

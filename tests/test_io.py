@@ -71,3 +71,25 @@ def test_metadata_is_json(tmp_path, trained_digits_net):
     with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
         meta = json.loads(f.metadata()["torchgloro"])
     assert meta["model"]["name"] == "minicnn" and meta["gloro"]["lipschitz"] == "margin"
+
+
+def test_a_file_whose_epsilon_tensor_disagrees_with_its_metadata_is_refused(tmp_path):
+    """The ε buffer in the tensors is what certify uses; a file whose tensor says −1 (every
+    point, ties included, passed 'radius > −1') loaded silently before."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    net = tg.GloroNet(tg.create_model("minicnn", (1, 8, 8), 10), 0.5)
+    path = tmp_path / "m.safetensors"
+    net.save(path)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.endswith("_epsilon"))
+    tensors[key] = torch.tensor(-1.0)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(tg.CheckpointError, match="epsilon"):
+        tg.load(bad)
+    assert tg.load(path).epsilon == 0.5

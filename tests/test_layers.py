@@ -324,3 +324,30 @@ def test_liresblock_euler_estimate_matches_autograd():
         grads.append([p.grad.clone() for p in (blk.conv.weight, blk.scale)])
     for ref, new in zip(*grads):
         assert torch.allclose(new, ref, rtol=1e-10, atol=1e-14) and float(ref.abs().sum()) > 0
+
+
+def test_residual_covers_underflow_amplified_inside_the_block():
+    """Inside Residual(Linear(2^-140) → Linear(1e38)) the one inner product underflows to 0
+    in float64 and is then scaled by 1e38: the exact logits favour class 0, float64's class 1.
+    The block's round-off terms used to add the subnormal allowance once, after the gain."""
+    from fractions import Fraction
+
+    l1, l2, head = (nn.Linear(2, 2, bias=False) for _ in range(3))
+    with torch.no_grad():
+        l1.weight.copy_(torch.tensor([[2.0**-140, 0.0], [0.0, 0.0]]))
+        l2.weight.copy_(torch.tensor([[0.0, 0.0], [1e38, 0.0]]))
+        d = -1e38 * 3.6e-5
+        head.weight.copy_(torch.tensor([[d, 1e38], [-d, -1e38]]))
+    net = tg.GloroNet(nn.Sequential(tg.Residual(nn.Sequential(l1, l2)), head), 1.0, (2,))
+    x = torch.tensor([[0.4 * 2.0**-934, 0.0]], dtype=torch.float64)
+
+    def mv(w, v):
+        return [sum(Fraction(a) * b for a, b in zip(row, v)) for row in w.double().tolist()]
+
+    xv = [Fraction(v) for v in x[0].tolist()]
+    z = [a + b for a, b in zip(xv, mv(l2.weight, mv(l1.weight, xv)))]
+    exact = mv(head.weight, z)
+    assert exact[0] > exact[1]  # class 0
+    cert = net.eval().certify(x, 1e-300)
+    assert int(cert.pred[0]) == 1  # float64 went wrong, as constructed
+    assert not bool(cert.certified[0])

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -128,6 +129,39 @@ def strict_fp32():
 
 
 @contextlib.contextmanager
+def gradual_underflow():
+    """IEEE subnormals for the enclosed block on this thread.
+
+    ``torch.set_flush_denormal(True)`` makes the CPU read subnormal inputs as 0 and flush
+    subnormal results to 0 (DAZ/FTZ): a subnormal weight times a huge activation is then
+    lost whole, outside the round-off model (relative γ_n plus a tiny absolute term per
+    layer). It is switched off here, and back on afterwards if it was on.
+    """
+    flushing = bool(_SUBNORMAL * _ONE == 0)  # numpy's scalar product runs on this thread
+    if flushing:
+        torch.set_flush_denormal(False)
+    try:
+        yield
+    finally:
+        if flushing:
+            torch.set_flush_denormal(True)
+
+
+_SUBNORMAL, _ONE = np.float32(1e-45), np.float32(1.0)
+
+
+def ieee_arithmetic(fn: _F) -> _F:
+    """Decorates ``fn`` to run with autocast off and IEEE subnormals (proofs assume both)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with no_autocast(), gradual_underflow():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
 def eval_mode(module: nn.Module):
     """``module`` in eval mode for the enclosed block, then every submodule's flag restored.
 
@@ -189,7 +223,7 @@ def sound_logits(
     exact_in_f32 = x.dtype in (torch.float32, torch.float16, torch.bfloat16)
     if precision == "float64" or st.err32 is None or not exact_in_f32:
         x64 = x.to(torch.float64)
-        x_norm = torch.linalg.vector_norm(x64.flatten(1), dim=1)  # (B,)
+        x_norm = norm_upper64(x64)  # (B,)
         _require_finite(x, x_norm)
         return (*_float64(st, x64, x_norm, K, lipschitz), "float64")
     x_norm = _norm_upper(x.to(torch.float32))  # (B,) float64
@@ -216,8 +250,9 @@ def sound_logits(
         redo[idx] = ~(r2 > epsilon) & _may_certify(y[idx], p2, K, s2, epsilon, lipschitz)
     # 3. float64 for what float32 leaves open.
     idx = redo.nonzero().flatten()
-    if idx.numel():
-        p64, r64, y64 = _float64(st, x[idx].to(torch.float64), x_norm[idx], K, lipschitz)
+    if idx.numel():  # (their own float64 norms: a float32 norm may overflow on finite rows)
+        x64 = x[idx].to(torch.float64)
+        p64, r64, y64 = _float64(st, x64, norm_upper64(x64), K, lipschitz)
         pred, radius, y = pred.index_put((idx,), p64), radius.index_put((idx,), r64), y.clone()
         y[idx] = y64
     return pred, radius, y, "float32"
@@ -301,6 +336,19 @@ def _norm_upper(h: torch.Tensor) -> torch.Tensor:
     flat = h.flatten(1)
     grow = 1 + 2 * (flat.shape[1] + 2) * margins.UNIT_ROUNDOFF_F32
     return torch.linalg.vector_norm(flat, dim=1).to(torch.float64) * grow + 1e-18
+
+
+def norm_upper64(x64: torch.Tensor) -> torch.Tensor:
+    """(B,) upper bounds on the exact ℓ2 norm of each float64 row of ``x64``.
+
+    PyTorch's 2-norm is a plain sum of squares: inflating it by 1 + 2(D + 2)·2^-53 covers its
+    round-off, and 1e-150 the squares lost in the subnormal range (each off by at most
+    2^-1075, so in all at most sqrt(D·2^-1075) < 1e-150 for D < 10^10), which made tiny
+    inputs' norms 0.
+    """
+    flat = x64.flatten(1)
+    grow = 1 + 2 * (flat.shape[1] + 2) * margins.UNIT_ROUNDOFF_F64
+    return torch.linalg.vector_norm(flat, dim=1) * grow + 1e-150
 
 
 def _float64(st: SoundState, x64, x_norm, K, lipschitz):

@@ -170,11 +170,8 @@ def _head_roundoff(w: torch.Tensor, bias: torch.Tensor | None, u: float, low: fl
     return HeadRoundoff(gamma, low, row, b, margins.pairwise_row_distances(w64, upper=True))
 
 
-# Absolute error per affine layer from products in the subnormal range: at most n·2^-150
-# (float32) or n·2^-1075 (float64) per output, i.e. n·sqrt(m)·that in ℓ2 for m outputs. These
-# constants dominate it for any n·sqrt(m) below 1e14 (float32) or 1e20 (float64).
-_UNDERFLOW_F32 = 1e-30
-_UNDERFLOW_F64 = 1e-300
+_UNDERFLOW_F32 = margins.UNDERFLOW_F32
+_UNDERFLOW_F64 = margins.UNDERFLOW_F64
 
 
 def _float32_model_applies(backbone: nn.Module, bounds: Sequence[LayerBound]) -> bool:

@@ -14,6 +14,7 @@ from torchgloro._certify import (
     Certificate,
     autocast_off,
     eval_mode,
+    ieee_arithmetic,
     sound_logits,
 )
 from torchgloro._cuda_graph import GraphedIterations, graphs_usable
@@ -43,6 +44,17 @@ def check_epsilon(epsilon: float) -> float:
     if not math.isfinite(value) or value <= 0:
         raise GloroInputError(
             f"epsilon must be a finite number > 0 (the ℓ2 radius to certify), got {epsilon!r}."
+        )
+    return value
+
+
+def _epsilon_tensor(epsilon: float) -> torch.Tensor:
+    """ε as the float32 buffer that holds it; raises if float32 cannot represent it."""
+    value = torch.tensor(check_epsilon(epsilon), dtype=torch.float32)
+    if not (math.isfinite(float(value)) and float(value) > 0):
+        raise GloroInputError(
+            f"epsilon={epsilon!r} is outside float32's range, where the net keeps it; pass a "
+            f"radius between 1e-38 and 3e38 (or pass epsilon= to certify for one call)."
         )
     return value
 
@@ -107,7 +119,7 @@ class GloroNet(nn.Module):
         self.bounds = nn.ModuleList(bound_for(m, s) for m, s in zip(layers[:-1], shapes[:-1]))
         self._structure = structure_of(backbone)  # what the bounds describe (_structure.py)
         self.num_classes = int(self._head_weight().shape[0])
-        self.register_buffer("_epsilon", torch.tensor(check_epsilon(epsilon), dtype=torch.float32))
+        self.register_buffer("_epsilon", _epsilon_tensor(epsilon))
         # Converged power-iteration value of the penultimate bound, for eval-mode forward.
         self.register_buffer("_frozen_k_pen", torch.tensor(float("nan")))
         self._weights = WeightsGeneration()
@@ -137,7 +149,7 @@ class GloroNet(nn.Module):
 
     @epsilon.setter
     def epsilon(self, value: float) -> None:
-        self._epsilon.fill_(check_epsilon(value))
+        self._epsilon.copy_(_epsilon_tensor(value))
 
     def _head_weight(self) -> torch.Tensor:
         head = self._head
@@ -228,7 +240,7 @@ class GloroNet(nn.Module):
         """Whether the frozen constants predate the current weights."""
         return self._frozen_at != self._fingerprint() or bool(self._frozen_k_pen.isnan())
 
-    @autocast_off  # proven bounds at full precision, whatever the caller's autocast
+    @ieee_arithmetic  # proven bounds: no autocast, IEEE subnormals (whatever the caller set)
     def _sound_state(self) -> SoundState:
         """Proven constants and a float64 copy of the backbone, cached per weights."""
         fp = self._fingerprint()
@@ -323,7 +335,7 @@ class GloroNet(nn.Module):
 
     # ---- certification ---------------------------------------------------------------------
 
-    @autocast_off  # certificates need plain float32/float64 arithmetic (docs/soundness.md)
+    @ieee_arithmetic  # certificates need plain IEEE float32/float64 (docs/soundness.md)
     @torch.no_grad()
     def certify(
         self,
@@ -360,7 +372,8 @@ class GloroNet(nn.Module):
             raise GloroInputError(f"mode must be 'sound' or 'fast', got {mode!r}.")
         if precision not in ("auto", "float64"):
             raise GloroInputError(f"precision must be 'auto' or 'float64', got {precision!r}.")
-        eps = self.epsilon if epsilon is None else check_epsilon(epsilon)
+        # The net's own ε too: load_state_dict may have put any value in its buffer.
+        eps = check_epsilon(self.epsilon if epsilon is None else epsilon)
         self._check_input(x, check_finite=mode != "sound")  # sound mode: on the input norms
         if mode == "sound":
             st = self._sound_state()

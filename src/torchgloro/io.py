@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -174,6 +175,12 @@ def load(
         ) from e
     state = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
     load_state_checked(net, state, path)
+    saved = float(torch.tensor(float(g["epsilon"]), dtype=torch.float32))
+    if not (net.epsilon == saved and math.isfinite(saved) and saved > 0):
+        raise CheckpointError(
+            f"{path} is inconsistent: its metadata says epsilon={g['epsilon']!r} but its "
+            f"tensors hold {net.epsilon!r} (the file was modified). Re-save the model."
+        )
     net.to(map_location).eval()
     if not torch.isnan(net._frozen_k_pen):
         net._frozen_at = net._fingerprint()

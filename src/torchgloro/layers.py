@@ -42,6 +42,8 @@ from torchgloro.lipschitz import (
     trace_input_shapes,
 )
 from torchgloro.margins import (
+    UNDERFLOW_F32,
+    UNDERFLOW_F64,
     UNIT_ROUNDOFF_F64,
     forward_error_coefficients,
     product_upper,
@@ -337,7 +339,10 @@ class ResidualBound(LayerBound):
         u = self.unit_roundoff
         norms = [b.sound() for b in self.inner]
         terms = [b.fp_terms() for b in self.inner]
-        p, q = forward_error_coefficients(zip(norms, terms), unit_roundoff=u)
+        # The inner layers' own subnormal-range errors, at the evaluation precision, grow
+        # with the later inner layers' gains: they enter q, not once after the block.
+        low = UNDERFLOW_F64 if u == UNIT_ROUNDOFF_F64 else UNDERFLOW_F32
+        p, q = forward_error_coefficients(zip(norms, terms), unit_roundoff=u, underflow=low)
         big_b = 0.0  # ‖g(0)‖ ≤ B: the norm recursion N' ≤ L N + b from N = 0
         for L, t in zip(norms, terms):
             big_b = round_up(L * big_b + (t[2] if t is not None else 0.0), 2)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchgloro import margins, sound
-from torchgloro._certify import autocast_off, float64_safe
+from torchgloro._certify import float64_safe, ieee_arithmetic, norm_upper64
 from torchgloro._errors import GloroInputError
 from torchgloro._sound_conv import explicit_matrix
 from torchgloro._sound_linalg import gamma, sigma_max_upper
@@ -96,7 +96,8 @@ def _plan(net) -> _Plan:
     fps = [b.fp_terms() for b in net.bounds]
     steps = []
     for i, (m, b) in enumerate(zip(layers, net.bounds)):
-        err = margins.forward_error_coefficients(list(zip(norms[: i + 1], fps[: i + 1])))
+        prefix = list(zip(norms[: i + 1], fps[: i + 1]))
+        err = margins.forward_error_coefficients(prefix, underflow=margins.UNDERFLOW_F64)
         relu_next = i + 1 < len(layers) and type(layers[i + 1]) is nn.ReLU
         t = type(m)
         if t in (nn.Linear, nn.Conv2d):
@@ -256,7 +257,7 @@ def _check(net, x: torch.Tensor, epsilon: float) -> float:
     return eps
 
 
-@autocast_off
+@ieee_arithmetic
 @torch.no_grad()
 def local_margin_lipschitz(net, x: torch.Tensor, epsilon: float) -> torch.Tensor:
     """Proven local margin bounds on the ε-balls around each point of ``x``.
@@ -272,7 +273,7 @@ def local_margin_lipschitz(net, x: torch.Tensor, epsilon: float) -> torch.Tensor
     return torch.stack(out) if out else torch.zeros(0, c, c, dtype=torch.float64)
 
 
-@autocast_off
+@ieee_arithmetic
 @torch.no_grad()
 def certify_local(net, x: torch.Tensor, epsilon: float, cert) -> torch.Tensor:
     """``(B,)`` bool: certified by the global sound bound (``cert``) or by the local bound.
@@ -296,7 +297,7 @@ def certify_local(net, x: torch.Tensor, epsilon: float, cert) -> torch.Tensor:
     out = cert.certified.clone()
     plan = _plan(net)
     x64 = x.to(torch.float64)
-    x_norm = torch.linalg.vector_norm(x64.flatten(1), dim=1)
+    x_norm = norm_upper64(x64)
     slack = 2.02 * (plan.err_coef * x_norm + plan.err_const)  # exactly as certify computes it
     # The pre-filter below reads cert.logits. A float32 gap (precision="auto") is off from the
     # float64 one by at most both allowances, so it is widened by them: g64 ≤ g32 + widen.

@@ -14,6 +14,8 @@ import torch
 __all__ = [
     "UNIT_ROUNDOFF_F64",
     "UNIT_ROUNDOFF_F32",
+    "UNDERFLOW_F64",
+    "UNDERFLOW_F32",
     "round_up",
     "product_upper",
     "pairwise_row_distances",
@@ -27,6 +29,11 @@ __all__ = [
 
 UNIT_ROUNDOFF_F64 = 2.0**-53
 UNIT_ROUNDOFF_F32 = 2.0**-24
+# Absolute error per affine layer from products in the subnormal range: at most n·2^-1075
+# (float64) or n·2^-150 (float32) per output, i.e. n·sqrt(m)·that in ℓ2 for m outputs. These
+# constants dominate it for any n·sqrt(m) below 1e20 (float64) or 1e14 (float32).
+UNDERFLOW_F64 = 1e-300
+UNDERFLOW_F32 = 1e-30
 
 
 def round_up(x: float, ulps: int = 2) -> float:
