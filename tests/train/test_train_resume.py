@@ -118,6 +118,26 @@ def test_disagreeing_pair_is_refused(tiny):
         train(resume_config(run_dir, []), resume=run_dir, progress=False)
 
 
+@pytest.mark.parametrize("stage", ["before_tensors", "after_tensors"])
+def test_interrupted_checkpoint_write_resumes_exactly(tiny, straight, stage):
+    """A kill while the epoch-2 checkpoint is written. Before the tensors are replaced the
+    epoch-1 pair stands (and the pending JSON is dropped); after, the pending JSON completes
+    the epoch-2 pair. Either way the run resumes and ends bit-identical to a straight run."""
+    ahead = train(tiny(), stop_after=2, progress=False).run_dir  # the pair being written
+    run_dir = train(tiny(), stop_after=1, progress=False).run_dir
+    shutil.copy(ahead / "metrics.csv", run_dir / "metrics.csv")  # logged before the write
+    shutil.copy(ahead / "checkpoint.json", run_dir / "checkpoint.json.next")
+    if stage == "after_tensors":
+        shutil.copy(ahead / "checkpoint.safetensors", run_dir / "checkpoint.safetensors")
+    ck = read_checkpoint(run_dir)
+    assert ck.epoch == (2 if stage == "after_tensors" else 1)
+    assert not (run_dir / "checkpoint.json.next").exists()
+    done = train(resume_config(run_dir, []), resume=run_dir, progress=False)
+    _assert_identical(_state(straight.run_dir), _state(done.run_dir))
+    rows = read_metrics(done.run_dir / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+
+
 def test_checkpoint_of_another_architecture_is_refused(tiny):
     mine = train(tiny(), stop_after=1, progress=False).run_dir
     other = train(tiny("model.arch=2c2f"), stop_after=1, progress=False).run_dir

@@ -12,6 +12,7 @@ disagrees (an interrupted write).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ __all__ = [
 
 TENSORS_FILE = "checkpoint.safetensors"
 JSON_FILE = "checkpoint.json"
+NEXT_JSON_FILE = "checkpoint.json.next"  # the JSON of a pair being written (see below)
 FORMAT = "torchgloro-train/1"
 _META_KEY = "torchgloro.train"
 
@@ -125,7 +127,12 @@ def write_checkpoint(
     info: dict[str, Any],
     fresh_bound: bool,
 ) -> None:
-    """Writes the checkpoint pair atomically: tensors first, JSON second.
+    """Writes the checkpoint pair so that an interruption at any point leaves one whole pair.
+
+    Three atomic steps: the new JSON as ``checkpoint.json.next``, then the tensors over the
+    old ones, then the JSON renamed into place. Killed after the second step, the tensors
+    are new and the JSON old: :func:`read_checkpoint` completes the third step from
+    ``.next``. Killed before it, the old pair is whole and ``.next`` is dropped.
 
     Args:
         run_dir: The run folder.
@@ -146,9 +153,26 @@ def write_checkpoint(
         "torchgloro": json.dumps(io.gloro_metadata(net)),
         _META_KEY: json.dumps(marker),
     }
-    io.atomic_save_tensors(run_dir / TENSORS_FILE, {**model, **tensors}, meta)
     text = json.dumps({"format": FORMAT, **info}, indent=2, allow_nan=True)
-    io.atomic_write_bytes(run_dir / JSON_FILE, text.encode())
+    io.atomic_write_bytes(run_dir / NEXT_JSON_FILE, text.encode())
+    io.atomic_save_tensors(run_dir / TENSORS_FILE, {**model, **tensors}, meta)
+    os.replace(run_dir / NEXT_JSON_FILE, run_dir / JSON_FILE)
+
+
+def _finish_interrupted_write(run_dir: Path, marker: dict) -> None:
+    """Completes or drops a checkpoint write that was interrupted (see write_checkpoint)."""
+    nxt = run_dir / NEXT_JSON_FILE
+    if not nxt.is_file():
+        return
+    try:
+        pending = json.loads(nxt.read_text())
+        ours = (pending["epoch"], pending["step"]) == (marker.get("epoch"), marker.get("step"))
+    except (ValueError, OSError, KeyError, TypeError):
+        ours = False  # written whole or not at all (atomic), so unreadable means foreign
+    if ours:  # the tensors were replaced: the pair is complete once the JSON is
+        os.replace(nxt, run_dir / JSON_FILE)
+    else:  # interrupted before the tensors were replaced: the old pair stands
+        nxt.unlink()
 
 
 def read_checkpoint(run_dir: str | Path) -> Checkpoint:
@@ -159,13 +183,26 @@ def read_checkpoint(run_dir: str | Path) -> Checkpoint:
     """
     run_dir = Path(run_dir)
     t_path, j_path = run_dir / TENSORS_FILE, run_dir / JSON_FILE
-    for p in (t_path, j_path):
+
+    def require(p: Path) -> None:
         if not p.is_file():
             raise CheckpointError(
                 f"Cannot resume from {run_dir}: {p.name} is missing. Pass a run folder written "
                 f"by `gloro train` that has completed at least one checkpoint."
             )
+
+    require(t_path)
     tensors, meta = io.read_safetensors(t_path)
+    try:
+        marker = json.loads(meta[_META_KEY])
+        spec = json.loads(meta["torchgloro"]).get("model")
+    except (KeyError, ValueError, AttributeError) as e:
+        raise CheckpointError(
+            f"{t_path} is not a training checkpoint (missing metadata {e}); it may be a model "
+            f"file written by GloroNet.save, which cannot be resumed."
+        ) from e
+    _finish_interrupted_write(run_dir, marker)
+    require(j_path)
     try:
         info = json.loads(j_path.read_text())
         if info.get("format") != FORMAT:
@@ -175,14 +212,6 @@ def read_checkpoint(run_dir: str | Path) -> Checkpoint:
                 raise ValueError(f"missing {key!r}")
     except (ValueError, OSError, AttributeError) as e:
         raise CheckpointError(f"{j_path} is corrupt or not a training checkpoint ({e}).") from e
-    try:
-        marker = json.loads(meta[_META_KEY])
-        spec = json.loads(meta["torchgloro"]).get("model")
-    except (KeyError, ValueError, AttributeError) as e:
-        raise CheckpointError(
-            f"{t_path} is not a training checkpoint (missing metadata {e}); it may be a model "
-            f"file written by GloroNet.save, which cannot be resumed."
-        ) from e
     if (marker.get("epoch"), marker.get("step")) != (info["epoch"], info["step"]):
         raise CheckpointError(
             f"{t_path.name} (epoch {marker.get('epoch')}, step {marker.get('step')}) and "
