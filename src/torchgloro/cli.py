@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     except GloroError as e:
         print(f"gloro {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside training's own handler (loading data, evaluating)
+        hint = " (`gloro train --resume RUN` finishes a run)" if args.command == "train" else ""
+        print(f"\ngloro {args.command}: interrupted{hint}.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

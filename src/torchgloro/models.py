@@ -7,6 +7,7 @@ convolution with C output channels, a K×K kernel and stride S with TF-style SAM
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +18,14 @@ from torchgloro._errors import GloroInputError
 from torchgloro.activations import MinMax
 from torchgloro.layers import LLNLinear
 
-__all__ = ["create_model", "list_models", "register_model", "ACTIVATIONS", "same_padding"]
+__all__ = [
+    "create_model",
+    "list_models",
+    "register_model",
+    "check_model_options",
+    "ACTIVATIONS",
+    "same_padding",
+]
 
 ModelFactory = Callable[..., nn.Sequential]
 _MODELS: dict[str, ModelFactory] = {}
@@ -42,6 +50,22 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
 def list_models() -> list[str]:
     """Names of every registered architecture."""
     return sorted(_MODELS)
+
+
+def check_model_options(name: str, options: dict[str, Any]) -> None:
+    """Raises unless the registered model ``name`` takes every key of ``options``."""
+    if name not in _MODELS:
+        raise GloroInputError(f"Unknown model {name!r}; available: {', '.join(list_models())}.")
+    params = inspect.signature(_MODELS[name]).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return  # the factory takes any keyword
+    known = [k for k, p in list(params.items())[3:] if p.kind is not p.VAR_POSITIONAL]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise GloroInputError(
+            f"Model {name!r} has no option {', '.join(map(repr, unknown))}; its options are: "
+            f"{', '.join(known) or 'none'}."
+        )
 
 
 def create_model(
@@ -78,6 +102,7 @@ def create_model(
         raise GloroInputError(f"in_shape must be (C, H, W) with positive sizes, got {in_shape}.")
     if int(num_classes) < 2:
         raise GloroInputError(f"num_classes must be >= 2, got {num_classes}.")
+    check_model_options(name, kwargs)
     in_shape = tuple(int(s) for s in in_shape)
     model = _MODELS[name](in_shape, int(num_classes), activation, **kwargs)
     for m in model.modules():

@@ -164,7 +164,9 @@ def parse_lr_schedule(text: str, decay_start: float = 0.5) -> ConstantLR | Decay
         return ConstantLR()
     m = re.match(rf"^decay_to_({_NUM})$", text.strip())
     if not m or float(m.group(1)) <= 0:
-        raise ConfigError(f"Bad LR schedule {text!r}: use 'constant' or 'decay_to_X' (X > 0).")
+        raise ConfigError(
+            f"Bad LR schedule {text!r}: use 'constant', 'cosine' or 'decay_to_X' (X > 0)."
+        )
     return DecayToLR(float(m.group(1)), decay_start)
 
 

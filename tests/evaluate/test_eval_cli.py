@@ -112,3 +112,34 @@ def test_training_cost_tolerates_missing_columns(tmp_path):
     tc = read_training_cost(tmp_path)
     assert tc["sec_per_epoch"] == 2 and tc["mem_mb_per_instance"] == pytest.approx(1.0)
     assert read_training_cost(tmp_path / "missing") is None
+
+
+def test_cli_refuses_bad_options_and_mismatched_data_clearly(tmp_path, capsys, trained_digits_net):
+    """Found by a CLI review: each of these was a raw traceback or silent nonsense."""
+    import numpy as np
+
+    from torchgloro.cli import main
+
+    net, _, _ = trained_digits_net
+    run = make_run(tmp_path / "run", net.state_dict())
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "c20.npz"  # 8x8 images with 20 classes, for a 10-class model
+    y = np.arange(40) % 20
+    np.savez(npz, train_x=rng.random((40, 1, 8, 8)), train_y=y,
+             test_x=rng.random((40, 1, 8, 8)), test_y=y)  # fmt: skip
+    for argv, match in [
+        (["certify", str(run), "--dataset", f"npz:{npz}"], "has 20 classes but the model has 10"),
+        (["evaluate", str(run), "--dataset", f"npz:{npz}", "--no-write"], "has 20 classes"),
+        (["evaluate", str(run), "--device", "tpu", "--no-write"], "use auto, cpu, cuda"),
+    ]:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        assert match in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit) as e:  # argparse: a usage error, exit status 2
+        main(["certify", str(run), "--batch-size", "0"])
+    assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "evaluation.json").write_text("[1, 2]")
+    assert main(["compare", str(bad), str(bad)]) == 2
+    assert "not an evaluation" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import torchgloro as tg
+from torchgloro._errors import ConfigError
 from torchgloro.train import (
     TrainConfig,
     apply_overrides,
@@ -262,3 +263,39 @@ def test_epochs_flag_rescales_the_recipes_ramps():
     assert _cli_config("mnist-4c3f-plus", "--set", "run.epochs=30").loss.lam_schedule == "0.5,3,65"
     with pytest.raises(tg.ConfigError, match="--epochs must be >= 1"):
         _cli_config("mnist-4c3f-plus", "--epochs", "0")
+
+
+@pytest.mark.parametrize(
+    "setting,key",
+    [
+        ("gloro.epsilon_train=nan", "gloro.epsilon_train"),
+        ("gloro.epsilon_test=nan", "gloro.epsilon_test"),
+        ("gloro.epsilon_test=inf", "gloro.epsilon_test"),
+        ("optim.lr=nan", "optim.lr"),
+        ("optim.weight_decay=nan", "optim.weight_decay"),
+    ],
+)
+def test_nan_and_inf_settings_name_their_key(setting, key):
+    """NaN compares False with everything, so range checks let it through to a traceback."""
+    with pytest.raises(ConfigError, match=f"{key} must be a finite number"):
+        load_config(None, [setting])
+
+
+def test_unknown_model_option_and_binary_config_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="has no option 'bogus'; its options are: lln"):
+        load_config(None, ['model.options={"bogus": 1}'])
+    load_config(None, ["model.arch=liresnet", 'model.options={"depth": 2}'])  # a real one
+    path = tmp_path / "bin.toml"
+    path.write_bytes(b'a = "\xff"\n')
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+
+
+def test_an_out_folder_that_cannot_be_created_is_a_clear_error(tmp_path, capsys):
+    from torchgloro.cli import main
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    assert main(["train", "--out", str(blocker), "--epochs", "1", "--no-progress"]) == 2
+    assert "Cannot create the run folder" in capsys.readouterr().err
+    assert blocker.read_text() == "x"  # nothing lost

@@ -224,3 +224,65 @@ def test_run_from_an_older_version_resumes(tiny, straight):
     second = train(resume_config(run_dir, []), resume=run_dir, progress=False)
     assert second.interrupted is None
     _assert_identical(_state(straight.run_dir), _state(run_dir))
+
+
+def test_a_run_folder_in_use_is_refused(tiny):
+    """A second process resuming a run that still trains would interleave its checkpoints
+    and metrics rows (metrics.csv read 1,2,3,3,4,4,...): the folder is locked."""
+    from torchgloro.train._runtime import RunFolderBusyError, RunLock
+
+    run_dir = train(tiny(), stop_after=1, progress=False).run_dir
+    held = RunLock(run_dir)  # another open file description: conflicts like another process
+    try:
+        with pytest.raises(RunFolderBusyError, match="in use by another training process"):
+            train(resume_config(run_dir, []), resume=run_dir, progress=False)
+        assert main(["train", "--resume", str(run_dir)]) == 2  # a clean error
+    finally:
+        held.release()
+    done = train(resume_config(run_dir, []), resume=run_dir, progress=False)
+    assert done.epochs_done == 4
+    RunLock(run_dir).release()  # and the finished run let go of it
+
+
+def test_resume_finishes_an_interrupted_final_evaluation(tiny, straight):
+    """Killed during the final evaluation (after the last checkpoint), a run used to say
+    'nothing to resume' and never got its report; resuming now runs the evaluation."""
+    from torchgloro.train.report import has_final_results, write_report
+
+    run_dir = straight.run_dir
+    assert has_final_results(run_dir)
+    assert train(resume_config(run_dir, []), resume=run_dir, progress=False).final == {}
+    write_report(run_dir, read_metrics(run_dir / "metrics.csv"), "", None)  # as if killed
+    assert not has_final_results(run_dir)
+    again = train(resume_config(run_dir, []), resume=run_dir, progress=False)
+    assert again.final["vra_sound"] == straight.final["vra_sound"]
+    assert again.final["clean"] == straight.final["clean"]
+    assert has_final_results(run_dir)
+    assert [int(r["epoch"]) for r in read_metrics(run_dir / "metrics.csv")] == [1, 2, 3, 4]
+
+
+def test_a_damaged_metrics_file(tiny):
+    """A row cut short by a kill (the last one: its epoch had no checkpoint yet) is redone
+    on resume; damage anywhere else is a clear error, not a TypeError."""
+    run_dir = train(tiny(), stop_after=2, progress=False).run_dir
+    path = run_dir / "metrics.csv"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([*lines, lines[-1].replace("2,", "3,", 1)[:12]]) + "\n")
+    done = train(resume_config(run_dir, []), resume=run_dir, progress=False)
+    assert [int(r["epoch"]) for r in read_metrics(path)] == [1, 2, 3, 4]
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1][:10]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(tg.CheckpointError, match="damaged at data row 1"):
+        read_metrics(path)
+    assert done.epochs_done == 4
+
+
+def test_resume_with_another_number_of_ranks_warns(tiny, capsys):
+    run_dir = train(tiny(), stop_after=1, progress=False).run_dir
+    info = json.loads((run_dir / "checkpoint.json").read_text())
+    info["world_size"] = 2
+    (run_dir / "checkpoint.json").write_text(json.dumps(info))
+    capsys.readouterr()
+    train(resume_config(run_dir, []), resume=run_dir, progress=False)
+    assert "written by 2 process(es), this run has 1" in capsys.readouterr().out

@@ -61,6 +61,25 @@ class Split:
         """Return a copy whose tensors live on ``device`` (no copy if already there)."""
         return Split(self.x.to(device), self.y.to(device), self.info)
 
+    def require_model(self, num_classes: int, in_shape: Sequence[int]) -> None:
+        """Raises unless a model of ``num_classes`` classes on ``in_shape`` inputs fits.
+
+        A dataset with more classes than the model makes its accuracy and VRA meaningless
+        (labels it can never predict), or crashes a loss on out-of-range targets.
+        """
+        name = self.info.name
+        if tuple(self.x.shape[1:]) != tuple(in_shape):
+            raise GloroInputError(
+                f"Dataset {name!r} has images of shape {tuple(self.x.shape[1:])} but the model "
+                f"takes {tuple(in_shape)}: use the dataset the model was trained on."
+            )
+        top = int(self.y.max()) if len(self) else -1
+        if self.info.num_classes > num_classes or top >= num_classes:
+            raise GloroInputError(
+                f"Dataset {name!r} has {max(self.info.num_classes, top + 1)} classes but the "
+                f"model has {num_classes}: use the dataset the model was trained on."
+            )
+
     def subset(self, n_or_indices: int | Sequence[int] | torch.Tensor) -> Split:
         """The first ``n`` samples (an ``int``) or the samples at the given indices."""
         if isinstance(n_or_indices, bool):

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from torchgloro._errors import CheckpointError
+from torchgloro._errors import CheckpointError, ConfigError
 
 __all__ = ["add_arguments", "run", "load_evaluation"]
 
@@ -30,9 +30,14 @@ def load_evaluation(path: str | Path) -> dict:
     if not p.is_file():
         raise CheckpointError(f"No evaluation found at {p}: run `gloro evaluate {path}` first.")
     try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
         raise CheckpointError(f"Cannot read {p}: {e}. Re-run `gloro evaluate`.") from e
+    if not isinstance(data, dict) or "metrics" not in data:
+        raise CheckpointError(
+            f"{p} is not an evaluation written by `gloro evaluate` (no 'metrics'). Re-run it."
+        )
+    return data
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,5 +56,8 @@ def run(args: argparse.Namespace) -> int:
     table = compare_table(results, names)
     print(table)
     if args.output:
-        Path(args.output).write_text(table + "\n")
+        try:
+            Path(args.output).write_text(table + "\n")
+        except OSError as e:
+            raise ConfigError(f"Cannot write --output {args.output}: {e}.") from e
     return 0

@@ -282,7 +282,15 @@ def _load_net(run: Path, dev: torch.device):
 def _pick_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"Unknown device {device!r}: use auto, cpu, cuda or cuda:N.") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"Device {device!r} is not supported: use auto, cpu, cuda or cuda:N.")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} but no CUDA device is available; use cpu.")
+    return dev
 
 
 def evaluate_run(
@@ -326,6 +334,7 @@ def evaluate_run(
         opts.seed = int((cfg.get("run", {}) or {}).get("seed", 0) or 0)
     if len(split) == 0:
         raise GloroError("The test split is empty; nothing to evaluate.")
+    split.require_model(net.num_classes, net.in_shape)
     x, y = split.x.to(dev), split.y.to(dev)
     result, arrays = evaluate_net(net, x, y, opts)
     arch = (cfg.get("model", {}) or {}).get("arch")

@@ -1,8 +1,10 @@
-"""What a training run needs from its surroundings: the device, a run folder, peak memory,
-stop signals, and the error raised when the loss diverges."""
+"""What a training run needs from its surroundings: the device, a run folder and its lock,
+peak memory, stop signals, and the error raised when the loss diverges."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import resource
 import signal
 import threading
@@ -46,6 +48,39 @@ class StopFlag:
             signal.signal(s, old)
 
 
+class RunFolderBusyError(GloroError, RuntimeError):
+    """Another process is training in the run folder."""
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``RUN/.lock`` while a process trains in the folder.
+
+    Two processes writing one run folder (a run resumed while it still trains, or resumed
+    twice) would interleave checkpoints and metrics rows. The lock goes with the process,
+    however it ends, so a killed run leaves nothing to clean up.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        path = Path(run_dir) / ".lock"
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self._fd, 32).decode(errors="replace").strip() or "?"
+            os.close(self._fd)
+            raise RunFolderBusyError(
+                f"{run_dir} is in use by another training process (pid {holder}): wait for "
+                f"it to finish, or stop it (Ctrl-C checkpoints it), then resume."
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, str(os.getpid()).encode())
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
 def peak_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -68,7 +103,13 @@ def new_run_dir(cfg: TrainConfig) -> Path:
     while run_dir.exists():
         k += 1
         run_dir = base.with_name(f"{base.name}-{k}")
-    run_dir.mkdir(parents=True)
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as e:
+        raise ConfigError(
+            f"Cannot create the run folder {run_dir} ({e.strerror}): pass --out (run.out) a "
+            f"folder that exists or can be created, and is writable."
+        ) from e
     return run_dir
 
 

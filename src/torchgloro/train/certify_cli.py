@@ -18,8 +18,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", metavar="DIR", help="data root (default: the run's data.root)")
     p.add_argument("--mode", choices=("sound", "fast"), default="sound")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--batch-size", type=_positive_int, default=1000)
     p.add_argument("--download", action="store_true")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _run_config(path: Path) -> dict:
@@ -30,10 +37,11 @@ def _run_config(path: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     import torchgloro as tg
+    from torchgloro.train._runtime import resolve_device
     from torchgloro.train.build import evaluate
+    from torchgloro.train.distributed import DistEnv
 
     path = Path(args.run_dir)
     if not path.exists():
@@ -44,14 +52,13 @@ def run(args: argparse.Namespace) -> int:
     if not name:
         raise ConfigError(f"No config.toml next to {path}: pass --dataset NAME.")
     root = args.data_dir if args.data_dir is not None else data.get("root")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(args.device, DistEnv()))
     net = tg.load(path, map_location=device)
     eps = args.epsilon
     if eps is None:
         eps = saved.get("gloro", {}).get("epsilon_test") or net.epsilon
     split = tg.data.get_dataset(name, "test", root=root, download=args.download).to(device)
+    split.require_model(net.num_classes, net.in_shape)
     r = evaluate(net, split, eps, args.mode, args.batch_size)
     print(f"{path}: {split.info.name} test split ({r['n']} images), epsilon = {eps:g}, "
           f"mode = {args.mode}")  # fmt: skip

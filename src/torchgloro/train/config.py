@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import math
 import sys
 import types
 import typing
@@ -131,8 +132,9 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Checks choices and ranges; returns ``self``. Raises :class:`ConfigError`."""
         from torchgloro import schedules
+        from torchgloro._errors import GloroInputError
         from torchgloro.losses import GloroTrades
-        from torchgloro.models import ACTIVATIONS, list_models
+        from torchgloro.models import ACTIVATIONS, check_model_options, list_models
         from torchgloro.train.build import LOSSES, OPTIMIZERS, parse_lr
 
         def choice(key: str, value: str, options) -> None:
@@ -143,8 +145,11 @@ class TrainConfig:
                 )
 
         def at_least(key: str, value: float, low: float, strict: bool = False) -> None:
-            if value < low or (strict and value == low):
-                raise ConfigError(f"{key} must be {'>' if strict else '>='} {low}, got {value}.")
+            # math.isfinite as well: NaN compares False with everything, and inf passes `<`.
+            if not math.isfinite(value) or value < low or (strict and value == low):
+                raise ConfigError(
+                    f"{key} must be a finite number {'>' if strict else '>='} {low}, got {value}."
+                )
 
         r, d, m, g, lo, o = self.run, self.data, self.model, self.gloro, self.loss, self.optim
         choice("run.device", r.device, ("auto", "cpu", "cuda"))
@@ -159,6 +164,10 @@ class TrainConfig:
         if not d.name:
             raise ConfigError("data.name must not be empty.")
         choice("model.arch", m.arch, list_models())
+        try:
+            check_model_options(m.arch, m.options)
+        except GloroInputError as e:
+            raise ConfigError(f"model.options: {e}") from None
         choice("model.activation", m.activation, list(ACTIVATIONS))
         choice("model.init", m.init, ("glorot", "orthogonal"))
         at_least("gloro.epsilon_train", g.epsilon_train, 0)
@@ -378,8 +387,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}.") from e
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid TOML (UTF-8 text): {e}.") from e
     except OSError as e:
         raise ConfigError(f"Cannot read config {path}: {e}.") from e
 

@@ -27,6 +27,7 @@ from torchgloro.data import Augment, DeviceBatches, get_dataset
 from torchgloro.train import checkpoint as ckpt_io
 from torchgloro.train import distributed as ddp
 from torchgloro.train._runtime import (
+    RunLock,
     StopFlag,
     TrainingDivergedError,
     diverged,
@@ -45,7 +46,13 @@ from torchgloro.train.build import (
     resolve_epsilons,
 )
 from torchgloro.train.config import TrainConfig, config_to_dict, dump_config
-from torchgloro.train.report import MetricsLog, epoch_line, summary_text, write_report
+from torchgloro.train.report import (
+    MetricsLog,
+    epoch_line,
+    has_final_results,
+    summary_text,
+    write_report,
+)
 
 __all__ = [
     "LOSSES",
@@ -103,6 +110,14 @@ def train(
 
 def _train(cfg, env, device, resume, stop_after, progress) -> TrainResult:
     run = _Run(cfg, env, device)
+    try:
+        return _train_open_run(run, cfg, env, device, resume, stop_after, progress)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _train_open_run(run, cfg, env, device, resume, stop_after, progress) -> TrainResult:
     if not run.open(resume):
         return TrainResult(run.run_dir, run.start_epoch)
     total = cfg.run.epochs
@@ -205,6 +220,7 @@ class _Run:
         self.epoch_start_state = self.data_gen.get_state()
         self.sched_now = (float("nan"),) * 3  # ε, λ, lr of the last step
         self.rss0 = 0
+        self.lock: RunLock | None = None
 
     # -- run folder / resume --
 
@@ -213,6 +229,8 @@ class _Run:
         cfg, env, device, total = self.cfg, self.env, self.device, self.cfg.run.epochs
         if resume is not None:
             run_dir = self.run_dir = Path(resume)
+            if env.is_main and run_dir.is_dir():  # before reading: a writer may be mid-write
+                self.lock = RunLock(run_dir)
             ck = ckpt_io.read_checkpoint(run_dir)
             ckpt_io.check_same_run(config_to_dict(cfg), ck.info["config"], run_dir)
             ckpt_io.restore_model(self.net, ck, run_dir / ckpt_io.TENSORS_FILE)
@@ -227,11 +245,21 @@ class _Run:
             if self.start_step and env.is_main:  # partial-epoch sums (all ranks') live on rank 0
                 self.acc.copy_(ck.tensors["state.acc"].to(self.acc))
             if self.start_epoch >= total:
-                self.say(f"{run_dir} already finished its {total} epochs; nothing to resume.")
-                return False
+                if has_final_results(run_dir):
+                    self.say(f"{run_dir} already finished its {total} epochs; nothing to resume.")
+                    return False
+                self.say(f"{run_dir} finished its {total} epochs but not its final evaluation.")
             self.say(f"Resuming {run_dir} at epoch {self.start_epoch + 1}, step {self.start_step}.")
+            ranks = ck.info.get("world_size", env.world_size)
+            if ranks != env.world_size:
+                self.say(
+                    f"warning: the checkpoint was written by {ranks} process(es), this run has "
+                    f"{env.world_size}: the data order and batches differ, so the result will "
+                    f"not match an uninterrupted run exactly."
+                )
         elif env.is_main:
             self.run_dir = new_run_dir(cfg)
+            self.lock = RunLock(self.run_dir)
             (self.run_dir / "config.toml").write_text(dump_config(cfg))
         self.log = MetricsLog(self.run_dir, keep_epochs=self.start_epoch) if env.is_main else None
         self.history = list(self.log.rows) if self.log else []

@@ -8,7 +8,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METRICS", "MetricsLog", "read_metrics", "write_report", "epoch_line", "summary_text"]
+from torchgloro._errors import CheckpointError
+
+__all__ = [
+    "METRICS",
+    "MetricsLog",
+    "read_metrics",
+    "write_report",
+    "has_final_results",
+    "epoch_line",
+    "summary_text",
+]
 
 METRICS_FILE = "metrics.csv"
 REPORT_FILE = "report.md"
@@ -36,7 +46,7 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, keep_epochs: int | None = None) -> None:
         self.path = Path(run_dir) / METRICS_FILE
-        rows = read_metrics(self.path) if self.path.exists() else []
+        rows = read_metrics(self.path, partial_last=True) if self.path.exists() else []
         if keep_epochs is not None:  # resuming: drop rows written after the checkpoint
             rows = [r for r in rows if r["epoch"] <= keep_epochs]
         self.rows: list[dict[str, float]] = rows
@@ -57,14 +67,35 @@ def _fmt(row: dict[str, Any]) -> dict[str, str]:
     return {k: (str(int(row[k])) if k == "epoch" else f"{row[k]:.6g}") for k in METRICS}
 
 
-def read_metrics(path: str | Path) -> list[dict[str, float]]:
-    """Rows of a ``metrics.csv`` as floats (``epoch`` as int)."""
-    with open(path, newline="") as f:
-        rows = []
-        for r in csv.DictReader(f):
-            row = {k: float(v) for k, v in r.items() if k in METRICS}
+def read_metrics(path: str | Path, partial_last: bool = False) -> list[dict[str, float]]:
+    """Rows of a ``metrics.csv`` as floats (``epoch`` as int).
+
+    Args:
+        path: The file.
+        partial_last: Drop a damaged last row (a run killed while appending it; its epoch
+            had no checkpoint yet, so a resume redoes it) instead of raising.
+
+    Raises:
+        CheckpointError: a row that cannot be read (or any, without ``partial_last``).
+    """
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            raw = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise CheckpointError(f"Cannot read {path} ({e}); restore it or delete it.") from e
+    rows = []
+    for i, r in enumerate(raw):
+        try:
+            row = {k: float(v) for k, v in r.items() if k in METRICS}  # older files: fewer
             row["epoch"] = int(row["epoch"])
-            rows.append(row)
+        except (KeyError, TypeError, ValueError) as e:
+            if partial_last and i == len(raw) - 1:
+                break
+            raise CheckpointError(
+                f"{path} is damaged at data row {i + 1} ({e!r}); restore it, or delete that "
+                f"row and the rows after it."
+            ) from None
+        rows.append(row)
     return rows
 
 
@@ -123,6 +154,17 @@ def _plot(rows: Sequence[dict[str, float]], keys, labels, title, path, log=False
     plt.close(fig)
 
 
+_FINAL_HEADING = "## Final results"
+
+
+def has_final_results(run_dir: Path) -> bool:
+    """Whether the run's report holds its final evaluation (an interrupted one does not)."""
+    try:
+        return _FINAL_HEADING in (Path(run_dir) / "report.md").read_text(errors="replace")
+    except OSError:
+        return False
+
+
 def write_report(
     run_dir: Path, rows: Sequence[dict[str, float]], config_text: str, final: dict | None
 ) -> None:
@@ -147,7 +189,7 @@ def write_report(
         )
     parts = [f"# Training report: {run_dir.name}", ""]
     if final is not None:
-        parts += ["## Final results", "", "```", summary_text(final, None), "```", ""]
+        parts += [_FINAL_HEADING, "", "```", summary_text(final, None), "```", ""]
     else:
         parts += ["Training has not finished (interrupted or in progress).", ""]
     if rows:
