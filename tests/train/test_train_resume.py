@@ -56,8 +56,10 @@ def test_resume_is_bit_identical(tiny, straight):
 
 def test_resume_via_cli(tiny, straight, tmp_path):
     run_dir = train(tiny(), stop_after=1, progress=False).run_dir
-    assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+    argv = ["train", "--resume", str(run_dir), "--no-progress", "--set", "run.eval_batch_size=77"]
+    assert main(argv) == 0
     _assert_identical(_state(straight.run_dir), _state(run_dir))
+    assert "eval_batch_size = 77" in (run_dir / "config.toml").read_text()  # as resumed
     with pytest.raises(tg.ConfigError, match="when resuming"):
         resume_config(run_dir, ["optim.lr=0.1"])
     with pytest.raises(tg.ConfigError, match=r"differs .*optim\.lr"):

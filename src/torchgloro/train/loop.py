@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from torchgloro import schedules
+from torchgloro import io, schedules
 from torchgloro.data import Augment, DeviceBatches, get_dataset
 from torchgloro.train import checkpoint as ckpt_io
 from torchgloro.train import distributed as ddp
@@ -250,6 +250,8 @@ class _Run:
                     return False
                 self.say(f"{run_dir} finished its {total} epochs but not its final evaluation.")
             self.say(f"Resuming {run_dir} at epoch {self.start_epoch + 1}, step {self.start_step}.")
+            if env.is_main:  # the resolved config, with the keys a resume may change
+                io.atomic_write_bytes(run_dir / "config.toml", dump_config(cfg).encode())
             ranks = ck.info.get("world_size", env.world_size)
             if ranks != env.world_size:
                 self.say(
