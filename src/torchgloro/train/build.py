@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from torchgloro import schedules
-from torchgloro.data import Split
+from torchgloro.data import Split, get_dataset
 from torchgloro.gloro import GloroNet
 from torchgloro.losses import GloroCrossEntropy, GloroEMMA, GloroHinge, GloroTrades
 from torchgloro.models import create_model
@@ -30,6 +31,7 @@ __all__ = [
     "build_optimizer",
     "TrainModule",
     "evaluate",
+    "load_splits",
 ]
 
 # name -> factory(config) -> loss module on (B, C+1) logits. A loss with a ``lam``
@@ -183,3 +185,18 @@ def evaluate(
     n, clean, vra, rej = ddp.all_reduce_sum(counts, env).tolist()
     n = max(n, 1.0)
     return {"clean": clean / n, "vra": vra / n, "rejection": rej / n, "n": int(n)}
+
+
+def load_splits(cfg: TrainConfig, env: ddp.DistEnv):
+    """The train and test splits; rank 0 loads (and may download) first, then the others."""
+    d = cfg.data
+    if d.root and Path(d.root).expanduser().exists():  # config.toml works from any folder
+        d.root = str(Path(d.root).expanduser().resolve())
+    for turn in (True, False):
+        if env.is_main == turn:
+            train_split = get_dataset(d.name, "train", d.root, download=d.download and turn)
+            test_split = get_dataset(d.name, "test", d.root, download=d.download and turn)
+        ddp.barrier(env)
+    if d.train_subset:
+        train_split = train_split.subset(min(d.train_subset, len(train_split)))
+    return train_split, test_split

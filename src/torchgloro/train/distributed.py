@@ -28,6 +28,7 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "buffers_in_sync",
+    "agree_on_stop",
 ]
 
 
@@ -114,3 +115,11 @@ def buffers_in_sync(module: nn.Module, env: DistEnv, rtol: float = 1e-6) -> bool
         ok = ok * float(same)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok)
+
+
+def agree_on_stop(stop, env: DistEnv, device: torch.device) -> None:
+    """Under DDP, a stop requested on any rank is requested on all (no-op otherwise)."""
+    if env.enabled:
+        flag = torch.tensor(float(stop.requested is not None), device=device)
+        if all_reduce_max(flag, env).item() > 0:
+            stop.request(stop.requested or "a signal on another rank")

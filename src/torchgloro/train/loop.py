@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from torchgloro import io, schedules
-from torchgloro.data import Augment, DeviceBatches, get_dataset
+from torchgloro.data import Augment, DeviceBatches
 from torchgloro.train import checkpoint as ckpt_io
 from torchgloro.train import distributed as ddp
 from torchgloro.train._runtime import (
@@ -42,6 +42,7 @@ from torchgloro.train.build import (
     build_net,
     build_optimizer,
     evaluate,
+    load_splits,
     parse_lr,
     resolve_epsilons,
 )
@@ -135,7 +136,7 @@ def _train_open_run(run, cfg, env, device, resume, stop_after, progress) -> Trai
             done = epoch + 1
             if stop_after is not None and done >= stop_after - 1e-9:
                 stop.request("--stop-after")
-            _agree_on_stop(stop, env, device)  # every rank must agree on stopping here
+            ddp.agree_on_stop(stop, env, device)  # every rank must agree on stopping here
             if done % cfg.run.checkpoint_every == 0 or done == total or stop.requested:
                 run.save_checkpoint(done, 0, run.data_gen.get_state(), fresh=True)
                 run.last_good = done
@@ -151,36 +152,13 @@ def _train_open_run(run, cfg, env, device, resume, stop_after, progress) -> Trai
     return result
 
 
-def _load_splits(cfg: TrainConfig, env: ddp.DistEnv):
-    """The train and test splits; rank 0 loads (and may download) first, then the others."""
-    d = cfg.data
-    if d.root and Path(d.root).expanduser().exists():  # config.toml works from any folder
-        d.root = str(Path(d.root).expanduser().resolve())
-    for turn in (True, False):
-        if env.is_main == turn:
-            train_split = get_dataset(d.name, "train", d.root, download=d.download and turn)
-            test_split = get_dataset(d.name, "test", d.root, download=d.download and turn)
-        ddp.barrier(env)
-    if d.train_subset:
-        train_split = train_split.subset(min(d.train_subset, len(train_split)))
-    return train_split, test_split
-
-
-def _agree_on_stop(stop: StopFlag, env: ddp.DistEnv, device: torch.device) -> None:
-    """Under DDP, a stop requested on any rank is requested on all (no-op otherwise)."""
-    if env.enabled:
-        flag = torch.tensor(float(stop.requested is not None), device=device)
-        if ddp.all_reduce_max(flag, env).item() > 0:
-            stop.request(stop.requested or "a signal on another rank")
-
-
 class _Run:
     """One training run's state, and the phases :func:`_train` goes through in order."""
 
     def __init__(self, cfg: TrainConfig, env: ddp.DistEnv, device: torch.device) -> None:
         self.cfg, self.env, self.device = cfg, env, device
         self.say = print if env.is_main else (lambda *a, **k: None)
-        self.train_split, test_split = _load_splits(cfg, env)
+        self.train_split, test_split = load_splits(cfg, env)
         self.info = self.train_split.info
         resolve_epsilons(cfg, self.info.default_epsilon)
         g, o = cfg.gloro, cfg.optim
@@ -367,7 +345,7 @@ class _Run:
                     loss=f"{vals[0] / vals[3]:.4f}", acc=f"{vals[1] / vals[3]:.3f}",
                     vra=f"{vals[2] / vals[3]:.3f}" if robust else "-",
                 )  # fmt: skip
-                _agree_on_stop(stop, self.env, device)  # at the same step on every rank
+                ddp.agree_on_stop(stop, self.env, device)  # at the same step on every rank
             if stop.requested and (not self.env.enabled or step % SYNC_EVERY == 0):
                 break
         bar.close()
