@@ -147,7 +147,9 @@ def gradual_underflow():
             torch.set_flush_denormal(True)
 
 
-_SUBNORMAL, _ONE = np.float32(1e-45), np.float32(1.0)
+# The smallest float32 subnormal, made from its bits: arithmetic at import time would give 0
+# if the importing thread already flushed denormals.
+_SUBNORMAL, _ONE = np.array([1], dtype=np.uint32).view(np.float32)[0], np.float32(1.0)
 
 
 def ieee_arithmetic(fn: _F) -> _F:

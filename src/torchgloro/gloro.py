@@ -19,7 +19,7 @@ from torchgloro._certify import (
 )
 from torchgloro._cuda_graph import GraphedIterations, graphs_usable
 from torchgloro._errors import GloroInputError, UnsupportedLayerError
-from torchgloro._structure import check_structure, state_tensors, structure_of
+from torchgloro._structure import check_structure, refuse_hooks, state_tensors, structure_of
 from torchgloro._weight_cache import SoundState, WeightsGeneration, build_sound_state
 from torchgloro.lipschitz import (
     ConstantBound,
@@ -155,11 +155,23 @@ class GloroNet(nn.Module):
         head = self._head
         return head.effective_weight() if hasattr(head, "effective_weight") else head.weight
 
-    def _fingerprint(self) -> int:
-        """The weights generation: it changes whenever a backbone parameter's or buffer's
-        value does. Raises if the backbone's structure changed since the bounds were built."""
+    def _fingerprint(self, proof: bool = False) -> int:
+        """The weights generation: it changes whenever a value of a backbone tensor does.
+
+        Raises if the backbone's structure changed since the bounds were built, and, for a
+        ``proof`` (sound bounds and certificates), if a forward hook could change an output.
+        """
         modules = check_structure(self.backbone, self._structure)
+        if proof:
+            refuse_hooks(modules)
         return self._weights.update(state_tensors(modules))
+
+    def __setstate__(self, state: dict) -> None:
+        """Nets pickled before the structure check get one; cached proofs are rebuilt."""
+        super().__setstate__(state)
+        if "_structure" not in self.__dict__:
+            self._structure = structure_of(self.backbone)
+        self._sound_cache = None
 
     # ---- Lipschitz constants ---------------------------------------------------------------
 
@@ -243,7 +255,7 @@ class GloroNet(nn.Module):
     @ieee_arithmetic  # proven bounds: no autocast, IEEE subnormals (whatever the caller set)
     def _sound_state(self) -> SoundState:
         """Proven constants and a float64 copy of the backbone, cached per weights."""
-        fp = self._fingerprint()
+        fp = self._fingerprint(proof=True)
         if self._sound_cache is None or self._sound_cache.fingerprint != fp:
             bias = getattr(self._head, "bias", None)
             self._sound_cache = build_sound_state(
@@ -387,7 +399,7 @@ class GloroNet(nn.Module):
                 cert.certified = certify_local(self, x, eps, cert)
             return cert
         with eval_mode(self):  # fast mode: the frozen power-iteration constants
-            y = self.backbone(x.to(self._head.weight.dtype))  # e.g. float16 input
+            y = self.backbone(x.to(self._head_weight().dtype))  # e.g. float16 input
             K = self._current_class_bounds()
         slack = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
         pred, radius = margins.certified_radius(y, K, slack, lipschitz=self.lipschitz)

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from torchgloro._errors import CheckpointError
+from torchgloro._errors import CheckpointError, GloroInputError
 from torchgloro.gloro import GloroNet
 from torchgloro.models import create_model
 
@@ -169,6 +169,8 @@ def load(
             power_iterations=g["power_iterations"],
             lipschitz=g["lipschitz"],
         )
+    except GloroInputError as e:  # e.g. an epsilon out of range in the metadata
+        raise CheckpointError(f"{path} has invalid settings in its metadata: {e}") from e
     except RuntimeError as e:  # the backbone cannot even run on the saved input shape
         raise CheckpointError(
             f"{path} does not match this architecture: the backbone fails on the saved input "

@@ -86,7 +86,7 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _plan(net) -> _Plan:
     st = net._sound_state()
-    fp = net._fingerprint()
+    fp = net._fingerprint(proof=True)
     cached = _PLANS.get(net)
     if cached is not None and cached.fingerprint == fp:
         return cached

@@ -131,10 +131,11 @@ def test_interrupted_checkpoint_write_resumes_exactly(tiny, straight, stage):
     shutil.copy(ahead / "checkpoint.json", run_dir / "checkpoint.json.next")
     if stage == "after_tensors":
         shutil.copy(ahead / "checkpoint.safetensors", run_dir / "checkpoint.safetensors")
-    ck = read_checkpoint(run_dir)
+    ck = read_checkpoint(run_dir)  # a reader without the lock (another DDP rank) ...
     assert ck.epoch == (2 if stage == "after_tensors" else 1)
-    assert not (run_dir / "checkpoint.json.next").exists()
+    assert (run_dir / "checkpoint.json.next").exists()  # ... changes nothing on disk
     done = train(resume_config(run_dir, []), resume=run_dir, progress=False)
+    assert not (run_dir / "checkpoint.json.next").exists()  # the lock holder tidied up
     _assert_identical(_state(straight.run_dir), _state(done.run_dir))
     rows = read_metrics(done.run_dir / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]

@@ -7,6 +7,7 @@ import fcntl
 import os
 import resource
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -62,16 +63,26 @@ class RunLock:
 
     def __init__(self, run_dir: Path) -> None:
         path = Path(run_dir) / ".lock"
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.held = False
+        try:
+            self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"Cannot write in the run folder {run_dir}: {e.strerror}.") from e
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(self._fd, 32).decode(errors="replace").strip() or "?"
-            os.close(self._fd)
+            self.release()
             raise RunFolderBusyError(
                 f"{run_dir} is in use by another training process (pid {holder}): wait for "
                 f"it to finish, or stop it (Ctrl-C checkpoints it), then resume."
             ) from None
+        except OSError as e:  # a file system without flock (ENOLCK, ENOSYS): run unlocked
+            self.release()
+            print(f"warning: cannot lock {path} ({e.strerror}); not guarding the run folder "
+                  f"against a second training process.", file=sys.stderr)  # fmt: skip
+            return
+        self.held = True
         os.ftruncate(self._fd, 0)
         os.write(self._fd, str(os.getpid()).encode())
 

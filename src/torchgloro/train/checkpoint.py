@@ -4,9 +4,9 @@
 :func:`torchgloro.load` can read the file), the optimizer state under ``optim.``, RNG states
 under ``rng.`` and loop accumulators under ``state.``. ``checkpoint.json`` holds the rest:
 the epoch and step, the optimizer's param groups and non-tensor state, the best result so far
-and the config. Both are written atomically (temp file + rename), tensors first and JSON
-second; both record the epoch and step, and :func:`read_checkpoint` refuses a pair that
-disagrees (an interrupted write).
+and the config. Each file is written atomically (temp file + fsync + rename), and the pair so
+that a kill at any point leaves one whole pair (:func:`write_checkpoint`); both record the
+epoch and step, and :func:`read_checkpoint` refuses a pair that still disagrees.
 """
 
 from __future__ import annotations
@@ -159,24 +159,25 @@ def write_checkpoint(
     os.replace(run_dir / NEXT_JSON_FILE, run_dir / JSON_FILE)
 
 
-def _finish_interrupted_write(run_dir: Path, marker: dict) -> None:
-    """Completes or drops a checkpoint write that was interrupted (see write_checkpoint)."""
-    nxt = run_dir / NEXT_JSON_FILE
-    if not nxt.is_file():
-        return
+def _pending(run_dir: Path, marker: dict) -> str | None:
+    """The text of ``checkpoint.json.next`` if it belongs to the tensors on disk (a write
+    interrupted after replacing them; see :func:`write_checkpoint`), else None."""
     try:
-        pending = json.loads(nxt.read_text())
-        ours = (pending["epoch"], pending["step"]) == (marker.get("epoch"), marker.get("step"))
-    except (ValueError, OSError, KeyError, TypeError):
-        ours = False  # written whole or not at all (atomic), so unreadable means foreign
-    if ours:  # the tensors were replaced: the pair is complete once the JSON is
-        os.replace(nxt, run_dir / JSON_FILE)
-    else:  # interrupted before the tensors were replaced: the old pair stands
-        nxt.unlink()
+        text = (run_dir / NEXT_JSON_FILE).read_text()
+        info = json.loads(text)
+        ours = (info["epoch"], info["step"]) == (marker.get("epoch"), marker.get("step"))
+    except (OSError, ValueError, KeyError, TypeError):  # absent, or renamed meanwhile
+        return None
+    return text if ours else None
 
 
-def read_checkpoint(run_dir: str | Path) -> Checkpoint:
+def read_checkpoint(run_dir: str | Path, settle: bool = False) -> Checkpoint:
     """Reads and cross-checks the checkpoint pair of a run folder.
+
+    A write interrupted after the tensors were replaced is read from its pending JSON. With
+    ``settle`` (only the process that holds the run's lock), the folder is also tidied: the
+    pending JSON renamed into place, or dropped when it belongs to no tensors. Without it,
+    nothing is changed on disk (other DDP ranks, or a reader beside a running job).
 
     Raises:
         CheckpointError: if a file is missing, corrupt, or the two disagree.
@@ -201,10 +202,16 @@ def read_checkpoint(run_dir: str | Path) -> Checkpoint:
             f"{t_path} is not a training checkpoint (missing metadata {e}); it may be a model "
             f"file written by GloroNet.save, which cannot be resumed."
         ) from e
-    _finish_interrupted_write(run_dir, marker)
-    require(j_path)
+    pending = _pending(run_dir, marker)
+    if settle:
+        if pending is not None:
+            os.replace(run_dir / NEXT_JSON_FILE, j_path)
+        else:
+            (run_dir / NEXT_JSON_FILE).unlink(missing_ok=True)
+    if pending is None:
+        require(j_path)
     try:
-        info = json.loads(j_path.read_text())
+        info = json.loads(pending if pending is not None else j_path.read_text())
         if info.get("format") != FORMAT:
             raise ValueError(f"format is {info.get('format')!r}, expected {FORMAT!r}")
         for key in ("epoch", "step", "config", "optim"):

@@ -209,7 +209,7 @@ class _Run:
             run_dir = self.run_dir = Path(resume)
             if env.is_main and run_dir.is_dir():  # before reading: a writer may be mid-write
                 self.lock = RunLock(run_dir)
-            ck = ckpt_io.read_checkpoint(run_dir)
+            ck = ckpt_io.read_checkpoint(run_dir, settle=self.lock is not None and self.lock.held)
             ckpt_io.check_same_run(config_to_dict(cfg), ck.info["config"], run_dir)
             ckpt_io.restore_model(self.net, ck, run_dir / ckpt_io.TENSORS_FILE)
             ckpt_io.restore_optimizer(self.optimizer, ck)
