@@ -31,12 +31,67 @@ from torchgloro._errors import GloroInputError, UnsupportedLayerError
 
 
 @dataclass(frozen=True)
+class _Settings:
+    """One module's class and public attributes at build time, sorted by how to compare."""
+
+    cls: type
+    all_keys: tuple[str, ...]  # every key of the module's __dict__ (a fast first test)
+    names: tuple[str, ...]  # every public attribute name, in order (tensors included)
+    plain_keys: tuple[str, ...]  # numbers, strings, None and tuples of them: by ==
+    plain: tuple
+    container_keys: tuple[str, ...]  # lists, dicts, sets: by == against a deep copy
+    containers: tuple
+    other_keys: tuple[str, ...]  # anything else but tensors: by identity
+    others: tuple
+    tensor_keys: tuple[str, ...]  # plain tensor attributes: values join the weights key
+
+    @classmethod
+    def of(cls, m: nn.Module) -> _Settings:
+        d = vars(m)
+        names = tuple(k for k in d if k[0] != "_")  # "training" too: it is never removed
+        kinds: dict[str, list[str]] = {"plain": [], "container": [], "other": [], "tensor": []}
+        for k in names:
+            if k != "training":
+                kinds[_kind(d[k])].append(k)
+        p, c, o, t = (tuple(kinds[x]) for x in ("plain", "container", "other", "tensor"))
+        return cls(
+            type(m), tuple(d), names, p, tuple(d[k] for k in p), c,
+            tuple(copy.deepcopy(d[k]) for k in c), o, tuple(d[k] for k in o), t,
+        )  # fmt: skip
+
+    def matches(self, m: nn.Module) -> bool:
+        d = vars(m)
+        if type(m) is not self.cls:
+            return False
+        # The same keys (private ones may come and go: torch.compile in place adds one).
+        if tuple(d) != self.all_keys and tuple(k for k in d if k[0] != "_") != self.names:
+            return False
+        try:
+            return (
+                all(d[k] == v for k, v in zip(self.plain_keys, self.plain))
+                and all(d[k] is v for k, v in zip(self.other_keys, self.others))
+                and all(bool(d[k] == v) for k, v in zip(self.container_keys, self.containers))
+            )
+        except Exception:  # noqa: BLE001 - a value whose == is not a bool: a change
+            return False
+
+    def changed(self, m: nn.Module) -> list[str]:
+        """Names of the attributes that differ (for the error message)."""
+        d, then = vars(m), {**dict(zip(self.plain_keys, self.plain)),
+                            **dict(zip(self.container_keys, self.containers))}  # fmt: skip
+        now = {k for k in d if k[0] != "_"}
+        out = set(self.names) ^ now
+        out |= {k for k in self.plain_keys + self.container_keys if k in d and d[k] != then[k]}
+        out |= {k for k, v in zip(self.other_keys, self.others) if k in d and d[k] is not v}
+        return sorted(out)
+
+
+@dataclass(frozen=True)
 class Structure:
-    """The backbone's modules (by identity), and each one's class and public attributes
-    (names, and a snapshot of each value), when the bounds were built."""
+    """The backbone's modules (by identity) and their settings when the bounds were built."""
 
     modules: tuple[nn.Module, ...]
-    settings: tuple[tuple[type, tuple[tuple[str, Any], ...]], ...]
+    settings: tuple[_Settings, ...]
 
 
 def structure_of(backbone: nn.Module) -> Structure:
@@ -53,7 +108,7 @@ def structure_of(backbone: nn.Module) -> Structure:
                 f"{m.__class__.__name__} in the backbone has its own forward attribute, which "
                 f"runs instead of the {m.__class__.__name__} its bound is proven for. Remove it."
             )
-    return Structure(modules, tuple((type(m), _snapshot(m)) for m in modules))
+    return Structure(modules, tuple(_Settings.of(m) for m in modules))
 
 
 def check_structure(backbone: nn.Module, built: Structure) -> list[nn.Module]:
@@ -71,29 +126,26 @@ def check_structure(backbone: nn.Module, built: Structure) -> list[nn.Module]:
             "added or removed), so its Lipschitz bounds describe the old network. Build a "
             "new GloroNet around the modified backbone."
         )
-    for m, (cls, settings) in zip(modules, built.settings):
-        if type(m) is not cls or not _same(m, settings):
-            now = dict(_public(m))
-            changed = sorted(
-                {k for k, _ in settings if k not in now or not _equal(now[k], dict(settings)[k])}
-                | (now.keys() - dict(settings).keys())
-            )
+    for m, settings in zip(modules, built.settings):
+        if not settings.matches(m):
+            changed = settings.changed(m) if type(m) is settings.cls else []
             raise GloroInputError(
-                f"A {cls.__name__} layer of the backbone changed after this GloroNet was "
-                f"built ({', '.join(changed) or 'its class'}), so its Lipschitz bound "
+                f"A {settings.cls.__name__} layer of the backbone changed after this GloroNet "
+                f"was built ({', '.join(changed) or 'its class'}), so its Lipschitz bound "
                 f"describes the old layer. Build a new GloroNet around the modified backbone."
             )
     return modules
 
 
-def state_tensors(modules: Sequence[nn.Module]) -> list[torch.Tensor]:
+def state_tensors(modules: Sequence[nn.Module], built: Structure) -> list[torch.Tensor]:
     """Every parameter, buffer and plain tensor attribute of ``modules`` (what the bounds'
-    values depend on)."""
+    values depend on), for modules that passed :func:`check_structure`."""
     out = []
-    for m in modules:
+    for m, settings in zip(modules, built.settings):
         out += [t for t in m._parameters.values() if t is not None]
         out += [t for t in m._buffers.values() if t is not None]
-        out += [v for k, v in vars(m).items() if isinstance(v, torch.Tensor) and k[0] != "_"]
+        d = vars(m)
+        out += [d[k] for k in settings.tensor_keys if isinstance(d[k], torch.Tensor)]
     return out
 
 
@@ -123,7 +175,7 @@ def _walk(m: nn.Module, out: list[nn.Module]) -> list[nn.Module]:
 
     A ``torch.compile`` wrapper stands for the module it wraps (the same layers run).
     """
-    m = getattr(m, "_orig_mod", m)
+    m = m._modules.get("_orig_mod", m)  # (not getattr: Module.__getattr__ raising is slow)
     out.append(m)
     for child in m._modules.values():
         if child is not None:
@@ -131,41 +183,11 @@ def _walk(m: nn.Module, out: list[nn.Module]) -> list[nn.Module]:
     return out
 
 
-def _public(m: nn.Module):
-    """(name, value) of every public attribute but ``training``; tensors are compared by
-    value through :func:`state_tensors`, not here."""
-    for k, v in vars(m).items():
-        if k[0] != "_" and k != "training" and not isinstance(v, torch.Tensor):
-            yield k, v
-
-
-def _snapshot(m: nn.Module) -> tuple[tuple[str, Any], ...]:
-    """Plain values (numbers, strings, tuples of them) as they are; containers deep-copied
-    (a list can change in place); anything else by identity."""
-    out = []
-    for k, v in _public(m):
-        if isinstance(v, (list, dict, set)):
-            v = copy.deepcopy(v)
-        out.append((k, v))
-    return tuple(out)
-
-
-def _same(m: nn.Module, settings: tuple[tuple[str, Any], ...]) -> bool:
-    d = vars(m)
-    n_public = sum(1 for _ in _public(m))
-    if n_public != len(settings):
-        return False
-    return all(k in d and _equal(d[k], v) for k, v in settings)
-
-
-def _equal(now: Any, then: Any) -> bool:
-    if isinstance(then, _SCALARS) or (
-        isinstance(then, tuple) and all(isinstance(e, _SCALARS) for e in then)
+def _kind(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return "tensor"
+    if isinstance(v, _SCALARS) or (
+        isinstance(v, tuple) and all(isinstance(e, _SCALARS) for e in v)
     ):
-        return type(now) is type(then) and now == then
-    if isinstance(then, (list, dict, set)):
-        try:
-            return type(now) is type(then) and bool(now == then)
-        except Exception:  # noqa: BLE001 - an element whose == is not a bool: a change
-            return False
-    return now is then
+        return "plain"
+    return "container" if isinstance(v, (list, dict, set)) else "other"

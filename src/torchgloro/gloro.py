@@ -164,7 +164,7 @@ class GloroNet(nn.Module):
         modules = check_structure(self.backbone, self._structure)
         if proof:
             refuse_hooks(modules)
-        return self._weights.update(state_tensors(modules))
+        return self._weights.update(state_tensors(modules, self._structure))
 
     def __setstate__(self, state: dict) -> None:
         """Nets pickled before the structure check get one; cached proofs are rebuilt."""
