@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from torchgloro.cli import main
+from torchgloro.train import train
 from torchgloro.train.report import METRICS
 
 if sys.version_info >= (3, 11):
@@ -108,3 +109,11 @@ def test_compiled_training_matches_eager(tmp_path):
     eager, compiled = finals
     assert float(compiled["train_loss"]) == pytest.approx(float(eager["train_loss"]), rel=1e-3)
     assert abs(float(compiled["test_vra"]) - float(eager["test_vra"])) <= 0.02
+
+
+def test_a_warmup_as_long_as_the_run_warns(tiny, capsys):
+    """With warm-up epochs >= epochs the ⊥ logit is never trained: say so."""
+    train(tiny("optim.warmup_epochs=4"), progress=False)
+    assert "warning: optim.warmup_epochs (4) >= run.epochs (4)" in capsys.readouterr().out
+    train(tiny("optim.warmup_epochs=1"), progress=False)
+    assert "warmup_epochs" not in capsys.readouterr().out

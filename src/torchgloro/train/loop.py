@@ -250,6 +250,12 @@ class _Run:
             f"{f' x {env.world_size} ranks' if env.enabled else ''}; eps_train "
             f"{g.epsilon_train:g}, eps_test {g.epsilon_test:g}; run folder {self.run_dir}"
         )
+        if g.robust and cfg.optim.warmup_epochs >= total:
+            self.say(
+                f"warning: optim.warmup_epochs ({cfg.optim.warmup_epochs}) >= run.epochs "
+                f"({total}): the whole run is standard training, and the net will certify "
+                f"little; lower optim.warmup_epochs (or use --epochs N, which scales it)."
+            )
         self.rss0 = peak_bytes(device)
         return True
 
