@@ -122,14 +122,14 @@ def build_sound_state(
     head = (sound.dense_norm_upper(w), linear_fp_terms(w, head_bias, abs_norm_upper=abs_w))
     layers = [(n, b.fp_terms()) for n, b in zip(norms, bounds)]
     chain = [*layers, head]
-    err_coef, err_const = margins.forward_error_coefficients(chain, underflow=_UNDERFLOW_F64)
+    err_coef, err_const = margins.forward_error_coefficients(chain, underflow=margins.UNDERFLOW_F64)
     peak64 = margins.peak_magnitude_coefficients(
-        chain, margins.UNIT_ROUNDOFF_F64, underflow=_UNDERFLOW_F64
+        chain, margins.UNIT_ROUNDOFF_F64, underflow=margins.UNDERFLOW_F64
     )
     k_pen = margins.product_upper(norms)
     state = SoundState(fp, k_pen, backbone64, err_coef, err_const, peak64)
     if _float32_model_applies(backbone, bounds):
-        u32, low = margins.UNIT_ROUNDOFF_F32, _UNDERFLOW_F32
+        u32, low = margins.UNIT_ROUNDOFF_F32, margins.UNDERFLOW_F32
         state.err32 = margins.forward_error_coefficients(chain, u32, underflow=low)
         state.peak32 = margins.peak_magnitude_coefficients(chain, u32, underflow=low)
         state.pen32 = margins.forward_error_coefficients(layers, u32, underflow=low)
@@ -168,10 +168,6 @@ def _head_roundoff(w: torch.Tensor, bias: torch.Tensor | None, u: float, low: fl
     b = 0.0 if bias is None else bias.detach().to(torch.float64).abs().max().item()
     row = margins.row_norms(w64, upper=True).max().item()
     return HeadRoundoff(gamma, low, row, b, margins.pairwise_row_distances(w64, upper=True))
-
-
-_UNDERFLOW_F32 = margins.UNDERFLOW_F32
-_UNDERFLOW_F64 = margins.UNDERFLOW_F64
 
 
 def _float32_model_applies(backbone: nn.Module, bounds: Sequence[LayerBound]) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -178,9 +177,9 @@ def load(
             f"trained with."
         ) from e
     state = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    saved = net.epsilon  # the metadata's ε, checked and stored by the constructor
     load_state_checked(net, state, path)
-    saved = float(torch.tensor(float(g["epsilon"]), dtype=torch.float32))
-    if not (net.epsilon == saved and math.isfinite(saved) and saved > 0):
+    if net.epsilon != saved:
         raise CheckpointError(
             f"{path} is inconsistent: its metadata says epsilon={g['epsilon']!r} but its "
             f"tensors hold {net.epsilon!r} (the file was modified). Re-save the model."
