@@ -90,9 +90,16 @@ job() {  # job RECIPE[|FLAGS], or job PATH/TO/RUN_FOLDER (carried in): resume it
     timeout "$t" "${gloro[@]}" evaluate "$run" --device "$DEVICE" --fallback --cost \
         "${EVAL_ARGS[@]}" >"$run/eval.log" 2>&1 || echo "$r: evaluation did not finish"
     tail -12 "$run/eval.log"
-    python3 -m benchmarks.record_run "$run" --name "$r-$DEVICE" --out-dir "$run" \
+    local evf rec=()
+    evf=$(cd "$run" && ls -t evaluation*.json 2>/dev/null | head -1)
+    if [ -n "$evf" ]; then
+        rec=(--evaluation "$evf" --eval-command "${ev[*]} ${EVAL_ARGS[*]}")
+    else
+        rec=(--note "training only: the evaluation did not finish")
+    fi
+    python3 -m benchmarks.record_run "$run" --name "$r-$DEVICE" --out-dir "$run" "${rec[@]}" \
         --train-command "gloro train $r ${extra[*]} --device $DEVICE --data-dir MNIST --no-progress" \
-        --eval-command "${ev[*]}" --commit "$GIT_COMMIT" --device "$DEVICE: $gpu" | tail -2
+        --commit "$GIT_COMMIT" --device "$DEVICE: $gpu" | tail -2
 }
 pids=()
 IFS=';' read -ra specs <<<"$RECIPES"

@@ -30,13 +30,13 @@ from benchmarks import _common as C
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def summarize(run: Path) -> dict:
+def summarize(run: Path, evaluation_file: str = "evaluation.json") -> dict:
     """The training config, per-epoch totals and the evaluation of one run folder."""
     cfg = tomllib.loads((run / "config.toml").read_text())
     with open(run / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     seconds = [float(r["seconds"]) for r in rows]
-    ev_path = run / "evaluation.json"
+    ev_path = run / evaluation_file
     evaluation = json.loads(ev_path.read_text()) if ev_path.is_file() else None
     return {
         "run": run.name,
@@ -61,13 +61,20 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--name", required=True, help="result file name (without .json)")
     p.add_argument("--train-command", required=True)
     p.add_argument("--eval-command", default=None, help="omit for a run without evaluation")
+    p.add_argument(
+        "--evaluation",
+        default="evaluation.json",
+        help="evaluation file in RUN (e.g. evaluation-first100.json from `--limit 100`)",
+    )
     p.add_argument("--note", default=None, help="what the figure is (and is not)")
     p.add_argument("--commit", default=None, help="commit the run was trained at")
     p.add_argument("--device", default=None, help="device description (default: this CPU)")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON goes")
     args = p.parse_args(argv)
-    if (args.run / "evaluation.json").is_file() and args.eval_command is None:
-        p.error(f"{args.run} has an evaluation.json: say how it was made with --eval-command.")
+    if (args.run / args.evaluation).is_file() and args.eval_command is None:
+        p.error(f"{args.run} has an {args.evaluation}: say how it was made with --eval-command.")
+    if args.eval_command is not None and not (args.run / args.evaluation).is_file():
+        p.error(f"{args.run} has no {args.evaluation}: run `gloro evaluate` first.")
     payload = {
         "command": " ".join(["python", "-m", "benchmarks.record_run", *sys.argv[1:]]),
         "train_command": args.train_command,
@@ -76,7 +83,7 @@ def main(argv: list[str] | None = None) -> Path:
         "device": args.device or f"cpu: {C._cpu_model()}",
         **({"note": args.note} if args.note else {}),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **summarize(args.run),
+        **summarize(args.run, args.evaluation),
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"{args.name}.json"

@@ -108,6 +108,13 @@ def test_record_run_summarizes_a_run_folder(tmp_path):
     data = json.loads(out.read_text())
     assert data["evaluation"] is None and data["note"] == "timing only"
     assert data["eval_command"] is None and data["sec_per_epoch_median"] == 12.0
+    # A subset evaluation is recorded when named; an eval command without its file is refused.
+    (run / "evaluation-first100.json").write_text(json.dumps({"n": 100, "metrics": metrics}))
+    base = [str(run), "--train-command", "t", "--eval-command", "e", "--out-dir", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        record_run.main([*base, "--name", "full"])  # no evaluation.json
+    out = record_run.main([*base, "--name", "sub", "--evaluation", "evaluation-first100.json"])
+    assert json.loads(out.read_text())["evaluation"]["n"] == 100
 
 
 def test_activation_cost_quick(tmp_path):

@@ -57,15 +57,17 @@ def test_evaluate_and_compare_cli(tmp_path, capsys, trained_digits_net, standard
     assert main(["evaluate", str(glo), *FAST_ARGS, "--cost", "--cost-repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "VRA sound (%)" in out and "global LB" in out and "certify (sound)" in out
+    # --limit 120 of the 360 test points: the files say so, and no evaluation.json is written.
     for name in (
-        "evaluation.json",
-        "evaluation.md",
-        "certified_accuracy.csv",
-        "certified_accuracy.png",
-        "radius_histogram.png",
+        "evaluation-first120.json",
+        "evaluation-first120.md",
+        "certified_accuracy-first120.csv",
+        "certified_accuracy-first120.png",
+        "radius_histogram-first120.png",
     ):
         assert (glo / name).is_file() and (glo / name).stat().st_size > 0, name
-    ev = json.loads((glo / "evaluation.json").read_text())
+    assert not (glo / "evaluation.json").exists()
+    ev = json.loads((glo / "evaluation-first120.json").read_text())
     assert ev["n"] == 120 and ev["epsilon"] == 0.3 and ev["seed"] == 7
     m = ev["metrics"]
     assert m["vra_sound"] <= m["pgd_accuracy"] <= m["clean_accuracy"]
@@ -73,17 +75,20 @@ def test_evaluate_and_compare_cli(tmp_path, capsys, trained_digits_net, standard
     assert ev["cost"]["training"]["sec_per_epoch"] == pytest.approx(0.45)
     assert ev["cost"]["training"]["mem_mb_per_instance"] == pytest.approx(0.03)
     assert ev["cost"]["certification"]["certify_sound"]["seconds"] > 0
-    md = (glo / "evaluation.md").read_text()
-    assert "certified_accuracy.png" in md and "| evaluation" not in md
-    rows = (glo / "certified_accuracy.csv").read_text().splitlines()
+    md = (glo / "evaluation-first120.md").read_text()
+    assert "certified_accuracy-first120.png" in md and "| evaluation" not in md
+    rows = (glo / "certified_accuracy-first120.csv").read_text().splitlines()
     assert rows[0] == "epsilon,certified_accuracy" and len(rows) > 100
 
     assert main(["evaluate", str(std), *FAST_ARGS, "--epsilon", "1.0"]) == 0
-    ev_std = json.loads((std / "evaluation.json").read_text())
+    ev_std = json.loads((std / "evaluation-first120.json").read_text())
     assert ev_std["cost"]["training"] is None
     assert ev_std["metrics"]["pgd_accuracy"] < ev_std["metrics"]["clean_accuracy"] - 0.3
     capsys.readouterr()
-    assert main(["compare", str(std), str(glo), "--names", "Standard,GloRo"]) == 0
+    assert main(["compare", str(std)]) == 2  # only a subset evaluation: named, no traceback
+    assert "evaluation-first120.json" in capsys.readouterr().err
+    subsets = [str(std / "evaluation-first120.json"), str(glo / "evaluation-first120.json")]
+    assert main(["compare", *subsets, "--names", "Standard,GloRo"]) == 0
     table = capsys.readouterr().out
     lines = [line for line in table.splitlines() if line.startswith("| ")]
     assert len(lines) == 3 and "Standard" in lines[1] and "GloRo" in lines[2]
@@ -143,3 +148,15 @@ def test_cli_refuses_bad_options_and_mismatched_data_clearly(tmp_path, capsys, t
     (bad / "evaluation.json").write_text("[1, 2]")
     assert main(["compare", str(bad), str(bad)]) == 2
     assert "not an evaluation" in capsys.readouterr().err
+
+
+def test_subset_evaluation_keeps_the_full_one(tmp_path, trained_digits_net):
+    """`--limit` used to overwrite a full evaluation.json with a 50-point one."""
+    run = make_run(tmp_path / "r", trained_digits_net[0].state_dict())
+    full = evaluate_run(run, EvalOptions(attack=None, limit=10**6))  # limit past the split
+    before = (run / "evaluation.json").read_bytes()
+    sub = evaluate_run(run, EvalOptions(attack=None, limit=50))
+    assert (run / "evaluation.json").read_bytes() == before
+    assert json.loads((run / "evaluation-first50.json").read_text())["n"] == 50 == sub["n"]
+    assert full["n"] > 50 and sub["files"]["json"] == "evaluation-first50.json"
+    assert full["files"]["json"] == "evaluation.json"

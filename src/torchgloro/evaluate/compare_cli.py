@@ -23,10 +23,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_evaluation(path: str | Path) -> dict:
-    """The evaluation.json of a run folder (or the file itself)."""
+    """The evaluation.json of a run folder, or the file itself (``evaluation-first100.json``)."""
     p = Path(path)
     if p.is_dir():
+        subsets = sorted(x.name for x in p.glob("evaluation-first*.json"))
         p = p / "evaluation.json"
+        if not p.is_file() and subsets:
+            raise CheckpointError(
+                f"No full evaluation at {p}, only subset ones ({', '.join(subsets)}): name one "
+                f"of those files, or run `gloro evaluate {path}` without --limit."
+            )
     if not p.is_file():
         raise CheckpointError(f"No evaluation found at {p}: run `gloro evaluate {path}` first.")
     try:

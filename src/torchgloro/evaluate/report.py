@@ -23,6 +23,7 @@ __all__ = [
     "plot_curve",
     "plot_radius_histogram",
     "FILES",
+    "files_for",
 ]
 
 FILES = {
@@ -32,6 +33,16 @@ FILES = {
     "curve_png": "certified_accuracy.png",
     "hist_png": "radius_histogram.png",
 }
+
+
+def files_for(suffix: str = "") -> dict[str, str]:
+    """The output file names, with ``suffix`` before each extension (``evaluation-first100.json``
+    for an evaluation of the first 100 test points, so that it never replaces a full one)."""
+    out = {}
+    for key, name in FILES.items():
+        stem, ext = name.rsplit(".", 1)
+        out[key] = f"{stem}{suffix}.{ext}"
+    return out
 
 
 def num(v, digits: int = 3) -> str:
@@ -215,17 +226,18 @@ def markdown_report(result: dict) -> str:
             f"{1000 * fb['seconds_per_point_tried']:.1f} ms per point tried).",
             "",
         ]
+    files = result.get("files") or FILES
     lines += [
         "## Certified accuracy vs ε",
         "",
-        f"![certified accuracy]({FILES['curve_png']})",
+        f"![certified accuracy]({files['curve_png']})",
         "",
-        f"Data: [{FILES['curve_csv']}]({FILES['curve_csv']}) (fraction of test points both "
+        f"Data: [{files['curve_csv']}]({files['curve_csv']}) (fraction of test points both "
         f"correct and certified with radius > ε).",
         "",
         "## Certified radii",
         "",
-        f"![radius histogram]({FILES['hist_png']})",
+        f"![radius histogram]({files['hist_png']})",
         "",
         f"Mean certified radius {num(_get(result, 'radius', 'mean'))}, median "
         f"{num(_get(result, 'radius', 'median'))}.",
@@ -289,13 +301,23 @@ def plot_radius_histogram(path, radius: torch.Tensor, correct: torch.Tensor, eps
     plt.close(fig)
 
 
-def write_outputs(run_dir: str | os.PathLike, result: dict, arrays: dict) -> dict[str, Path]:
-    """Writes the JSON, markdown, CSV and PNGs into ``run_dir``; returns their paths."""
+def write_outputs(
+    run_dir: str | os.PathLike, result: dict, arrays: dict, suffix: str = ""
+) -> dict[str, Path]:
+    """Writes the JSON, markdown, CSV and PNGs into ``run_dir``; returns their paths.
+
+    Args:
+        run_dir: Folder to write into.
+        result: The evaluation; its ``files`` entry is set to the names written.
+        arrays: The curve, radii and correctness arrays the CSV and plots need.
+        suffix: Inserted before each extension (see :func:`files_for`).
+    """
     from torchgloro.io import atomic_write_bytes
 
     run_dir = Path(run_dir)
-    paths = {k: run_dir / v for k, v in FILES.items()}
-    result.setdefault("files", {}).update({k: v for k, v in FILES.items()})
+    names = files_for(suffix)
+    paths = {k: run_dir / v for k, v in names.items()}
+    result["files"] = dict(names)
     write_curve_csv(paths["curve_csv"], arrays["grid"], arrays["curve"])
     plot_curve(paths["curve_png"], arrays["grid"], arrays["curve"], result["epsilon"])
     plot_radius_histogram(paths["hist_png"], arrays["radius"], arrays["correct"], result["epsilon"])

@@ -305,7 +305,8 @@ def evaluate_run(
 
     The dataset, ε_test and seed come from ``config.toml`` unless given. With ``write``,
     ``evaluation.json``/``.md``, ``certified_accuracy.csv`` and PNG plots are written next to
-    the model.
+    the model; an evaluation of fewer than all test points (``opts.limit``) writes
+    ``evaluation-firstN.json`` and so on instead, leaving a full evaluation in place.
     """
     import torchgloro as tg
     from torchgloro.evaluate import report
@@ -325,8 +326,9 @@ def evaluate_run(
         )
     root = data_dir if data_dir is not None else data_cfg.get("root")
     split = tg.data.get_dataset(name, "test", root=root)
+    n_full = len(split)
     if opts.limit is not None:
-        split = split.subset(min(int(opts.limit), len(split)))
+        split = split.subset(min(int(opts.limit), n_full))
     if opts.epsilon is None:
         eps_cfg = (cfg.get("gloro", {}) or {}).get("epsilon_test")
         opts.epsilon = float(eps_cfg) if eps_cfg is not None else net.epsilon
@@ -351,5 +353,7 @@ def evaluate_run(
     result["cost"]["training"] = cost.read_training_cost(run_dir)
     result["timings"]["total_seconds"] = time.perf_counter() - t_start
     if write:
-        report.write_outputs(run_dir, result, arrays)
+        # A subset evaluation gets its own files so that it never replaces a full one.
+        suffix = f"-first{len(split)}" if len(split) < n_full else ""
+        report.write_outputs(run_dir, result, arrays, suffix=suffix)
     return result
