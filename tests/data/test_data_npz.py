@@ -36,13 +36,28 @@ def test_npz_hwc_uint8(tmp_path):
         test_x=rng.integers(0, 256, (2, 5, 6, 3), dtype=np.uint8),
         test_y=np.array([4, 0], np.int64),
     )
-    tr = get_dataset(name, "train")
+    with pytest.warns(UserWarning, match=r"test label\(s\) 4 never occur in train_y"):
+        tr = get_dataset(name, "train")
     assert tr.x.shape == (7, 3, 5, 6) and tr.x.dtype == torch.float32
     np.testing.assert_allclose(tr.x.numpy(), tx.transpose(0, 3, 1, 2) / 255.0, rtol=1e-6)
     assert tr.y.dtype == torch.int64
     assert tr.info.num_classes == 5 and tr.info.in_shape == (3, 5, 6)
     assert tr.info.default_epsilon == pytest.approx(36 / 255)
-    assert len(get_dataset(name, "test")) == 2
+    with pytest.warns(UserWarning, match="never occur in train_y"):
+        assert len(get_dataset(name, "test")) == 2
+
+
+def test_npz_warns_about_a_stray_label(tmp_path, recwarn):
+    x = np.zeros((6, 8, 8), np.uint8)
+    name = save(tmp_path / "s.npz", train_x=x, train_y=np.array([0, 1, 2, 0, 1, 255]),
+                test_x=x[:3], test_y=np.array([0, 1, 2]))  # fmt: skip
+    with pytest.warns(UserWarning, match=r"256 classes .* 252 of them have no image \(3, 4,"):
+        assert get_dataset(name, "train").info.num_classes == 256
+    recwarn.clear()
+    ok = save(tmp_path / "ok.npz", train_x=x, train_y=np.array([0, 1, 2, 0, 1, 2]),
+              test_x=x[:3], test_y=np.array([2, 1, 2]))  # fmt: skip
+    assert get_dataset(ok, "test").info.num_classes == 3
+    assert not [w for w in recwarn if "label" in str(w.message)]
 
 
 def test_npz_chw_float_and_hw(tmp_path):

@@ -2,11 +2,13 @@
 
 Images are uint8 (0..255) or float already in ``[0, 1]``, laid out ``(N, H, W, C)``,
 ``(N, C, H, W)`` (C = 1 or 3, detected) or ``(N, H, W)`` (one channel). Labels are
-integers ``0 .. C-1`` where C = 1 + the largest label in either split.
+integers ``0 .. C-1`` where C = 1 + the largest label in either split (a class with no
+image, or a test label the training split lacks, draws a warning).
 """
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -76,6 +78,29 @@ def _labels(y: np.ndarray, source: str) -> np.ndarray:
     return y
 
 
+def _warn_label_gaps(ys: dict[str, np.ndarray], num_classes: int, path: Path) -> None:
+    """Warns when the class count looks inflated by a stray label: classes below the largest
+    label that no image has, or test labels the training split never shows."""
+    train = set(np.unique(ys["train_y"]).tolist())
+    test = set(np.unique(ys["test_y"]).tolist())
+    empty = sorted(set(range(num_classes)) - train - test)
+    if empty:
+        shown = ", ".join(map(str, empty[:8])) + (", …" if len(empty) > 8 else "")
+        warnings.warn(
+            f"{path}: {num_classes} classes (1 + the largest label, {num_classes - 1}), but "
+            f"{len(empty)} of them have no image ({shown}). A stray label inflates the model's "
+            f"output; relabel the data as 0..C-1 if that is not intended.",
+            stacklevel=3,
+        )
+    unseen = sorted(test - train)
+    if unseen and train:
+        warnings.warn(
+            f"{path}: test label(s) {', '.join(map(str, unseen[:8]))} never occur in train_y; "
+            f"a model trained on this data cannot predict them.",
+            stacklevel=3,
+        )
+
+
 def _shapes(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every array in the npz, from the headers only (no data read)."""
     out = {}
@@ -136,6 +161,7 @@ def load_npz(path_str: str, root: Path | None, split: str, download: bool) -> Sp
             f"{tuple(other_shape[1:])} as (C,H,W))"
         )
     num_classes = 1 + max((int(v.max()) for v in ys.values() if v.size), default=0)
+    _warn_label_gaps(ys, num_classes, path)
     c, h, w = (int(s) for s in x.shape[1:])
     # 36/255 (the paper's CIFAR radius) for colour images, 0.3 (MNIST's) otherwise.
     eps = 36 / 255 if c == 3 else 0.3
