@@ -46,6 +46,7 @@ def test_ddp_gloo_two_processes_match_single(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "deprecated" not in proc.stderr, proc.stderr[-3000:]
     assert "x 2 ranks" in proc.stdout
     assert proc.stdout.count("Finished") == 1  # only rank 0 prints
     assert "buffers differ across ranks" not in proc.stdout  # power iterates stayed in sync

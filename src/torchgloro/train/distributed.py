@@ -4,10 +4,11 @@
 and ``LOCAL_RANK``; :func:`setup` then initialises the process group (``gloo`` on CPU,
 ``nccl`` on CUDA). Every rank draws the same permutation and takes its shard of each global
 batch (:class:`torchgloro.data.DeviceBatches` with ``rank``/``world_size``), so the global
-batch size stays ``run.batch_size``. DDP averages gradients, and its ``broadcast_buffers``
-copies rank 0's buffers (the power-iteration iterates) to every rank at each forward;
-:func:`buffers_in_sync` checks that they indeed agree. Metrics are summed with
-:func:`all_reduce_sum`; only rank 0 writes files and prints.
+batch size stays ``run.batch_size``. DDP averages gradients, and its default buffer sync
+(``broadcast_buffers``; ``forward_sync_buffers`` since torch 2.13) copies rank 0's buffers
+(the power-iteration iterates) to every rank at each forward; :func:`buffers_in_sync` checks
+that they indeed agree. Metrics are summed with :func:`all_reduce_sum`; only rank 0 writes
+files and prints.
 """
 
 from __future__ import annotations
@@ -79,7 +80,10 @@ def wrap(module: nn.Module, env: DistEnv, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
-    return DDP(module, device_ids=ids, broadcast_buffers=True)
+    # Buffers are broadcast from rank 0 at each forward by default in every torch version:
+    # `broadcast_buffers` (default True) before 2.13, `forward_sync_buffers` (default None,
+    # meaning True) since, where passing the old name draws a FutureWarning.
+    return DDP(module, device_ids=ids)
 
 
 def barrier(env: DistEnv) -> None:
