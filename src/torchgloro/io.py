@@ -34,6 +34,23 @@ _FILE_MODE = _default_file_mode()
 _RUN_FILES = ("best.safetensors", "checkpoint.safetensors", "model.safetensors")
 
 
+def durable_replace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """``os.replace(src, dst)``, then an fsync of the folder so that the rename itself
+    survives a power loss (POSIX; where a folder cannot be opened or synced, e.g. on Windows,
+    the rename is still atomic but not forced to disk)."""
+    os.replace(src, dst)
+    try:
+        fd = os.open(Path(dst).parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Writes ``data`` to ``path`` via a temp file in the same folder and an atomic rename."""
     path = Path(path)
@@ -44,7 +61,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -63,7 +80,7 @@ def atomic_save_tensors(
         with open(tmp, "rb") as f:  # on disk before the rename makes it the file
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

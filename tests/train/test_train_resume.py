@@ -289,3 +289,33 @@ def test_resume_with_another_number_of_ranks_warns(tiny, capsys):
     capsys.readouterr()
     train(resume_config(run_dir, []), resume=run_dir, progress=False)
     assert "written by 2 process(es), this run has 1" in capsys.readouterr().out
+
+
+def test_every_checkpoint_rename_is_followed_by_a_folder_fsync(tiny, monkeypatch):
+    """A rename is durable only once its folder is synced: without it a power loss can bring
+    back the old name (or none) even though the file contents were fsynced."""
+    import stat
+
+    events = []
+    real_replace, real_fsync = os.replace, os.fsync
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        st = os.stat(os.path.dirname(os.path.abspath(dst)))
+        events.append(("replace", (st.st_dev, st.st_ino)))
+
+    def fsync(fd):
+        real_fsync(fd)
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            events.append(("fsync_dir", (st.st_dev, st.st_ino)))
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "fsync", fsync)
+    run_dir = train(tiny(), stop_after=1, progress=False).run_dir
+    renames = [k for k, e in enumerate(events) if e[0] == "replace"]
+    assert len(renames) >= 3  # checkpoint.json.next, the tensors, checkpoint.json, ...
+    for k in renames:
+        assert events[k + 1] == ("fsync_dir", events[k][1]), events[k : k + 2]
+    st = os.stat(run_dir)
+    assert ("fsync_dir", (st.st_dev, st.st_ino)) in events

@@ -4,7 +4,7 @@
 :func:`torchgloro.load` can read the file), the optimizer state under ``optim.``, RNG states
 under ``rng.`` and loop accumulators under ``state.``. ``checkpoint.json`` holds the rest:
 the epoch and step, the optimizer's param groups and non-tensor state, the best result so far
-and the config. Each file is written atomically (temp file + fsync + rename), and the pair so
+and the config. Each file is written atomically (temp file, fsync, rename, folder fsync), and the pair so
 that a kill at any point leaves one whole pair (:func:`write_checkpoint`); both record the
 epoch and step, and :func:`read_checkpoint` refuses a pair that still disagrees.
 """
@@ -12,7 +12,6 @@ epoch and step, and :func:`read_checkpoint` refuses a pair that still disagrees.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,7 +155,7 @@ def write_checkpoint(
     text = json.dumps({"format": FORMAT, **info}, indent=2, allow_nan=True)
     io.atomic_write_bytes(run_dir / NEXT_JSON_FILE, text.encode())
     io.atomic_save_tensors(run_dir / TENSORS_FILE, {**model, **tensors}, meta)
-    os.replace(run_dir / NEXT_JSON_FILE, run_dir / JSON_FILE)
+    io.durable_replace(run_dir / NEXT_JSON_FILE, run_dir / JSON_FILE)
 
 
 def _pending(run_dir: Path, marker: dict) -> str | None:
@@ -205,7 +204,7 @@ def read_checkpoint(run_dir: str | Path, settle: bool = False) -> Checkpoint:
     pending = _pending(run_dir, marker)
     if settle:
         if pending is not None:
-            os.replace(run_dir / NEXT_JSON_FILE, j_path)
+            io.durable_replace(run_dir / NEXT_JSON_FILE, j_path)
         else:
             (run_dir / NEXT_JSON_FILE).unlink(missing_ok=True)
     if pending is None:
