@@ -4,9 +4,9 @@
 :func:`torchgloro.load` can read the file), the optimizer state under ``optim.``, RNG states
 under ``rng.`` and loop accumulators under ``state.``. ``checkpoint.json`` holds the rest:
 the epoch and step, the optimizer's param groups and non-tensor state, the best result so far
-and the config. Each file is written atomically (temp file, fsync, rename, folder fsync), and the pair so
-that a kill at any point leaves one whole pair (:func:`write_checkpoint`); both record the
-epoch and step, and :func:`read_checkpoint` refuses a pair that still disagrees.
+and the config. Each file is written atomically (temp file, fsync, rename, folder fsync), and
+the pair so that a kill at any point leaves one whole pair (:func:`write_checkpoint`); both
+record the epoch and step, and :func:`read_checkpoint` refuses a pair that still disagrees.
 """
 
 from __future__ import annotations
