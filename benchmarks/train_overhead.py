@@ -2,7 +2,7 @@
 
 For each model, two identical backbones (same seed) are trained side by side in one
 process, in interleaved blocks of ``steps`` steps (standard, GloRo, power-iteration-only,
-rotated every round), with a loop that mirrors ``torchgloro.train.loop`` exactly: the split
+rotated every round), with a loop that mirrors the trainer's ``Run.train_epoch`` exactly: the split
 lives as one tensor on the device and is shuffled by index (``DeviceBatches``), Adam with
 eps=1e-7, ``zero_grad(set_to_none=True)``, the trainer's on-device metric sums, no host
 syncs. Standard = plain cross-entropy on the backbone's logits (what the trainer does with

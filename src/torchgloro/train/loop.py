@@ -4,56 +4,31 @@ Per epoch: warm-up epochs train f with standard cross-entropy, then the GloRo lo
 the learning rate follow their schedules per batch (t = epoch + batch / batches); the power
 iterations run inside ``GloroNet.forward``. After each epoch the bound is converged
 (``net.refresh()``) and the test split is certified (``mode="fast"``); at the end also with
-``mode="sound"``. The hot loop keeps everything on the device and syncs with the host only
-every ``SYNC_EVERY`` steps (progress bar, NaN check, stop requests).
+``mode="sound"``. The run's state and each phase live in :class:`torchgloro.train._run.Run`;
+this module holds the order of the phases (epochs, checkpoints, stop requests).
 """
 
 from __future__ import annotations
 
-import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from tqdm.auto import tqdm
 
-from torchgloro import io, schedules
-from torchgloro.data import Augment, DeviceBatches
-from torchgloro.train import checkpoint as ckpt_io
 from torchgloro.train import distributed as ddp
-from torchgloro.train._runtime import (
-    RunLock,
-    StopFlag,
-    TrainingDivergedError,
-    diverged,
-    new_run_dir,
-    peak_bytes,
-    resolve_device,
-)
+from torchgloro.train._run import Run
+from torchgloro.train._runtime import StopFlag, TrainingDivergedError, resolve_device
 from torchgloro.train.build import (
     LOSSES,
     OPTIMIZERS,
-    TrainModule,
     build_net,
-    build_optimizer,
     evaluate,
-    load_splits,
     parse_lr,
     resolve_epsilons,
 )
-from torchgloro.train.config import TrainConfig, config_to_dict, dump_config
-from torchgloro.train.report import (
-    MetricsLog,
-    epoch_line,
-    has_final_results,
-    summary_text,
-    write_report,
-)
+from torchgloro.train.config import TrainConfig
 
 __all__ = [
     "LOSSES",
@@ -66,8 +41,6 @@ __all__ = [
     "parse_lr",
     "resolve_epsilons",
 ]
-
-SYNC_EVERY = 20  # steps between host syncs (progress bar, NaN check, DDP stop flag)
 
 
 @dataclass
@@ -110,7 +83,7 @@ def train(
 
 
 def _train(cfg, env, device, resume, stop_after, progress) -> TrainResult:
-    run = _Run(cfg, env, device)
+    run = Run(cfg, env, device)
     try:
         return _train_open_run(run, cfg, env, device, resume, stop_after, progress)
     finally:
@@ -150,291 +123,3 @@ def _train_open_run(run, cfg, env, device, resume, stop_after, progress) -> Trai
     else:
         result.final = run.finish(t_start)
     return result
-
-
-class _Run:
-    """One training run's state, and the phases :func:`_train` goes through in order."""
-
-    def __init__(self, cfg: TrainConfig, env: ddp.DistEnv, device: torch.device) -> None:
-        self.cfg, self.env, self.device = cfg, env, device
-        self.say = print if env.is_main else (lambda *a, **k: None)
-        self.train_split, test_split = load_splits(cfg, env)
-        self.info = self.train_split.info
-        resolve_epsilons(cfg, self.info.default_epsilon)
-        g, o = cfg.gloro, cfg.optim
-
-        # -- model, optimizer, schedules, RNG --
-        torch.manual_seed(cfg.run.seed)
-        with torch.device(device):  # built in place: no .to() copy of the power-iteration state
-            self.net = build_net(cfg, self.info.in_shape, self.info.num_classes)
-        self.optimizer = build_optimizer(cfg, self.net, device)
-        self.loss_fn = LOSSES[cfg.loss.name](cfg)
-        if hasattr(self.loss_fn, "bind"):  # margin-aware losses read K and ε from the net
-            self.loss_fn.bind(self.net)
-        self.eps_sched = schedules.parse_epsilon_schedule(g.epsilon_schedule)
-        self.lam_sched = schedules.parse_lambda_schedule(cfg.loss.lam_schedule)
-        self.lr_sched = parse_lr(o.lr_schedule, o.warmup_lr_epochs, o.decay_start)
-        self.data_gen = torch.Generator().manual_seed(cfg.run.seed)
-        self.aug_gen = torch.Generator().manual_seed(cfg.run.seed + 7919 * (env.rank + 1))
-        self.augment = Augment(generator=self.aug_gen).to(device) if cfg.data.augment else None
-        self.batches = DeviceBatches(
-            self.train_split, cfg.run.batch_size, True, self.data_gen, device=device,
-            rank=env.rank, world_size=env.world_size,
-        )  # fmt: skip
-        self.test_split = test_split.to(device)
-        self.num_batches = len(self.batches)
-        module = TrainModule(self.net, amp=cfg.run.amp == "bf16" and device.type == "cuda")
-        self.model = ddp.wrap(module, env, device)
-        if cfg.run.compile:
-            self.model = torch.compile(
-                self.model, mode=cfg.run.compile_mode, backend=cfg.run.compile_backend
-            )
-
-        self.start_epoch, self.start_step, self.last_good = 0, 0, 0
-        self.best = {"vra": -1.0, "clean": -1.0, "epoch": 0}
-        self.acc = torch.zeros(4, dtype=torch.float64, device=device)  # loss·n, clean, vra, n
-        self.run_dir: Path | None = None
-        self.history: list[dict[str, float]] = []
-        self.epoch_start_state = self.data_gen.get_state()
-        self.sched_now = (float("nan"),) * 3  # ε, λ, lr of the last step
-        self.rss0 = 0
-        self.lock: RunLock | None = None
-
-    # -- run folder / resume --
-
-    def open(self, resume: str | Path | None) -> bool:
-        """Creates the run folder, or restores ``resume``; False if it had already finished."""
-        cfg, env, device, total = self.cfg, self.env, self.device, self.cfg.run.epochs
-        if resume is not None:
-            run_dir = self.run_dir = Path(resume)
-            if env.is_main and run_dir.is_dir():  # before reading: a writer may be mid-write
-                self.lock = RunLock(run_dir)
-            ck = ckpt_io.read_checkpoint(run_dir, settle=self.lock is not None and self.lock.held)
-            ckpt_io.check_same_run(config_to_dict(cfg), ck.info["config"], run_dir)
-            ckpt_io.restore_model(self.net, ck, run_dir / ckpt_io.TENSORS_FILE)
-            ckpt_io.restore_optimizer(self.optimizer, ck)
-            self.start_epoch, self.start_step = ck.epoch, ck.step
-            self.best, self.last_good = dict(ck.info["best"]), ck.epoch
-            torch.set_rng_state(ck.tensors["rng.torch_cpu"])
-            if device.type == "cuda" and "rng.cuda" in ck.tensors:
-                torch.cuda.set_rng_state(ck.tensors["rng.cuda"], device)
-            self.data_gen.set_state(ck.tensors["rng.data_epoch_start"])
-            self.aug_gen.set_state(ck.tensors["rng.augment"])
-            if self.start_step and env.is_main:  # partial-epoch sums (all ranks') live on rank 0
-                self.acc.copy_(ck.tensors["state.acc"].to(self.acc))
-            if self.start_epoch >= total:
-                if has_final_results(run_dir):
-                    self.say(f"{run_dir} already finished its {total} epochs; nothing to resume.")
-                    return False
-                self.say(f"{run_dir} finished its {total} epochs but not its final evaluation.")
-            self.say(f"Resuming {run_dir} at epoch {self.start_epoch + 1}, step {self.start_step}.")
-            if env.is_main:  # the resolved config, with the keys a resume may change
-                io.atomic_write_bytes(run_dir / "config.toml", dump_config(cfg).encode())
-            ranks = ck.info.get("world_size", env.world_size)
-            if ranks != env.world_size:
-                self.say(
-                    f"warning: the checkpoint was written by {ranks} process(es), this run has "
-                    f"{env.world_size}: the data order and batches differ, so the result will "
-                    f"not match an uninterrupted run exactly."
-                )
-        elif env.is_main:
-            self.run_dir = new_run_dir(cfg)
-            self.lock = RunLock(self.run_dir)
-            (self.run_dir / "config.toml").write_text(dump_config(cfg))
-        self.log = MetricsLog(self.run_dir, keep_epochs=self.start_epoch) if env.is_main else None
-        self.history = list(self.log.rows) if self.log else []
-        g = cfg.gloro
-        self.say(
-            f"Training {cfg.model.arch} on {self.info.name} ({len(self.train_split)} train / "
-            f"{len(self.test_split)} test) for {total} epochs on {device}"
-            f"{f' x {env.world_size} ranks' if env.enabled else ''}; eps_train "
-            f"{g.epsilon_train:g}, eps_test {g.epsilon_test:g}; run folder {self.run_dir}"
-        )
-        if g.robust and cfg.optim.warmup_epochs >= total:
-            self.say(
-                f"warning: optim.warmup_epochs ({cfg.optim.warmup_epochs}) >= run.epochs "
-                f"({total}): the whole run is standard training, and the net will certify "
-                f"little; lower optim.warmup_epochs (or use --epochs N, which scales it)."
-            )
-        self.rss0 = peak_bytes(device)
-        return True
-
-    def save_checkpoint(self, epoch, step, epoch_start_state, fresh: bool, acc_now=None) -> None:
-        if not self.env.is_main:
-            return
-        opt_tensors, opt_info = ckpt_io.optimizer_tensors(self.optimizer)
-        tensors = {
-            **opt_tensors,
-            **ckpt_io.rng_tensors(self.data_gen, self.aug_gen, epoch_start_state, self.device),
-            "state.acc": self.acc if acc_now is None else acc_now,
-        }
-        meta = {
-            "epoch": epoch,
-            "step": step,
-            "total_epochs": self.cfg.run.epochs,
-            "best": self.best,
-            "optim": opt_info,
-            "config": config_to_dict(self.cfg),
-            "world_size": self.env.world_size,
-        }
-        ckpt_io.write_checkpoint(self.run_dir, self.net, tensors, meta, fresh_bound=fresh)
-
-    def save_mid_epoch(self, epoch: int, step: int) -> None:
-        """Checkpoints a stopped epoch at ``step``, with every rank's partial sums."""
-        loss_sum = self.acc[0].item()
-        if not math.isfinite(loss_sum):
-            raise diverged(f"epoch {epoch + 1}, step {step}", loss_sum, self.run_dir,
-                            self.last_good)  # fmt: skip
-        acc_all = ddp.all_reduce_sum(self.acc.clone(), self.env)  # rank 0 keeps the sums
-        self.save_checkpoint(epoch, step, self.epoch_start_state, fresh=False, acc_now=acc_all)
-
-    # -- one epoch --
-
-    def train_epoch(self, epoch: int, stop: StopFlag, stop_after, progress: bool) -> int:
-        """Trains one epoch (from the resumed step, if any); returns the steps done."""
-        cfg, g, o, device = self.cfg, self.cfg.gloro, self.cfg.optim, self.device
-        net, optimizer, loss_fn, acc = self.net, self.optimizer, self.loss_fn, self.acc
-        total, num_batches = cfg.run.epochs, self.num_batches
-        robust = g.robust and epoch >= o.warmup_epochs
-        self.epoch_start_state = self.data_gen.get_state()
-        skip = self.start_step if epoch == self.start_epoch else 0
-        if not skip:
-            acc.zero_()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        net.train()
-        bar = tqdm(
-            total=num_batches, initial=skip, desc=f"epoch {epoch + 1}/{total}",
-            leave=False, disable=not (progress and self.env.is_main), dynamic_ncols=True,
-        )  # fmt: skip
-        step = skip
-        for b, (x, y) in enumerate(self.batches):
-            if b < skip:
-                continue
-            t = epoch + b / num_batches
-            eps = self.eps_sched.value(t, total, g.epsilon_train)
-            lam = self.lam_sched.value(t, total)
-            lr = self.lr_sched.value(t, total, o.lr)
-            self.sched_now = (eps, lam, lr)
-            net.epsilon = eps
-            if hasattr(loss_fn, "lam"):
-                loss_fn.lam = lam
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if self.augment is not None:
-                x = self.augment(x)
-
-            out = self.model(x, robust)  # (B, C+1) GloRo logits, or (B, C) from f
-            loss = loss_fn(out, y) if robust else F.cross_entropy(out, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if o.grad_clip > 0:
-                nn.utils.clip_grad_norm_(net.parameters(), o.grad_clip)
-            optimizer.step()
-
-            with torch.no_grad():
-                n = y.new_tensor(len(y), dtype=torch.float64)
-                clean = (out[:, : self.info.num_classes].argmax(1) == y).sum()
-                vra = (out.argmax(1) == y).sum() if robust else n * float("nan")
-                acc += torch.stack([loss.detach().double() * n, clean.double(), vra.double(), n])
-            step = b + 1
-            bar.update(1)
-            if stop_after is not None and epoch + step / num_batches >= stop_after - 1e-9:
-                stop.request("--stop-after")
-            if step % SYNC_EVERY == 0 or step == num_batches:
-                vals = acc.tolist()
-                if not math.isfinite(vals[0]):
-                    bar.close()
-                    raise diverged(f"epoch {epoch + 1}, step {step}", vals[0], self.run_dir,
-                                    self.last_good)  # fmt: skip
-                bar.set_postfix(
-                    loss=f"{vals[0] / vals[3]:.4f}", acc=f"{vals[1] / vals[3]:.3f}",
-                    vra=f"{vals[2] / vals[3]:.3f}" if robust else "-",
-                )  # fmt: skip
-                ddp.agree_on_stop(stop, self.env, device)  # at the same step on every rank
-            if stop.requested and (not self.env.enabled or step % SYNC_EVERY == 0):
-                break
-        bar.close()
-        return step
-
-    def end_epoch(self, epoch: int, t0: float) -> None:
-        """Reduces the epoch's metrics, converges the bound, certifies the test split, logs."""
-        cfg, env, device, net = self.cfg, self.env, self.device, self.net
-        sums = ddp.all_reduce_sum(self.acc.clone(), env).tolist()
-        train_loss = sums[0] / sums[3]
-        if not math.isfinite(train_loss) or not all(
-            bool(torch.isfinite(p).all()) for p in net.parameters()
-        ):
-            raise diverged(f"the end of epoch {epoch + 1}", train_loss, self.run_dir,
-                            self.last_good)  # fmt: skip
-        eps_test = cfg.gloro.epsilon_test
-        net.eval()
-        net.epsilon = eps_test
-        net.refresh()
-        lip = float(net.lipschitz_constant("fast").max())
-        test = evaluate(net, self.test_split, eps_test, "fast", cfg.run.eval_batch_size, env)
-        per_sample = max(peak_bytes(device) - (0 if device.type == "cuda" else self.rss0), 0)
-        eps, lam, lr = self.sched_now
-        robust = cfg.gloro.robust and epoch >= cfg.optim.warmup_epochs
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": train_loss,
-            "train_clean_acc": sums[1] / sums[3],
-            "train_vra": sums[2] / sums[3],
-            "test_clean_acc": test["clean"],
-            "test_vra": test["vra"],
-            "test_rejection": test["rejection"],
-            "epsilon": eps,
-            "lam": lam if hasattr(self.loss_fn, "lam") and robust else float("nan"),
-            "lr": lr,
-            "lipschitz": lip,
-            "seconds": time.time() - t0,
-            "peak_mem_mb_per_sample": per_sample / cfg.run.batch_size / 1e6,
-        }
-        self.history.append(row)
-        if env.is_main:
-            self.log.append(row)
-            tqdm.write(epoch_line(row, cfg.run.epochs))
-            best = self.best
-            if (test["vra"], test["clean"]) > (best["vra"], best["clean"]):
-                self.best = {"vra": test["vra"], "clean": test["clean"], "epoch": epoch + 1}
-                net.save(self.run_dir / "best.safetensors")
-        self.acc.zero_()
-
-    # -- the end --
-
-    def report_stop(self, why: str) -> None:
-        if self.env.is_main:
-            write_report(self.run_dir, self.history, dump_config(self.cfg), None)
-            self.say(
-                f"\nStopped ({why}); checkpoint saved. Continue exactly where it left off "
-                f"with:\n  gloro train --resume {self.run_dir}"
-            )
-
-    def finish(self, t_start: float) -> dict[str, Any]:
-        """Final evaluation: fast (converged power iteration) and sound (proven bounds)."""
-        cfg, env, net = self.cfg, self.env, self.net
-        if env.enabled and not ddp.buffers_in_sync(net, env):
-            self.say("warning: power-iteration buffers differ across ranks (DDP broadcast failed?)")
-        eps_test, batch = cfg.gloro.epsilon_test, cfg.run.eval_batch_size
-        net.eval()
-        net.epsilon = eps_test
-        fast = evaluate(net, self.test_split, eps_test, "fast", batch, env)
-        sound = evaluate(net, self.test_split, eps_test, "sound", batch, env)
-        final = {
-            "epsilon": eps_test,
-            "n_test": fast["n"],
-            "clean": fast["clean"],
-            "vra_fast": fast["vra"],
-            "rejection_fast": fast["rejection"],
-            "vra_sound": sound["vra"],
-            "rejection_sound": sound["rejection"],
-            "seconds": time.time() - t_start,
-            "best_epoch": self.best["epoch"],
-        }
-        if env.is_main:
-            write_report(self.run_dir, self.history, dump_config(self.cfg), final)
-            self.say(f"\nFinished {cfg.run.epochs} epochs ({time.time() - t_start:.1f} s).")
-            self.say(summary_text(final, self.run_dir))
-            sys.stdout.flush()
-        return final
