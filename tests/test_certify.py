@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -390,3 +392,79 @@ def test_a_loaded_invalid_epsilon_is_refused():
         with pytest.raises(GloroInputError, match="epsilon"):
             net.predict(x)
     assert net.certify(x, epsilon=0.05).pred.shape == (2,)  # an explicit ε still works
+
+
+def _residual_overflow_net():
+    """x → (x, x) → Residual(1e20·x → ReLU → −0.5e-20·) → ReLU → head diag(4, 1). At
+    x = 1e289 the block's inner value 1e20·x is inf in float64; its ReLU and the add give a
+    finite but wrong feature (0 instead of x/2), and class 1 instead of the exact class 0."""
+
+    def per_channel(values):
+        c = nn.Conv2d(2, 2, 1, groups=2, bias=False)
+        with torch.no_grad():
+            c.weight.copy_(torch.tensor(values).view(2, 1, 1, 1))
+        return c
+
+    split, head = nn.Conv2d(1, 2, 1, bias=False), nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        split.weight.fill_(1.0)
+        head.weight.copy_(torch.tensor([[4.0, 0.0], [0.0, 1.0]]))
+    inner = nn.Sequential(per_channel([1e20, 1.0]), nn.ReLU(), per_channel([-0.5e-20, 0.0]))
+    bb = nn.Sequential(split, Residual(inner), nn.ReLU(), nn.Flatten(), head)
+    return tg.GloroNet(bb, epsilon=1.0, in_shape=(1, 1, 1)).eval()
+
+
+def test_overflow_inside_a_residual_block_is_never_certified():
+    """Found by a review: the overflow guard saw the block's output, not its inner values."""
+    net = _residual_overflow_net()
+    x = torch.full((1, 1, 1, 1), 1e289, dtype=torch.float64)
+    cert = net.certify(x, epsilon=1e280)
+    assert int(cert.pred[0]) == 1  # the float64 pass did go wrong (exact class: 0)
+    assert not bool(cert.certified[0]) and float(net.certified_radius(x)[0]) == 0.0
+    a, b = net._sound_state().peak64
+    assert a * 1e289 + b >= 1e20 * 1e289  # the guard now bounds the inner value
+
+
+def test_avg_pool_window_sums_count_in_the_float32_overflow_guard():
+    """Found by a review: AvgPool2d sums its window before dividing, so in float32 the sum
+    of 400x400 entries of -2.14e33 overflows to -inf although the mean does not; the guard
+    modelled only the mean and certified the float32 logits' class 1 (exact class: 0)."""
+    s = 400
+    scale, mix, head = (
+        nn.Conv2d(2, 2, 1, groups=2, bias=False),
+        nn.Linear(2, 1, bias=False),
+        nn.Linear(1, 2),
+    )
+    with torch.no_grad():
+        scale.weight.fill_(1e17)
+        mix.weight.copy_(torch.tensor([[1e-5, 1.0]]))
+        head.weight.copy_(torch.tensor([[1.0], [0.0]]))
+        head.bias.copy_(torch.tensor([0.0, 5e32]))
+    bb = nn.Sequential(scale, nn.AvgPool2d(s), nn.Flatten(), mix, nn.ReLU(), head)
+    net = tg.GloroNet(bb, epsilon=1.0, in_shape=(2, s, s)).eval()
+    x = torch.empty(1, 2, s, s)
+    x[:, 0], x[:, 1] = -2.14e16, 1e16
+    with torch.no_grad():
+        assert float(bb[1](bb[0](x))[0, 0]) == float("-inf")  # the premise: float32 overflows
+    cert = net.certify(x)
+    assert not bool(cert.certified[0]) or int(cert.pred[0]) == 0
+    assert int(net.predict(x)[0]) in (0, net.ABSTAIN)
+
+
+def test_a_subnormal_lipschitz_product_is_rounded_up_not_to_zero():
+    """Found by a review: K = ‖w_0 − w_1‖·k_pen in round-to-nearest came out exactly 0 for a
+    subnormal k_pen, and a zero K certifies any radius."""
+    layers = []
+    for w in [1e-30] * 10 + [1e-24]:  # product 1e-324: below the smallest normal float64
+        lin = nn.Linear(1, 1, bias=False)
+        with torch.no_grad():
+            lin.weight.fill_(w)
+        layers.append(lin)
+    head = nn.Linear(1, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[0.2], [-0.2]]))
+        head.bias.copy_(torch.tensor([1.4e-45, 0.0]))
+    net = tg.GloroNet(nn.Sequential(*layers, head), epsilon=1.0, in_shape=(1,)).eval()
+    K = net.lipschitz_constant()
+    assert float(K[0, 1]) > 0.0  # the exact K_01 is 4e-325 > 0
+    assert math.isfinite(float(net.certified_radius(torch.zeros(1, 1, dtype=torch.float64))[0]))

@@ -111,7 +111,9 @@ def test_spectral_norm_hook_is_refused():
     on the certification copy), which the bound taken from the float32 weight missed."""
     net = _mlp()
     nn.utils.spectral_norm(net.backbone[0])  # a hook, and weight_orig in weight's place
-    _every_proof_refuses(net, (UnsupportedLayerError, GloroInputError), r"\(weight\)")
+    _every_proof_refuses(
+        net, (UnsupportedLayerError, GloroInputError), r"tensor weight removed, tensor weight_orig"
+    )
 
 
 def test_global_forward_hooks_are_refused():
@@ -235,3 +237,42 @@ def test_nets_pickled_before_the_structure_check_still_load():
     del net.__dict__["_structure"]  # as a net of the previous version
     again = pickle.loads(pickle.dumps(net))
     assert torch.equal(again.certify(x).radius, ref.radius)
+
+
+@pytest.mark.parametrize("how", ["parameter", "data"])
+def test_a_weight_whose_shape_changed_is_refused(how):
+    """Found by a review: a 3x3 kernel swapped for a 5x5 one under padding="same" kept the
+    bound's old padding (K 3x too small) because only values, not shapes, were compared."""
+    conv, head = nn.Conv2d(1, 1, 3, padding="same", bias=False), nn.Linear(9, 2, bias=False)
+    net = tg.GloroNet(nn.Sequential(conv, nn.Flatten(), head), epsilon=0.5, in_shape=(1, 3, 3))
+    net.eval().certify(torch.rand(1, 1, 3, 3))
+    if how == "parameter":
+        conv.weight = nn.Parameter(torch.ones(1, 1, 5, 5))
+    else:
+        conv.weight.data = torch.ones(1, 1, 5, 5)
+    _every_proof_refuses(
+        net, GloroInputError, r"the shape of weight: \(1, 1, 3, 3\) -> \(1, 1, 5, 5\)"
+    )
+
+
+def test_layers_that_change_the_batch_dimension_are_refused():
+    """Found by a review: a ZeroPad2d over a (B, D) tensor pads the batch: certify returned
+    a certificate for a padding row as the first input's."""
+    bb = nn.Sequential(nn.ZeroPad2d((0, 0, 1, 0)), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedLayerError, match="ZeroPad2d turns a batch of 2 inputs into"):
+        tg.GloroNet(bb, epsilon=0.5, in_shape=(4,))
+
+
+@pytest.mark.parametrize("where", ["inside", "head"])
+def test_a_linear_layer_applied_per_position_is_refused(where):
+    """Found by a review: nn.Linear on (B, P, d) adds its bias at P positions but the
+    round-off model counted it once; the float32 allowance was too small and the wrong
+    class was certified."""
+    if where == "inside":
+        bb = nn.Sequential(nn.Unflatten(1, (8, 1)), nn.Linear(1, 1), nn.Flatten(), nn.Linear(8, 2))
+        match = r"Linear applied to an input of shape \(8, 1\)"
+    else:
+        bb = nn.Sequential(nn.Unflatten(1, (4, 2)), nn.Linear(2, 2))
+        match = r"last nn.Linear gets inputs of shape \(4, 2\)"
+    with pytest.raises(UnsupportedLayerError, match=match):
+        tg.GloroNet(bb, epsilon=0.5, in_shape=(8,))

@@ -30,6 +30,13 @@ class DenseBound(PowerIterationBound):
     """``nn.Linear``: power iteration on W; sound bound from a float64 SVD."""
 
     def __init__(self, layer: nn.Linear, in_shape: tuple[int, ...]) -> None:
+        if len(in_shape) != 1:
+            raise UnsupportedLayerError(
+                f"{type(layer).__name__} applied to an input of shape {tuple(in_shape)} (per "
+                f"sample) is not supported: its bound and round-off model are for a flat "
+                f"(features,) input, not one applied at every position. Put nn.Flatten() "
+                f"before it, or use a 1x1 nn.Conv2d for a per-position map."
+            )
         super().__init__(layer, (layer.in_features,))
 
     def _op(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -184,8 +191,10 @@ def _avg_pool(module: nn.AvgPool2d, in_shape: tuple[int, ...]) -> LayerBound:
     )
     k = module.kernel_size if isinstance(module.kernel_size, int) else math.prod(module.kernel_size)
     k = k * k if isinstance(module.kernel_size, int) else k
-    # Non-negative weights: |A| = A. One division adds one more rounding.
-    return ConstantBound(value, "AvgPool2d", fp_terms=(k + 1, value, 0.0))
+    # Non-negative weights: |A| = A. One division adds one more rounding. PyTorch sums each
+    # window before dividing, so the partial sums reach sqrt(k)·‖h‖ (Cauchy–Schwarz over at
+    # most k entries), k times A's partial sums: the overflow guard must know.
+    return ConstantBound(value, "AvgPool2d", fp_terms=(k + 1, value, 0.0), peak_gain=math.sqrt(k))
 
 
 @register_bound(nn.MaxPool2d)

@@ -11,6 +11,8 @@ bounds describing another network than the one certified:
   ``pool.kernel_size[0] = 3``, ``conv.padding_mode = ...``), an attribute added or removed
   (an instance ``forward`` override), or a module's class swapped
   (``torch.nn.utils.parametrize``): every public attribute is compared, fail-closed;
+* a parameter or buffer whose shape changed (a 3x3 kernel swapped for a 5x5 one under
+  ``padding="same"``: the bound would keep the old padding), added or removed;
 * forward hooks, which change a layer's output behind its bound's back (the old
   ``torch.nn.utils.spectral_norm`` installs one), on a module or globally: refused by the
   proofs (:func:`refuse_hooks`), allowed elsewhere (inspection tools use them).
@@ -44,6 +46,7 @@ class _Settings:
     other_keys: tuple[str, ...]  # anything else but tensors: by identity
     others: tuple
     tensor_keys: tuple[str, ...]  # plain tensor attributes: values join the weights key
+    shapes: tuple  # (name, shape or None) of every parameter and buffer
 
     @classmethod
     def of(cls, m: nn.Module) -> _Settings:
@@ -56,7 +59,7 @@ class _Settings:
         p, c, o, t = (tuple(kinds[x]) for x in ("plain", "container", "other", "tensor"))
         return cls(
             type(m), tuple(d), names, p, tuple(d[k] for k in p), c,
-            tuple(copy.deepcopy(d[k]) for k in c), o, tuple(d[k] for k in o), t,
+            tuple(copy.deepcopy(d[k]) for k in c), o, tuple(d[k] for k in o), t, _shapes(m),
         )  # fmt: skip
 
     def matches(self, m: nn.Module) -> bool:
@@ -65,6 +68,8 @@ class _Settings:
             return False
         # The same keys (private ones may come and go: torch.compile in place adds one).
         if tuple(d) != self.all_keys and tuple(k for k in d if k[0] != "_") != self.names:
+            return False
+        if _shapes(m) != self.shapes:  # weight surgery (a 3x3 kernel made 5x5, ...)
             return False
         try:
             return (
@@ -83,6 +88,14 @@ class _Settings:
         out = set(self.names) ^ now
         out |= {k for k in self.plain_keys + self.container_keys if k in d and d[k] != then[k]}
         out |= {k for k, v in zip(self.other_keys, self.others) if k in d and d[k] is not v}
+        then_t, now_t = dict(self.shapes), dict(_shapes(m))
+        for k in then_t.keys() | now_t.keys():
+            if k not in now_t:
+                out.add(f"tensor {k} removed")
+            elif k not in then_t:
+                out.add(f"tensor {k} added")
+            elif then_t[k] != now_t[k]:
+                out.add(f"the shape of {k}: {then_t[k]} -> {now_t[k]}")
         return sorted(out)
 
 
@@ -181,6 +194,14 @@ def _walk(m: nn.Module, out: list[nn.Module]) -> list[nn.Module]:
         if child is not None:
             _walk(child, out)
     return out
+
+
+def _shapes(m: nn.Module) -> tuple:
+    """``(name, shape or None)`` of ``m``'s own parameters, then its buffers."""
+    return tuple(
+        (k, None if t is None else tuple(t.shape))
+        for k, t in (*m._parameters.items(), *m._buffers.items())
+    )
 
 
 def _kind(v: Any) -> str:

@@ -120,7 +120,7 @@ def build_sound_state(
     w = head_weight.detach()
     abs_w = sound.dense_norm_upper(w.abs())
     head = (sound.dense_norm_upper(w), linear_fp_terms(w, head_bias, abs_norm_upper=abs_w))
-    layers = [(n, b.fp_terms()) for n, b in zip(norms, bounds)]
+    layers = [(n, b.fp_terms(), b.peak_terms) for n, b in zip(norms, bounds)]
     chain = [*layers, head]
     err_coef, err_const = margins.forward_error_coefficients(chain, underflow=margins.UNDERFLOW_F64)
     peak64 = margins.peak_magnitude_coefficients(

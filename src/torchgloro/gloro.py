@@ -116,6 +116,12 @@ class GloroNet(nn.Module):
             )
         object.__setattr__(self, "_head", head)
         shapes = trace_input_shapes(layers, self.in_shape)
+        if len(shapes[-1]) != 1:
+            raise UnsupportedLayerError(
+                f"The last nn.Linear gets inputs of shape {shapes[-1]} per sample; it must get "
+                f"flat features to give one row of class logits per input. Put nn.Flatten() "
+                f"before it."
+            )
         self.bounds = nn.ModuleList(bound_for(m, s) for m, s in zip(layers[:-1], shapes[:-1]))
         self._structure = structure_of(backbone)  # what the bounds describe (_structure.py)
         self.num_classes = int(self._head_weight().shape[0])
@@ -293,8 +299,10 @@ class GloroNet(nn.Module):
 
     def _class_bounds(self, w: torch.Tensor, k_pen: torch.Tensor, upper: bool = False):
         if self.lipschitz == "margin":
-            return margins.pairwise_row_distances(w, upper=upper) * k_pen  # (C, C)
-        return margins.row_norms(w, upper=upper) * k_pen  # (C,)
+            rows = margins.pairwise_row_distances(w, upper=upper)  # (C, C)
+        else:
+            rows = margins.row_norms(w, upper=upper)  # (C,)
+        return margins.times_upper(rows, k_pen) if upper else rows * k_pen
 
     @autocast_off  # the bound stays float32 under a caller's autocast (as in the trainer's AMP)
     def _current_class_bounds(self) -> torch.Tensor:

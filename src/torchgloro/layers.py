@@ -46,6 +46,7 @@ from torchgloro.margins import (
     UNDERFLOW_F64,
     UNIT_ROUNDOFF_F64,
     forward_error_coefficients,
+    peak_magnitude_coefficients,
     product_upper,
     round_up,
 )
@@ -351,6 +352,13 @@ class ResidualBound(LayerBound):
         a = round_up((p + u * (1 + l_g + p) * 1.01) / gamma1 * 1.01, 4)
         b = round_up(big_b + ((1 + u) * q + u * big_b) / gamma1 * 1.01, 4)
         return 1, a, b
+
+    def peak_terms(self, unit_roundoff: float) -> tuple[float, float]:
+        # The inner layers' values (their outputs and partial sums), from the block's input:
+        # (1, a, b) above models only the block's output.
+        low = UNDERFLOW_F64 if unit_roundoff == UNIT_ROUNDOFF_F64 else UNDERFLOW_F32
+        chain = [(b.sound(), b.fp_terms(), b.peak_terms) for b in self.inner]
+        return peak_magnitude_coefficients(chain, unit_roundoff, underflow=low)
 
     def extra_repr(self) -> str:
         return "x + g(x)"

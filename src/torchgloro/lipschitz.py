@@ -92,10 +92,15 @@ def flatten_layers(backbone: nn.Module) -> list[nn.Module]:
 
 @torch.no_grad()
 def trace_input_shapes(layers: Sequence[nn.Module], in_shape: tuple[int, ...]) -> list[tuple]:
-    """The per-sample input shape of each layer, found by one dummy forward pass."""
+    """The per-sample input shape of each layer, found by one dummy forward pass.
+
+    Raises:
+        UnsupportedLayerError: a layer changes the batch dimension (a padding or reshape
+            across samples): its outputs would no longer be one per input.
+    """
     p = next((p for layer in layers for p in layer.parameters()), None)
     x = torch.zeros(
-        (1, *in_shape),
+        (2, *in_shape),  # two samples: a layer that mixes or pads the batch shows
         device=p.device if p is not None else None,
         dtype=p.dtype if p is not None else None,
     )
@@ -103,6 +108,12 @@ def trace_input_shapes(layers: Sequence[nn.Module], in_shape: tuple[int, ...]) -
     for layer in layers:
         shapes.append(tuple(x.shape[1:]))
         x = layer(x)
+        if x.ndim == 0 or x.shape[0] != 2:
+            raise UnsupportedLayerError(
+                f"{layer.__class__.__name__} turns a batch of 2 inputs into {tuple(x.shape)}: "
+                f"every layer must keep one output per input along dimension 0 (padding or "
+                f"reshaping across the batch is not supported). Check its dims or padding."
+            )
     return shapes
 
 
@@ -152,17 +163,40 @@ class LayerBound(nn.Module):
         """
         raise NotImplementedError
 
+    def peak_terms(self, unit_roundoff: float) -> tuple[float, float] | None:
+        """Values computed inside the layer that :meth:`fp_terms` does not bound.
+
+        The overflow guards assume every value of a pass stays below the evaluation
+        precision's largest float. For ``fp_terms = (n, A, b)`` they bound an affine layer's
+        partial sums by (1 + γ_n)(A‖h̃‖ + ‖b‖); a layer whose evaluation passes through larger
+        values (a pool that sums its window before dividing, a block of several layers)
+        returns ``(a, c)`` here: every such value is at most ``a·‖h̃‖₂ + c`` in absolute
+        value, for the computed input h̃ and evaluation at ``unit_roundoff``. None: nothing
+        beyond the model.
+        """
+        return None
+
 
 class ConstantBound(LayerBound):
-    """A layer whose norm is a known constant (exact, hence also sound)."""
+    """A layer whose norm is a known constant (exact, hence also sound).
+
+    ``peak_gain`` bounds the layer's internal values relative to its input's norm, before
+    rounding (see :meth:`LayerBound.peak_terms`); the rounding of a sum of ``n`` terms adds
+    the factor 1 + γ_n.
+    """
 
     def __init__(
-        self, value: float, name: str, fp_terms: tuple[int, float, float] | None = None
+        self,
+        value: float,
+        name: str,
+        fp_terms: tuple[int, float, float] | None = None,
+        peak_gain: float | None = None,
     ) -> None:
         super().__init__()
         self.value = float(value)
         self.name = name
         self._fp_terms = fp_terms
+        self._peak_gain = peak_gain
         self.register_buffer("_value", torch.tensor(self.value), persistent=False)
 
     def estimate(self, n_iter: int = 0, differentiable: bool = False) -> torch.Tensor:
@@ -176,6 +210,13 @@ class ConstantBound(LayerBound):
 
     def fp_terms(self) -> tuple[int, float, float] | None:
         return self._fp_terms
+
+    def peak_terms(self, unit_roundoff: float) -> tuple[float, float] | None:
+        if self._peak_gain is None:
+            return None
+        n = self._fp_terms[0] if self._fp_terms is not None else 1
+        gamma = n * unit_roundoff / (1 - n * unit_roundoff)
+        return round_up((1 + gamma) * self._peak_gain * 1.001, 4), 0.0
 
     def extra_repr(self) -> str:
         return f"{self.name}: {self.value:g}"

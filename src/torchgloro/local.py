@@ -245,7 +245,7 @@ def _local_one(plan: _Plan, x1: torch.Tensor, eps: float):
     w = plan.head_w[:, mask.flatten()]
     pair = torch.minimum(margins.pairwise_row_distances(w, upper=True), plan.pair_glob)
     k = torch.tensor(min(L, plan.k_pen), dtype=torch.float64)
-    K = torch.minimum(pair * k, plan.K_glob)
+    K = torch.minimum(margins.times_upper(pair, k), plan.K_glob)
     return y, K
 
 

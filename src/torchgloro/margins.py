@@ -23,6 +23,7 @@ __all__ = [
     "bottom_logit",
     "certified_radius",
     "forward_error_coefficients",
+    "times_upper",
     "peak_magnitude_coefficients",
     "layerwise_error_coefficients",
 ]
@@ -51,6 +52,16 @@ def product_upper(values: Iterable[float]) -> float:
             raise ValueError(f"a layer bound must be finite and >= 0, got {v}")
         out = 0.0 if (v == 0.0 or out == 0.0) else math.nextafter(out * v, math.inf)
     return out
+
+
+def times_upper(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a · b`` (non-negative float64) rounded up: one step toward +inf after the product.
+
+    Round-to-nearest is off by at most half a unit in the last place, relative in the normal
+    range but absolute (up to 2.5e-324) among subnormals, where a tiny product can even round
+    to 0; the step up makes the result an upper bound in both ranges.
+    """
+    return torch.nextafter(a * b, torch.tensor(math.inf, dtype=a.dtype))
 
 
 def pairwise_row_distances(w: torch.Tensor, upper: bool = False) -> torch.Tensor:
@@ -167,9 +178,11 @@ def peak_magnitude_coefficients(
     """``(a, b)`` with every value computed on the way to fl(f(x)) at most a·‖x‖₂ + b.
 
     Covers each layer's outputs and, for an affine layer, every partial sum of its dot
-    products (≤ (1 + γ_n)(A‖h̃‖ + ‖b‖)). When a·‖x‖ + b stays far below the largest float
-    of the evaluation precision, no intermediate value overflowed, which the round-off
-    model of :func:`forward_error_coefficients` assumes.
+    products (≤ (1 + γ_n)(A‖h̃‖ + ‖b‖)). A layer may come as ``(L, terms, peak)``, ``peak``
+    being :meth:`~torchgloro.lipschitz.LayerBound.peak_terms` (or None): values inside the
+    layer beyond that model (a Residual block's inner layers, a pool's window sums). When
+    a·‖x‖ + b stays far below the largest float of the evaluation precision, no intermediate
+    value overflowed, which the round-off model of :func:`forward_error_coefficients` assumes.
     """
     _, peak = _error_recursion(layers, unit_roundoff, underflow)
     return peak
@@ -191,11 +204,11 @@ def layerwise_error_coefficients(
     layers = list(layers)
     u = unit_roundoff
     coefs, const = [], 0.0
-    for i, (_, terms) in enumerate(layers):
+    for i, (_, terms, *_) in enumerate(layers):
         if terms is None:
             coefs.append(0.0)
             continue
-        later = product_upper(L for L, _ in layers[i + 1 :])
+        later = product_upper(L for L, *_ in layers[i + 1 :])
         n, A, b = terms
         gamma = n * u / (1 - n * u)
         coefs.append(round_up(gamma * A * later * 1.001, 4))
@@ -207,7 +220,14 @@ def _error_recursion(layers, u: float, underflow: float):
     n_coef, n_const = 1.0, 0.0  # ‖h‖ ≤ n_coef·‖x‖ + n_const
     e_coef, e_const = 0.0, 0.0  # ‖h̃ − h‖ ≤ e_coef·‖x‖ + e_const
     s_coef, s_const = 1.0, 0.0  # every value so far ≤ s_coef·‖x‖ + s_const
-    for L, terms in layers:
+    for L, terms, *rest in layers:
+        # A layer whose internal values can exceed its partial-sum model (a Residual block's
+        # inner layers, a pool's window sums) reports them: ≤ a·‖h̃‖ + c for its input h̃.
+        peak = rest[0](u) if rest and rest[0] is not None else None
+        if peak is not None:
+            a, c = peak
+            s_coef = max(s_coef, a * (n_coef + e_coef))
+            s_const = max(s_const, a * (n_const + e_const) + c)
         if terms is None:
             n_coef, n_const, e_coef, e_const = L * n_coef, L * n_const, L * e_coef, L * e_const
             inner = (0.0, 0.0)
