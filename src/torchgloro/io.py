@@ -17,7 +17,15 @@ from torchgloro._errors import CheckpointError, GloroInputError
 from torchgloro.gloro import GloroNet
 from torchgloro.models import create_model
 
-__all__ = ["save_gloro", "load", "atomic_write_bytes", "atomic_save_tensors", "FORMAT"]
+__all__ = [
+    "save_gloro",
+    "load",
+    "resolve_model_file",
+    "atomic_write_bytes",
+    "atomic_save_tensors",
+    "durable_replace",
+    "FORMAT",
+]
 
 FORMAT = "torchgloro/1"
 MODEL_PREFIX = "model."
@@ -114,7 +122,13 @@ def save_gloro(net: GloroNet, path: str | os.PathLike) -> None:
     atomic_save_tensors(path, model_tensors(net), meta)
 
 
-def _resolve(path: Path) -> Path:
+def resolve_model_file(path: str | os.PathLike) -> Path:
+    """The model file of a run folder (best, else checkpoint, else model), or ``path`` itself.
+
+    Raises:
+        CheckpointError: the folder has no model file, or the file does not exist.
+    """
+    path = Path(path)
     if path.is_dir():
         for name in _RUN_FILES:
             if (path / name).is_file():
@@ -158,7 +172,7 @@ def load(
     Raises:
         CheckpointError: if the file is missing, corrupt, or of another architecture.
     """
-    path = _resolve(Path(path))
+    path = resolve_model_file(Path(path))
     tensors, meta = read_safetensors(path)
     try:
         info = json.loads(meta["torchgloro"])

@@ -120,6 +120,7 @@ def test_mnist_wrong_md5_names_file(tmp_path):
     assert "train-images-idx3-ubyte.gz" in msg
     assert "f68b3c2dcbeaaa9fbdd348bbdeb94873" in msg
     assert hashlib.md5((tmp_path / "train-images-idx3-ubyte.gz").read_bytes()).hexdigest() in msg
+    assert "delete it and download it again" in msg  # an unknown file: corrupt or foreign
 
 
 def test_fashion_missing_names_paths_and_hint(tmp_path):
@@ -148,3 +149,128 @@ def test_real_mnist():
     assert counts == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     assert float(tr.x.min()) == 0.0 and float(tr.x.max()) == 1.0
     assert abs(float(tr.x.mean()) - 0.1307) < 1e-3
+
+
+def test_fashion_on_mnist_files_names_them_and_keeps_them(tmp_path, monkeypatch):
+    # The fixture files stand in for MNIST's: their MD5s are registered as MNIST's.
+    make_mnist(tmp_path)
+    patch_md5s(monkeypatch, "mnist", tmp_path)
+    with pytest.raises(DatasetError) as ei:
+        get_dataset("fashion-mnist", "train", root=tmp_path)
+    msg = str(ei.value)
+    assert str(tmp_path / "train-images-idx3-ubyte.gz") in msg
+    assert "valid copy of mnist's train-images-idx3-ubyte.gz" in msg
+    assert "not fashion-mnist's train-images-idx3-ubyte.gz" in msg
+    assert "do not delete it" in msg and "download it again" not in msg
+    assert f"move mnist's files to {tmp_path / 'mnist'}/" in msg
+    assert f"put fashion-mnist's in {tmp_path / 'fashion-mnist'}/" in msg
+    assert (tmp_path / "train-images-idx3-ubyte.gz").is_file()
+
+    # Following the advice works: one folder per dataset under the same root.
+    (tmp_path / "mnist").mkdir()
+    for f in list(tmp_path.glob("*.gz")):
+        f.rename(tmp_path / "mnist" / f.name)
+    make_mnist(tmp_path / "fashion-mnist", seed=3)
+    patch_md5s(monkeypatch, "fashion-mnist", tmp_path / "fashion-mnist")
+    assert len(get_dataset("mnist", "train", root=tmp_path)) == 12
+    assert get_dataset("fashion-mnist", "train", root=tmp_path).info.name == "fashion-mnist"
+
+    # root pointing at MNIST's own folder: the advice is to pass its parent.
+    with pytest.raises(DatasetError) as ei:
+        get_dataset("fashion-mnist", "test", root=tmp_path / "mnist")
+    msg = str(ei.value)
+    assert "valid copy of mnist's t10k-images-idx3-ubyte.gz" in msg
+    assert f"in {tmp_path / 'fashion-mnist'}/ and pass root={tmp_path} " in msg
+
+
+def test_mnist_file_under_another_name_says_rename(tmp_path, monkeypatch):
+    make_mnist(tmp_path)
+    patch_md5s(monkeypatch, "mnist", tmp_path)
+    train = tmp_path / "train-images-idx3-ubyte.gz"
+    test = tmp_path / "t10k-images-idx3-ubyte.gz"
+    blob = train.read_bytes()
+    train.write_bytes(test.read_bytes())  # the test images under the train name
+    (tmp_path / "spare.gz").write_bytes(blob)
+    with pytest.raises(DatasetError) as ei:
+        get_dataset("mnist", "train", root=tmp_path)
+    msg = str(ei.value)
+    assert "valid copy of mnist's t10k-images-idx3-ubyte.gz" in msg
+    assert "not mnist's train-images-idx3-ubyte.gz" in msg
+    assert "Rename it back to t10k-images-idx3-ubyte.gz" in msg
+
+
+def test_fashion_on_real_mnist_files():
+    if not (REAL_MNIST / "train-labels-idx1-ubyte.gz").is_file():
+        pytest.skip(f"real MNIST not found at {REAL_MNIST}")
+    with pytest.raises(DatasetError) as ei:  # the real, unpatched registry MD5s
+        get_dataset("fashion-mnist", "test", root=REAL_MNIST)
+    msg = str(ei.value)
+    assert "valid copy of mnist's t10k-images-idx3-ubyte.gz" in msg
+    assert "not fashion-mnist's t10k-images-idx3-ubyte.gz" in msg
+    assert f"pass root={REAL_MNIST.parent} " in msg and "download it again" not in msg
+
+
+def write_raw(folder: Path, arrays: dict) -> None:
+    """The fixture arrays as uncompressed IDX files (``gunzip``-ed names, no ``.gz``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, arr in arrays.items():
+        (folder / name.removesuffix(".gz")).write_bytes(idx_bytes(arr))
+
+
+@pytest.mark.parametrize("layout", ["flat", "subdir"])
+def test_mnist_uncompressed_files_load(tmp_path, monkeypatch, layout):
+    folder = tmp_path / "mnist" if layout == "subdir" else tmp_path
+    arrays = make_mnist(tmp_path / "made")
+    write_raw(folder, arrays)
+    monkeypatch.setattr(_idx, "COUNTS", {"train": 12, "test": 5})
+    tr = get_dataset("mnist", "train", root=tmp_path)
+    te = get_dataset("mnist", "test", root=tmp_path)
+    np.testing.assert_allclose(
+        tr.x[:, 0].numpy(), arrays["train-images-idx3-ubyte.gz"].astype(np.float32) / 255
+    )
+    np.testing.assert_array_equal(tr.y.numpy(), arrays["train-labels-idx1-ubyte.gz"])
+    np.testing.assert_array_equal(te.y.numpy(), arrays["t10k-labels-idx1-ubyte.gz"])
+    assert te.x.shape == (5, 1, 28, 28)
+
+
+def test_mnist_uncompressed_files_are_checked(tmp_path, monkeypatch):
+    arrays = make_mnist(tmp_path / "made")
+    write_raw(tmp_path, arrays)
+    # the real image counts (60,000 / 10,000) are checked: 12 images is not MNIST
+    with pytest.raises(DatasetError) as ei:
+        get_dataset("mnist", "train", root=tmp_path)
+    msg = str(ei.value)
+    assert str(tmp_path / "train-images-idx3-ubyte") in msg
+    assert "12 entries, but mnist's train split has 60000" in msg
+    monkeypatch.setattr(_idx, "COUNTS", {"train": 12, "test": 5})
+    # a truncated (partly gunzipped) file fails the size check
+    raw = tmp_path / "t10k-images-idx3-ubyte"
+    raw.write_bytes(raw.read_bytes()[:-100])
+    with pytest.raises(DatasetError, match=r"t10k-images-idx3-ubyte: IDX payload"):
+        get_dataset("mnist", "test", root=tmp_path)
+    # a labels file in place of the images fails the header check
+    raw.write_bytes((tmp_path / "t10k-labels-idx1-ubyte").read_bytes())
+    with pytest.raises(DatasetError, match=r"t10k-images-idx3-ubyte: IDX shape \(5,\)"):
+        get_dataset("mnist", "test", root=tmp_path)
+
+
+def test_mnist_gz_preferred_to_uncompressed(tmp_path, monkeypatch):
+    arrays = make_mnist(tmp_path)
+    patch_md5s(monkeypatch, "mnist", tmp_path)
+    write_raw(tmp_path, make_mnist(tmp_path / "other", seed=7))  # different content, no .gz
+    tr = get_dataset("mnist", "train", root=tmp_path)
+    np.testing.assert_array_equal(tr.y.numpy(), arrays["train-labels-idx1-ubyte.gz"])
+    # with no file at all, the message says the uncompressed name is accepted too
+    with pytest.raises(DatasetError, match=r"or the same uncompressed, without \.gz"):
+        get_dataset("mnist", "train", root=tmp_path / "empty")
+
+
+def test_real_mnist_uncompressed(tmp_path):
+    src = REAL_MNIST / "t10k-images-idx3-ubyte.gz"
+    if not src.is_file():
+        pytest.skip(f"real MNIST not found at {REAL_MNIST}")
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (tmp_path / name).write_bytes(gzip.decompress((REAL_MNIST / f"{name}.gz").read_bytes()))
+    te = get_dataset("mnist", "test", root=tmp_path)  # the real counts, unpatched
+    ref = get_dataset("mnist", "test", root=REAL_MNIST)
+    assert torch.equal(te.x, ref.x) and torch.equal(te.y, ref.y)

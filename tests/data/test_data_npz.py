@@ -147,3 +147,64 @@ def test_real_cifar_npz(real_cifar):
     assert tr.y[:10].tolist() == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]
     assert te.y[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
     assert tr.info.num_classes == 10 and tr.info.default_epsilon == pytest.approx(36 / 255)
+
+
+@pytest.mark.parametrize("stray", [100_000, 10**6, 10**9])
+def test_npz_huge_label_is_an_error(tmp_path, stray):
+    # 1 + the largest label classes: a stray 10**9 used to build set(range(10**9)) (OOM)
+    # and a 10**6-class DatasetInfo; now anything above MAX_CLASSES is refused up front.
+    name = save(tmp_path / "huge.npz", **good(train_y=np.array([0, 1, 2, stray])))
+    for split in ("train", "test"):
+        with pytest.raises(DatasetError) as ei:
+            get_dataset(name, split)
+        msg = str(ei.value)
+        assert "huge.npz" in msg and f"largest label is {stray}" in msg
+        assert "4 distinct" in msg and "relabel the data as 0..C-1" in msg
+
+
+def test_npz_class_count_limit_is_inclusive(tmp_path, recwarn):
+    from torchgloro.data._npz import MAX_CLASSES
+
+    name = save(tmp_path / "edge.npz", **good(train_y=np.array([0, 1, 2, MAX_CLASSES - 1])))
+    tr = get_dataset(name, "train")
+    assert tr.info.num_classes == MAX_CLASSES == 100_000
+    (w,) = [w for w in recwarn if "have no image" in str(w.message)]
+    assert f"{MAX_CLASSES - 4} of them have no image (3, 4, 5, 6, 7, 8, 9, 10, …)" in str(w.message)
+
+
+def test_npz_label_too_large_for_int64(tmp_path):
+    y = np.array([0, 1, 2, 2**63 + 5], np.uint64)  # used to wrap to a "negative label"
+    name = save(tmp_path / "u64.npz", **good(train_y=y))
+    with pytest.raises(DatasetError, match=r"u64\.npz:train_y: label 9223372036854775813 is too"):
+        get_dataset(name, "train")
+
+
+def test_npz_gap_warning_lists_every_gap_when_few(tmp_path):
+    x = np.zeros((4, 8, 8), np.uint8)
+    name = save(
+        tmp_path / "g.npz",
+        train_x=x,
+        train_y=np.array([0, 2, 5, 0]),
+        test_x=x[:2],
+        test_y=np.array([7, 2]),
+    )
+    with pytest.warns(UserWarning) as record:
+        assert get_dataset(name, "train").info.num_classes == 8
+    msgs = [str(w.message) for w in record]
+    gaps = "8 classes (1 + the largest label, 7), but 4 of them have no image (1, 3, 4, 6)."
+    assert any(gaps in m for m in msgs), msgs
+    assert any("test label(s) 7 never occur in train_y" in m for m in msgs), msgs
+
+
+@pytest.mark.parametrize("empty", ["train", "test"])
+def test_npz_empty_split_is_an_error(tmp_path, empty):
+    arrays = good(
+        **{f"{empty}_x": np.zeros((0, 8, 8, 3), np.uint8), f"{empty}_y": np.zeros(0, np.int64)}
+    )
+    name = save(tmp_path / "empty.npz", **arrays)
+    for split in ("train", "test"):  # either split refuses a file with an empty split
+        with pytest.raises(DatasetError) as ei:
+            get_dataset(name, split)
+        msg = str(ei.value)
+        assert "empty.npz" in msg and f"{empty}_x has 0 images" in msg
+        assert "need at least one image" in msg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -81,13 +82,13 @@ def test_evaluate_and_compare_cli(tmp_path, capsys, trained_digits_net, standard
     assert rows[0] == "epsilon,certified_accuracy" and len(rows) > 100
 
     assert main(["evaluate", str(std), *FAST_ARGS, "--epsilon", "1.0"]) == 0
-    ev_std = json.loads((std / "evaluation-first120.json").read_text())
+    ev_std = json.loads((std / "evaluation-eps1-first120.json").read_text())  # ε: not its own
     assert ev_std["cost"]["training"] is None
     assert ev_std["metrics"]["pgd_accuracy"] < ev_std["metrics"]["clean_accuracy"] - 0.3
     capsys.readouterr()
     assert main(["compare", str(std)]) == 2  # only a subset evaluation: named, no traceback
-    assert "evaluation-first120.json" in capsys.readouterr().err
-    subsets = [str(std / "evaluation-first120.json"), str(glo / "evaluation-first120.json")]
+    assert "evaluation-eps1-first120.json" in capsys.readouterr().err
+    subsets = [str(std / "evaluation-eps1-first120.json"), str(glo / "evaluation-first120.json")]
     assert main(["compare", *subsets, "--names", "Standard,GloRo"]) == 0
     table = capsys.readouterr().out
     lines = [line for line in table.splitlines() if line.startswith("| ")]
@@ -160,3 +161,68 @@ def test_subset_evaluation_keeps_the_full_one(tmp_path, trained_digits_net):
     assert json.loads((run / "evaluation-first50.json").read_text())["n"] == 50 == sub["n"]
     assert full["n"] > 50 and sub["files"]["json"] == "evaluation-first50.json"
     assert full["files"]["json"] == "evaluation.json"
+
+
+def test_evaluations_of_other_files_or_settings_keep_the_runs_own(tmp_path, trained_digits_net):
+    """Found by a review: evaluating RUN/checkpoint.safetensors (or another ε) replaced the
+    evaluation of the run's best model, and recorded nothing of which file it was."""
+    import shutil
+
+    run = make_run(tmp_path / "r", trained_digits_net[0].state_dict())
+    shutil.copy(run / "best.safetensors", run / "checkpoint.safetensors")
+    quick = EvalOptions(attack=None, limit=10**6)
+    own = evaluate_run(run, quick)
+    before = (run / "evaluation.json").read_bytes()
+    ck = evaluate_run(run / "checkpoint.safetensors", quick)
+    eps = evaluate_run(run, EvalOptions(attack=None, limit=10**6, epsilon=0.5))
+    assert (run / "evaluation.json").read_bytes() == before
+    assert own["model_file"] == "best.safetensors" and own["files"]["json"] == "evaluation.json"
+    assert ck["model_file"] == "checkpoint.safetensors"
+    assert ck["files"]["json"] == "evaluation-checkpoint.json"
+    assert eps["files"]["json"] == "evaluation-eps0.5.json" and eps["epsilon"] == 0.5
+    assert ck["files"]["folder"] == str(run)
+
+
+def test_damaged_run_configs_and_unwritable_folders_give_clear_errors(
+    tmp_path, capsys, monkeypatch, trained_digits_net
+):
+    """Found by a review: raw tracebacks, or a finished evaluation lost at the write."""
+    from torchgloro._errors import GloroError
+    from torchgloro.cli import main
+    from torchgloro.evaluate import report
+
+    run = make_run(tmp_path / "r", trained_digits_net[0].state_dict())
+    good = (run / "config.toml").read_text()
+    quick = ["--attack", "none", "--limit", "20", "--no-write"]
+    for text, match in [
+        ("data = 5\n", r"\[data\] must be a table"),
+        (good.replace("epsilon_test = 0.3", 'epsilon_test = "x"'), "epsilon_test must be a number"),
+        (good.replace("seed = 7", "seed = 1.5"), "run.seed must be an integer"),
+    ]:
+        (run / "config.toml").write_text(text)
+        for cmd in (["evaluate", str(run), *quick], ["certify", str(run)]):
+            capsys.readouterr()
+            assert main(cmd) == 2, (text, cmd)
+            assert re.search(match, capsys.readouterr().err), (text, cmd)
+    (run / "config.toml").write_bytes(b'[data]\nname = "digits\xff"\n')
+    assert main(["evaluate", str(run), *quick]) == 2
+    assert "not valid TOML (UTF-8 text)" in capsys.readouterr().err
+    # epsilon_test = 0 means "the default" (here the net's ε), as for gloro certify
+    (run / "config.toml").write_text(good.replace("epsilon_test = 0.3", "epsilon_test = 0.0"))
+    ev = evaluate_run(run, EvalOptions(attack=None, limit=20), write=False)
+    assert ev["epsilon"] == pytest.approx(0.3)
+    # A folder of runs: the missing model file is named first, not a missing dataset.
+    assert main(["certify", str(tmp_path)]) == 2
+    assert "No model file" in capsys.readouterr().err
+    # An unwritable folder: refused before any work; a failed write keeps the message clear.
+    from torchgloro.evaluate.runner import _check_writable
+
+    with pytest.raises(GloroError, match="Cannot write into .* --no-write"):
+        _check_writable(tmp_path / "not-a-folder")
+
+    def fail(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "write_outputs", fail)
+    with pytest.raises(GloroError, match="cannot write the results .* No space left"):
+        evaluate_run(run, EvalOptions(attack=None, limit=20))

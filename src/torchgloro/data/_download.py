@@ -18,7 +18,15 @@ from pathlib import Path
 
 from torchgloro._errors import DatasetError
 
-__all__ = ["Resource", "fetch", "md5_file", "verify_md5", "locate", "missing_hint"]
+__all__ = [
+    "Resource",
+    "fetch",
+    "md5_file",
+    "verify_md5",
+    "locate",
+    "missing_hint",
+    "known_files",
+]
 
 _CHUNK = 1 << 20
 DEFAULT_TIMEOUT = 30.0
@@ -44,18 +52,72 @@ def md5_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def known_files() -> dict[str, tuple[str, str]]:
+    """MD5 -> (dataset, file name) of every file a registered dataset downloads.
+
+    Read from the loaders' ``RESOURCES`` at call time, so patched entries count.
+    """
+    from . import _cifar, _idx, _tiny  # late: those modules import this one
+
+    out: dict[str, tuple[str, str]] = {}
+    for ds, roles in _idx.RESOURCES.items():
+        for r in roles.values():
+            out[r.md5] = (ds, r.filename)
+    for ds, v in _cifar.RESOURCES.items():
+        out[v.resource.md5] = (ds, v.resource.filename)
+    for ds, r in _tiny.RESOURCES.items():
+        out[r.md5] = (ds, r.filename)
+    return out
+
+
+def _mismatch_message(path: Path, expected: str, actual: str) -> str:
+    known = known_files()
+    other, wanted = known.get(actual), known.get(expected)
+    if other is None:
+        return (
+            f"{path}: MD5 mismatch (expected {expected}, got {actual}); the file is corrupt, "
+            "truncated or a different file: delete it and download it again"
+        )
+    ds, fname = other
+    want = f"{wanted[0]}'s {wanted[1]}" if wanted else f"the file with MD5 {expected}"
+    head = (
+        f"{path}: MD5 mismatch: this is a valid copy of {ds}'s {fname} (MD5 {actual}), not {want} "
+        f"(MD5 {expected}); do not delete it."
+    )
+    if wanted is None or wanted[0] == ds:
+        return f"{head} Rename it back to {fname}, and put {want} at {path}."
+    # Loaders look in ROOT/<dataset>/ before ROOT itself.
+    here, other_ds = path.parent, wanted[0]
+    same = "keep each dataset in its own folder"
+    if fname == wanted[1]:
+        same = f"{ds} and {other_ds} use the same file names, so {same}"
+    if here.name == ds:  # already in its own folder: ROOT was that folder
+        return (
+            f"{head} {same}: put {other_ds}'s files in {here.parent / other_ds}/ and pass "
+            f"root={here.parent} (the loaders look in ROOT/<dataset>/ first)."
+        )
+    root = here.parent if here.name == other_ds else here
+    return (
+        f"{head} {same}: move {ds}'s files to {root / ds}/ and put {other_ds}'s in "
+        f"{root / other_ds}/, then pass root={root} (the loaders look in ROOT/<dataset>/ "
+        "first)."
+    )
+
+
 def verify_md5(path: Path, expected: str) -> None:
-    """Raise :class:`DatasetError` if ``path``'s MD5 is not ``expected`` (memoised per file)."""
+    """Raise :class:`DatasetError` if ``path``'s MD5 is not ``expected`` (memoised per file).
+
+    When the file is another registered dataset's file (MNIST and Fashion-MNIST share
+    file names), the message says which one and advises a folder per dataset instead of
+    deleting it.
+    """
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if _MD5_OK.get(key) == expected:
         return
     actual = md5_file(path)
     if actual != expected:
-        raise DatasetError(
-            f"{path}: MD5 mismatch (expected {expected}, got {actual}); the file is corrupt, "
-            "truncated or a different file: delete it and download it again"
-        )
+        raise DatasetError(_mismatch_message(path, expected, actual))
     _MD5_OK[key] = expected
 
 

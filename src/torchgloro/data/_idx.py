@@ -12,10 +12,10 @@ import torch
 
 from torchgloro._errors import DatasetError
 
-from ._download import Resource, locate
+from ._download import MISSING_HINT, Resource, fetch, verify_md5
 from ._types import DatasetInfo, Split
 
-__all__ = ["read_idx", "load_mnist_like", "MNIST", "FASHION_MNIST", "RESOURCES"]
+__all__ = ["read_idx", "load_mnist_like", "MNIST", "FASHION_MNIST", "RESOURCES", "COUNTS"]
 
 # IDX type code -> big-endian numpy dtype
 _IDX_DTYPES = {
@@ -149,18 +149,61 @@ FASHION_MNIST = DatasetInfo(
     0.3,
 )
 _INFOS = {"mnist": MNIST, "fashion-mnist": FASHION_MNIST}
+# Images per split, the same for MNIST and Fashion-MNIST: checked on uncompressed files,
+# which the published (.gz) MD5s cannot verify.
+COUNTS = {"train": 60_000, "test": 10_000}
+
+
+def _find(res: Resource, dirs: Sequence[Path], download: bool) -> tuple[Path, bool]:
+    """Return ``(path, verified)`` for ``res`` in the first of ``dirs`` that has it.
+
+    In each directory the ``.gz`` file (MD5-checked, ``verified``) is preferred to the
+    uncompressed one (the same name without ``.gz``, as ``gunzip`` leaves it). If neither
+    is anywhere, the ``.gz`` is downloaded into ``dirs[0]`` when ``download`` is set.
+    """
+    for d in dirs:
+        gz = Path(d) / res.filename
+        if gz.is_file():
+            verify_md5(gz, res.md5)
+            return gz, True
+        raw = gz.with_suffix("")
+        if raw.is_file():
+            return raw, False
+    candidates = [Path(d) / res.filename for d in dirs]
+    if not download:
+        where = " or ".join(str(c) for c in candidates)
+        raise DatasetError(
+            f"not found: expected {where} (or the same uncompressed, without .gz); {MISSING_HINT}"
+        )
+    return fetch(res.urls, candidates[0], res.md5), True
 
 
 def load_mnist_like(name: str, root: Path, split: str, download: bool) -> Split:
-    """Load ``split`` of MNIST or Fashion-MNIST from ``root/<name>/`` or ``root/``."""
+    """Load ``split`` of MNIST or Fashion-MNIST from ``root/<name>/`` or ``root/``.
+
+    The published ``.gz`` files are verified by MD5. Uncompressed files (``gunzip``-ed,
+    e.g. ``train-images-idx3-ubyte``) are accepted too when the ``.gz`` is absent; the
+    published MD5s are for the ``.gz`` files, so these are verified by their IDX header
+    (magic number, ``uint8``, 28x28 images), exact size and image count (:data:`COUNTS`)
+    instead. That cannot tell MNIST from Fashion-MNIST, whose files share names and
+    shapes: keep each dataset in its own folder.
+    """
     info = _INFOS[name]
     res = RESOURCES[name]
     dirs = [root / name, root]
-    img_path = locate(res[f"{split}_images"], dirs, download)
-    lbl_path = locate(res[f"{split}_labels"], dirs, download)
+    img_path, img_ok = _find(res[f"{split}_images"], dirs, download)
+    lbl_path, lbl_ok = _find(res[f"{split}_labels"], dirs, download)
     _, h, w = info.in_shape
     images = read_idx(img_path, expect_dtype=0x08, expect_shape=(None, h, w))
     labels = read_idx(lbl_path, expect_dtype=0x08, expect_shape=(None,))
+    n = COUNTS[split]
+    for path, arr, ok in ((img_path, images, img_ok), (lbl_path, labels, lbl_ok)):
+        if not ok and arr.shape[0] != n:
+            raise DatasetError(
+                f"{path}: {arr.shape[0]} entries, but {name}'s {split} split has {n}; "
+                f"the uncompressed file is not the published one (the .gz file, which is "
+                "MD5-checked, is preferred when present)"
+            )
     if images.shape[0] != labels.shape[0]:
         raise DatasetError(
             f"{img_path} has {images.shape[0]} images but {lbl_path} has {labels.shape[0]} labels"

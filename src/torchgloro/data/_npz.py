@@ -3,7 +3,8 @@
 Images are uint8 (0..255) or float already in ``[0, 1]``, laid out ``(N, H, W, C)``,
 ``(N, C, H, W)`` (C = 1 or 3, detected) or ``(N, H, W)`` (one channel). Labels are
 integers ``0 .. C-1`` where C = 1 + the largest label in either split (a class with no
-image, or a test label the training split lacks, draws a warning).
+image, or a test label the training split lacks, draws a warning; more than
+:data:`MAX_CLASSES` classes is an error). Both splits need at least one image.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from torchgloro._errors import DatasetError, GloroInputError
 
 from ._types import DatasetInfo, Split
 
-__all__ = ["load_npz", "to_nchw"]
+__all__ = ["load_npz", "to_nchw", "MAX_CLASSES"]
 
 KEYS = ("train_x", "train_y", "test_x", "test_y")
+# Above this many classes (1 + the largest label) the labels are almost surely not
+# 0..C-1: the model's output and the (C, C) matrices built in training would not fit.
+MAX_CLASSES = 100_000
 
 
 def to_nchw(x: np.ndarray, source: str) -> np.ndarray:
@@ -72,31 +76,49 @@ def _labels(y: np.ndarray, source: str) -> np.ndarray:
         raise DatasetError(f"{source}: labels must be (N,), got shape {y.shape}")
     if not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
         raise DatasetError(f"{source}: labels must be integers, got dtype {y.dtype}")
+    if y.dtype.kind == "u" and y.size and int(y.max()) > np.iinfo(np.int64).max:
+        raise DatasetError(f"{source}: label {int(y.max())} is too large; labels must be 0..C-1")
     y = y.astype(np.int64)
     if y.size and y.min() < 0:
         raise DatasetError(f"{source}: negative label {int(y.min())}; labels must be 0..C-1")
     return y
 
 
+def _num_classes(ys: dict[str, np.ndarray], path: Path) -> int:
+    """1 + the largest label of either split; :class:`DatasetError` above :data:`MAX_CLASSES`."""
+    num_classes = 1 + max((int(v.max()) for v in ys.values() if v.size), default=0)
+    if num_classes > MAX_CLASSES:
+        distinct = np.union1d(ys["train_y"], ys["test_y"]).size
+        raise DatasetError(
+            f"{path}: the largest label is {num_classes - 1}, which would make "
+            f"{num_classes} classes (more than {MAX_CLASSES:,}), but only {distinct} distinct "
+            "label(s) occur; relabel the data as 0..C-1 (e.g. "
+            "np.unique(y, return_inverse=True)[1] over both splits together)"
+        )
+    return num_classes
+
+
 def _warn_label_gaps(ys: dict[str, np.ndarray], num_classes: int, path: Path) -> None:
     """Warns when the class count looks inflated by a stray label: classes below the largest
     label that no image has, or test labels the training split never shows."""
-    train = set(np.unique(ys["train_y"]).tolist())
-    test = set(np.unique(ys["test_y"]).tolist())
-    empty = sorted(set(range(num_classes)) - train - test)
-    if empty:
-        shown = ", ".join(map(str, empty[:8])) + (", …" if len(empty) > 8 else "")
+    train, test = np.unique(ys["train_y"]), np.unique(ys["test_y"])
+    present = np.union1d(train, test)  # sorted, distinct, all < num_classes
+    n_empty = num_classes - present.size
+    if n_empty:
+        # The first 8 gaps lie below present.size + 8: no range(num_classes) is built.
+        empty = np.setdiff1d(np.arange(min(num_classes, present.size + 8)), present)[:8]
+        shown = ", ".join(map(str, empty.tolist())) + (", …" if n_empty > 8 else "")
         warnings.warn(
             f"{path}: {num_classes} classes (1 + the largest label, {num_classes - 1}), but "
-            f"{len(empty)} of them have no image ({shown}). A stray label inflates the model's "
+            f"{n_empty} of them have no image ({shown}). A stray label inflates the model's "
             f"output; relabel the data as 0..C-1 if that is not intended.",
             stacklevel=3,
         )
-    unseen = sorted(test - train)
-    if unseen and train:
+    unseen = np.setdiff1d(test, train)
+    if unseen.size and train.size:
         warnings.warn(
-            f"{path}: test label(s) {', '.join(map(str, unseen[:8]))} never occur in train_y; "
-            f"a model trained on this data cannot predict them.",
+            f"{path}: test label(s) {', '.join(map(str, unseen[:8].tolist()))} never occur in "
+            f"train_y; a model trained on this data cannot predict them.",
             stacklevel=3,
         )
 
@@ -143,11 +165,18 @@ def load_npz(path_str: str, root: Path | None, split: str, download: bool) -> Sp
                     f"{path}: {s}_x has shape {nx} but {s}_y has shape {ny}: "
                     "need one label per image"
                 )
+            if nx[0] == 0:
+                raise DatasetError(
+                    f"{path}: {s}_x has 0 images; both the train and the test split need at "
+                    "least one image (hold out some training images as test_x/test_y if "
+                    "you have no test set)"
+                )
         other_shape = to_nchw(
             np.empty((0, *shapes[f"{other}_x"][0][1:]), dtype=np.uint8), f"{path}:{other}_x"
         ).shape
         with np.load(path, allow_pickle=False) as z:
             ys = {k: _labels(z[k], f"{path}:{k}") for k in ("train_y", "test_y")}
+            num_classes = _num_classes(ys, path)  # before reading the images
             xr = z[f"{split}_x"]
     except DatasetError:
         raise
@@ -160,7 +189,6 @@ def load_npz(path_str: str, root: Path | None, split: str, download: bool) -> Sp
             f"{path}: train and test images differ in shape ({tuple(x.shape[1:])} vs "
             f"{tuple(other_shape[1:])} as (C,H,W))"
         )
-    num_classes = 1 + max((int(v.max()) for v in ys.values() if v.size), default=0)
     _warn_label_gaps(ys, num_classes, path)
     c, h, w = (int(s) for s in x.shape[1:])
     # 36/255 (the paper's CIFAR radius) for colour images, 0.3 (MNIST's) otherwise.

@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--data-dir", default=None, help="dataset root (default: config/env)")
     parser.add_argument("--dataset", default=None, help="dataset name if config.toml lacks one")
+    parser.add_argument(
+        "--download", action="store_true", help="download the dataset if it is missing"
+    )
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1...")
     parser.add_argument(
         "--limit", type=_positive_int, default=None, help="evaluate the first N test points"
@@ -114,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         device=args.device,
         write=not args.no_write,
+        download=args.download,
     )
     print(
         f"Evaluated {result['run']} on {result['dataset']} ({result['n']} test points, "
@@ -122,5 +126,5 @@ def run(args: argparse.Namespace) -> int:
     print(report.summary_tables(result))
     if not args.no_write:
         files = result.get("files", {})
-        print(f"Wrote {files.get('json')}, {files.get('md')} and plots into {args.run}")
+        print(f"Wrote {files.get('json')}, {files.get('md')} and plots into {files.get('folder')}")
     return 0

@@ -23,15 +23,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_evaluation(path: str | Path) -> dict:
-    """The evaluation.json of a run folder, or the file itself (``evaluation-first100.json``)."""
+    """The evaluation.json of a run folder, or the file itself (``evaluation-eps0.5.json``)."""
     p = Path(path)
     if p.is_dir():
-        subsets = sorted(x.name for x in p.glob("evaluation-first*.json"))
+        others = sorted(x.name for x in p.glob("evaluation-*.json"))
         p = p / "evaluation.json"
-        if not p.is_file() and subsets:
+        if not p.is_file() and others:
             raise CheckpointError(
-                f"No full evaluation at {p}, only subset ones ({', '.join(subsets)}): name one "
-                f"of those files, or run `gloro evaluate {path}` without --limit."
+                f"No evaluation of the run's own model, ε and full test split at {p}, only "
+                f"{', '.join(others)}: name one of those files, or run `gloro evaluate {path}`."
             )
     if not p.is_file():
         raise CheckpointError(f"No evaluation found at {p}: run `gloro evaluate {path}` first.")

@@ -19,7 +19,7 @@ import torch
 from torchgloro._errors import ConfigError, GloroError, UnsoundBoundError
 from torchgloro.evaluate import attacks, cost, lower_bounds, metrics
 
-__all__ = ["EvalOptions", "evaluate_net", "evaluate_run", "read_run_config", "FORMAT"]
+__all__ = ["EvalOptions", "evaluate_net", "evaluate_run", "FORMAT"]
 
 FORMAT = "torchgloro-eval/1"
 
@@ -52,22 +52,6 @@ class EvalOptions:
 
 def _warn(msg: str) -> None:
     print(f"gloro evaluate: warning: {msg}", file=sys.stderr)
-
-
-def read_run_config(run_dir: Path) -> dict:
-    """The run's ``config.toml`` as a dict ({} when absent)."""
-    path = run_dir / "config.toml"
-    if not path.is_file():
-        return {}
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"Cannot read {path}: {e}. Fix or remove the file.") from e
 
 
 def _pgd_section(net, x, y, eps, opts, seed, cert_sound, cert_fast) -> dict:
@@ -300,50 +284,73 @@ def evaluate_run(
     dataset: str | None = None,
     device: str | None = None,
     write: bool = True,
+    download: bool = False,
 ) -> dict:
     """Evaluates a run folder (or a ``.safetensors`` file) on its dataset's test split.
 
     The dataset, ε_test and seed come from ``config.toml`` unless given. With ``write``,
     ``evaluation.json``/``.md``, ``certified_accuracy.csv`` and PNG plots are written next to
-    the model; an evaluation of fewer than all test points (``opts.limit``) writes
-    ``evaluation-firstN.json`` and so on instead, leaving a full evaluation in place.
+    the model. They are named for what was evaluated, so that one evaluation never replaces
+    another: ``evaluation.json`` for the run's own model on its own test split at its own ε,
+    ``evaluation-checkpoint.json`` for ``RUN/checkpoint.safetensors``, ``-eps0.5`` for another
+    ε, ``-cifar10`` for another dataset, ``-first100`` for ``opts.limit = 100`` (combined in
+    that order).
+
+    Raises:
+        GloroError: the folder cannot be written (checked before any work; pass
+            ``write=False``), or there is nothing to evaluate.
     """
     import torchgloro as tg
     from torchgloro.evaluate import report
+    from torchgloro.io import resolve_model_file
+    from torchgloro.train.saved_run import read_saved_run
 
     opts = copy.deepcopy(opts) if opts is not None else EvalOptions()
     t_start = time.perf_counter()
     run = Path(run)
     run_dir = run if run.is_dir() else run.parent
-    cfg = read_run_config(run_dir)
+    model_file = resolve_model_file(run)
+    if write:
+        _check_writable(run_dir)
+    saved = read_saved_run(run)
     dev = _pick_device(device)
-    net = _load_net(run, dev)
-    data_cfg = cfg.get("data", {}) or {}
-    name = dataset or data_cfg.get("name")
+    net = _load_net(model_file, dev)
+    name = dataset or saved.dataset
     if not name:
         raise ConfigError(
             f"No dataset for {run}: config.toml has no [data] name; pass --dataset NAME."
         )
-    root = data_dir if data_dir is not None else data_cfg.get("root")
-    split = tg.data.get_dataset(name, "test", root=root)
+    root = data_dir if data_dir is not None else saved.root
+    split = tg.data.get_dataset(name, "test", root=root, download=download)
     n_full = len(split)
     if opts.limit is not None:
         split = split.subset(min(int(opts.limit), n_full))
+    own_eps = saved.epsilon_test if saved.epsilon_test is not None else net.epsilon
     if opts.epsilon is None:
-        eps_cfg = (cfg.get("gloro", {}) or {}).get("epsilon_test")
-        opts.epsilon = float(eps_cfg) if eps_cfg is not None else net.epsilon
+        opts.epsilon = own_eps
     if opts.seed is None:
-        opts.seed = int((cfg.get("run", {}) or {}).get("seed", 0) or 0)
+        opts.seed = saved.seed
     if len(split) == 0:
         raise GloroError("The test split is empty; nothing to evaluate.")
     split.require_model(net.num_classes, net.in_shape)
+    suffix = "".join(
+        f"-{part}"
+        for part, differs in [
+            (model_file.stem, model_file.name not in ("best.safetensors", "model.safetensors")),
+            (f"eps{opts.epsilon:g}", abs(opts.epsilon - own_eps) > 1e-9 * own_eps),
+            (_file_safe(name), saved.dataset is not None and name != saved.dataset),
+            (f"first{len(split)}", len(split) < n_full),
+        ]
+        if differs
+    )
     x, y = split.x.to(dev), split.y.to(dev)
     result, arrays = evaluate_net(net, x, y, opts)
-    arch = (cfg.get("model", {}) or {}).get("arch")
+    arch = saved.arch
     spec = getattr(net.backbone, "gloro_spec", None) or {}
     result = {
         "format": result.pop("format"),
         "run": str(run_dir.name),
+        "model_file": model_file.name,
         "model": arch or spec.get("name"),
         "dataset": name,
         "split": "test",
@@ -353,7 +360,34 @@ def evaluate_run(
     result["cost"]["training"] = cost.read_training_cost(run_dir)
     result["timings"]["total_seconds"] = time.perf_counter() - t_start
     if write:
-        # A subset evaluation gets its own files so that it never replaces a full one.
-        suffix = f"-first{len(split)}" if len(split) < n_full else ""
-        report.write_outputs(run_dir, result, arrays, suffix=suffix)
+        try:
+            report.write_outputs(run_dir, result, arrays, suffix=suffix)
+        except OSError as e:
+            raise GloroError(
+                f"Evaluated, but cannot write the results into {run_dir}: {e}. Free space or "
+                f"fix permissions, or use --no-write to only print them."
+            ) from e
+        result["files"]["folder"] = str(run_dir)
     return result
+
+
+def _check_writable(folder: Path) -> None:
+    """Raises before an evaluation of hours when its results could not be written."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise GloroError(
+            f"Cannot write into {folder} ({e.strerror or e}); gloro evaluate writes its "
+            f"results there. Fix the permissions, copy the run somewhere writable, or pass "
+            f"--no-write to only print the results."
+        ) from e
+
+
+def _file_safe(name: str) -> str:
+    """A dataset name as a file-name part (``npz:/a/b.npz`` → ``npz-b``)."""
+    if name.startswith("npz:"):
+        name = "npz-" + Path(name[4:]).stem
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)

@@ -29,34 +29,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _run_config(path: Path) -> dict:
-    from torchgloro.train.config import read_toml
-
-    cfg_file = (path if path.is_dir() else path.parent) / "config.toml"
-    return read_toml(cfg_file) if cfg_file.is_file() else {}
-
-
 def run(args: argparse.Namespace) -> int:
 
     import torchgloro as tg
+    from torchgloro.io import resolve_model_file
     from torchgloro.train._runtime import resolve_device
     from torchgloro.train.build import evaluate
     from torchgloro.train.distributed import DistEnv
+    from torchgloro.train.saved_run import read_saved_run
 
     path = Path(args.run_dir)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: pass a run folder or a model file.")
-    saved = _run_config(path)
-    data = saved.get("data", {})
-    name = args.dataset or data.get("name")
+    model_file = resolve_model_file(path)  # first: a folder of runs is named as such
+    saved = read_saved_run(path)
+    name = args.dataset or saved.dataset
     if not name:
         raise ConfigError(f"No config.toml next to {path}: pass --dataset NAME.")
-    root = args.data_dir if args.data_dir is not None else data.get("root")
+    root = args.data_dir if args.data_dir is not None else saved.root
     device = str(resolve_device(args.device, DistEnv()))
-    net = tg.load(path, map_location=device)
+    net = tg.load(model_file, map_location=device)
     eps = args.epsilon
     if eps is None:
-        eps = saved.get("gloro", {}).get("epsilon_test") or net.epsilon
+        eps = saved.epsilon_test if saved.epsilon_test is not None else net.epsilon
     split = tg.data.get_dataset(name, "test", root=root, download=args.download).to(device)
     split.require_model(net.num_classes, net.in_shape)
     r = evaluate(net, split, eps, args.mode, args.batch_size)
