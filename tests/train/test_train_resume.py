@@ -319,3 +319,24 @@ def test_every_checkpoint_rename_is_followed_by_a_folder_fsync(tiny, monkeypatch
         assert events[k + 1] == ("fsync_dir", events[k][1]), events[k : k + 2]
     st = os.stat(run_dir)
     assert ("fsync_dir", (st.st_dev, st.st_ino)) in events
+
+
+def test_a_run_on_a_relative_npz_path_resumes_from_another_folder(tiny, tmp_path, monkeypatch):
+    """Found by a review: `npz:ok.npz` was saved as given, so the run could not be resumed
+    (or certified) from any other folder, and the path could not be changed on resume."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    y = np.arange(300) % 10
+    np.savez(data / "ok.npz", train_x=rng.integers(0, 256, (300, 8, 8), dtype=np.uint8),
+             train_y=y, test_x=rng.integers(0, 256, (300, 8, 8), dtype=np.uint8), test_y=y)  # fmt: skip
+    monkeypatch.chdir(data)
+    run_dir = train(tiny("data.name=npz:ok.npz", "data.train_subset=0"), stop_after=1,
+                    progress=False).run_dir  # fmt: skip
+    saved = (run_dir / "config.toml").read_text()
+    assert f'name = "npz:{data / "ok.npz"}"' in saved
+    monkeypatch.chdir(tmp_path)
+    done = train(resume_config(run_dir, []), resume=run_dir, progress=False)
+    assert done.epochs_done == 4 and not done.interrupted

@@ -187,11 +187,20 @@ def evaluate(
     return {"clean": clean / n, "vra": vra / n, "rejection": rej / n, "n": int(n)}
 
 
+def absolute_npz(name: str) -> str:
+    """``npz:PATH`` with PATH made absolute when it exists (so that the run's config.toml
+    works from any folder); other names unchanged."""
+    if name.startswith("npz:") and Path(name[4:]).expanduser().is_file():
+        return "npz:" + str(Path(name[4:]).expanduser().resolve())
+    return name
+
+
 def load_splits(cfg: TrainConfig, env: ddp.DistEnv):
     """The train and test splits; rank 0 loads (and may download) first, then the others."""
     d = cfg.data
     if d.root and Path(d.root).expanduser().exists():  # config.toml works from any folder
         d.root = str(Path(d.root).expanduser().resolve())
+    d.name = absolute_npz(d.name)
     for turn in (True, False):
         if env.is_main == turn:
             train_split = get_dataset(d.name, "train", d.root, download=d.download and turn)

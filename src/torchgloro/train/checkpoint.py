@@ -21,6 +21,7 @@ import torch
 from torchgloro import io
 from torchgloro._errors import CheckpointError, ConfigError
 from torchgloro.gloro import GloroNet
+from torchgloro.train.build import absolute_npz
 from torchgloro.train.config import config_to_dict, saved_run_config
 
 __all__ = [
@@ -270,6 +271,8 @@ def check_same_run(now: dict, saved: dict, run_dir: Path) -> None:
     the value such runs were trained with (:func:`saved_run_config`).
     """
     saved = config_to_dict(saved_run_config(saved))
+    if "name" in saved.get("data", {}):  # a relative npz path of an older run, from here
+        saved["data"]["name"] = absolute_npz(saved["data"]["name"])
     changed = sorted(
         f"{s}.{k}"
         for s in now.keys() | saved.keys()
