@@ -104,3 +104,9 @@ def test_fallback_section_adds_sound_vra(trained_digits_net):
     assert fb["vra"] >= res["metrics"]["vra_sound"]
     assert fb["points_tried"] == round(res["metrics"]["rejection_sound"] * 150)
     assert 0 <= fb["points_added"] <= fb["points_tried"]
+    # Printed by `gloro evaluate` (the summary), not only in evaluation.md.
+    from torchgloro.evaluate.report import summary_tables
+
+    assert f"Local-bound fallback: VRA {100 * fb['vra']:.1f}%" in summary_tables(res)
+    del res["fallback"]
+    assert "Local-bound fallback" not in summary_tables(res)

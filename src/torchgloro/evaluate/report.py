@@ -187,7 +187,22 @@ def summary_tables(result: dict) -> str:
         "## Certification cost (Figure 3b)",
         cost_table(result),
     ]
+    fallback = fallback_line(result)
+    if fallback:
+        parts.insert(2, fallback)
     return "\n\n".join(parts) + "\n"
+
+
+def fallback_line(result: dict) -> str | None:
+    """One sentence on the local-bound fallback (``--fallback``), or None without one."""
+    fb = result.get("fallback")
+    if not fb:
+        return None
+    return (
+        f"Local-bound fallback: VRA {pct(fb['vra'])}% ({100 * fb['vra_added']:+.2f} pp; "
+        f"{fb['points_added']} of {fb['points_tried']} ⊥ points certified, "
+        f"{1000 * fb['seconds_per_point_tried']:.1f} ms per point tried)."
+    )
 
 
 def markdown_report(result: dict) -> str:
@@ -218,14 +233,6 @@ def markdown_report(result: dict) -> str:
         f"iteration.",
         "",
     ]
-    fb = result.get("fallback")
-    if fb:
-        lines += [
-            f"Local-bound fallback: VRA {pct(fb['vra'])}% ({100 * fb['vra_added']:+.2f} pp; "
-            f"{fb['points_added']} of {fb['points_tried']} ⊥ points certified, "
-            f"{1000 * fb['seconds_per_point_tried']:.1f} ms per point tried).",
-            "",
-        ]
     files = result.get("files") or FILES
     lines += [
         "## Certified accuracy vs ε",
