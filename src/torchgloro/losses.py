@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,8 +70,19 @@ class GloroTrades(nn.Module):
         super().__init__()
         if robust not in self.FORMS:
             raise ValueError(f"robust must be one of {self.FORMS}, got {robust!r}.")
-        self.lam = float(lam)
+        self.lam = lam
         self.robust = robust
+
+    @property
+    def lam(self) -> float:
+        return self._lam
+
+    @lam.setter
+    def lam(self, value: float) -> None:
+        value = float(value)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"lam must be finite and >= 0, got {value}.")
+        self._lam = value
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         num_classes = logits.shape[1] - 1

@@ -66,6 +66,16 @@ def check_model_options(name: str, options: dict[str, Any]) -> None:
             f"Model {name!r} has no option {', '.join(map(repr, unknown))}; its options are: "
             f"{', '.join(known) or 'none'}."
         )
+    for key, value in options.items():  # typed like the default: "false" is not False
+        default = params[key].default
+        if default is params[key].empty or default is None or value is None:
+            continue
+        want = (int, float) if type(default) is float else (type(default),)
+        if type(value) not in want:
+            raise GloroInputError(
+                f"Model {name!r} option {key!r} must be a {type(default).__name__} like its "
+                f"default {default!r}, got {value!r} ({type(value).__name__})."
+            )
 
 
 def create_model(

@@ -150,11 +150,22 @@ def parse_lambda_schedule(text: str | float) -> ConstantLambda | LinearLambda:
     if triple is not None:
         if triple[2] <= 0:
             raise ConfigError(f"Bad lambda schedule {text!r}: e must be > 0.")
+        _check_lambda(text, triple[:2])
         return LinearLambda(*triple)
     try:
-        return ConstantLambda(float(text))
+        value = float(text)
     except ValueError:
         raise ConfigError(f"Bad lambda schedule {text!r}: use 'x' or 'x,y,e'.") from None
+    _check_lambda(text, (value,))
+    return ConstantLambda(value)
+
+
+def _check_lambda(text: str, values) -> None:
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ConfigError(
+            f"Bad lambda schedule {text!r}: λ weighs the robust term and must be finite and "
+            f">= 0 (the paper uses 1 to 3 for MNIST)."
+        )
 
 
 def parse_lr_schedule(text: str, decay_start: float = 0.5) -> ConstantLR | DecayToLR:

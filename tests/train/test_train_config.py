@@ -299,3 +299,43 @@ def test_an_out_folder_that_cannot_be_created_is_a_clear_error(tmp_path, capsys)
     assert main(["train", "--out", str(blocker), "--epochs", "1", "--no-progress"]) == 2
     assert "Cannot create the run folder" in capsys.readouterr().err
     assert blocker.read_text() == "x"  # nothing lost
+
+
+@pytest.mark.parametrize(
+    "setting,match",
+    [
+        ("loss.lam_schedule=nan", "must be finite and >= 0"),
+        ("loss.lam_schedule=-1", "must be finite and >= 0"),
+        ("loss.lam_schedule=1,-2,10", "must be finite and >= 0"),
+        ("optim.eps=0", r"optim.eps must be a finite number > 0"),
+        ("run.name=", "run.name = '' must name a folder"),
+        ("run.name=../../escape", "without '/'"),
+        ("run.name=-x", "not starting with '-'"),
+        ('model.options={"lln": "false"}', r"option 'lln' must be a bool .* got 'false'"),
+    ],
+)
+def test_settings_that_used_to_pass_and_fail_later(setting, match):
+    """Found by a review: each passed validation, then ended in a misleading "diverged"
+    error, a run folder outside run.out, or (lln = "false") the opposite of what was asked."""
+    with pytest.raises(tg.ConfigError, match=match):
+        load_config(None, [setting])
+
+
+def test_losses_and_models_refuse_values_of_the_wrong_kind():
+    with pytest.raises(ValueError, match="lam must be finite and >= 0"):
+        tg.GloroTrades(lam=-2)
+    loss = tg.GloroTrades(lam=2)
+    with pytest.raises(ValueError, match="lam must be finite"):
+        loss.lam = float("nan")
+    assert loss.lam == 2.0
+    with pytest.raises(tg.GloroInputError, match="must be a bool"):
+        tg.create_model("minicnn", (1, 8, 8), 10, lln="false")
+    assert tg.create_model("liresnet", (1, 8, 8), 10, depth=2, width=8, lln_scale=2)  # int ok
+
+
+def test_run_out_expands_the_home_folder(tmp_path, monkeypatch):
+    from torchgloro.train._runtime import new_run_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run_dir = new_run_dir(load_config(None, ["run.out=~/gruns"]))
+    assert run_dir.parent == tmp_path / "gruns" and run_dir.is_dir()

@@ -109,7 +109,7 @@ def resolve_device(name: str, env: ddp.DistEnv) -> torch.device:
 
 
 def new_run_dir(cfg: TrainConfig) -> Path:
-    base = Path(cfg.run.out) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = Path(cfg.run.out).expanduser() / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir, k = base, 1
     while run_dir.exists():
         k += 1

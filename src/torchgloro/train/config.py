@@ -161,6 +161,11 @@ class TrainConfig:
         at_least("run.threads", r.threads, 0)
         at_least("run.checkpoint_every", r.checkpoint_every, 1)
         at_least("data.train_subset", d.train_subset, 0)
+        if not r.name or r.name[0] in "-." or any(c in r.name for c in "/\\"):
+            raise ConfigError(
+                f"run.name = {r.name!r} must name a folder inside run.out: not empty, without "
+                f"'/' or '\\', not starting with '-' or '.'."
+            )
         if not d.name:
             raise ConfigError("data.name must not be empty.")
         choice("model.arch", m.arch, list_models())
@@ -186,7 +191,7 @@ class TrainConfig:
         at_least("optim.warmup_lr_epochs", o.warmup_lr_epochs, 0)
         if not all(0 <= b < 1 for b in o.betas):
             raise ConfigError(f"optim.betas must lie in [0, 1), got {o.betas}.")
-        at_least("optim.eps", o.eps, 0)
+        at_least("optim.eps", o.eps, 0, strict=True)  # Adam divides by sqrt(v) + eps
         at_least("optim.weight_decay", o.weight_decay, 0)
         at_least("optim.grad_clip", o.grad_clip, 0)
         at_least("optim.warmup_epochs", o.warmup_epochs, 0)
