@@ -115,7 +115,14 @@ class GloroNet(nn.Module):
                 f"{head.__class__.__name__}; end the backbone with an nn.Linear layer."
             )
         object.__setattr__(self, "_head", head)
-        shapes = trace_input_shapes(layers, self.in_shape)
+        try:
+            shapes = trace_input_shapes(layers, self.in_shape)
+        except RuntimeError as e:  # shapes that do not chain (UnsupportedLayerError passes)
+            raise GloroInputError(
+                f"The backbone cannot run on inputs of shape in_shape={tuple(self.in_shape)} "
+                f"(per sample, without the batch dimension): {e}. Pass the in_shape the "
+                f"backbone was built for."
+            ) from None
         if len(shapes[-1]) != 1:
             raise UnsupportedLayerError(
                 f"The last nn.Linear gets inputs of shape {shapes[-1]} per sample; it must get "

@@ -110,3 +110,29 @@ def test_fallback_section_adds_sound_vra(trained_digits_net):
     assert f"Local-bound fallback: VRA {100 * fb['vra']:.1f}%" in summary_tables(res)
     del res["fallback"]
     assert "Local-bound fallback" not in summary_tables(res)
+
+
+def test_bad_inputs_to_the_python_api_are_clear_errors(trained_digits_net):
+    """Found by a review: raw RuntimeError/IndexError, or a wrong figure for ε = NaN."""
+    import math
+
+    from torch import nn
+
+    import torchgloro as tg
+    from torchgloro.evaluate import pgd_l2
+    from torchgloro.evaluate.runner import EvalOptions, evaluate_net
+
+    with pytest.raises(
+        tg.GloroInputError, match=r"cannot run on inputs of shape in_shape=\(1, 28, 28\)"
+    ):
+        tg.GloroNet(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), 0.3, in_shape=(1, 28, 28))
+    net, _, test = trained_digits_net
+    x, y = test.x[:20], test.y[:20]
+    quick = EvalOptions(attack=None)
+    with pytest.raises(tg.GloroInputError, match="x has 20 points but y has shape"):
+        evaluate_net(net, x, y[:19], quick)
+    with pytest.raises(tg.GloroInputError, match=r"labels must lie in \[0, 10\)"):
+        evaluate_net(net, x, y + 8, quick)
+    for eps in (math.nan, -1.0, 0.0):
+        with pytest.raises(tg.GloroInputError, match="epsilon must be a finite number > 0"):
+            pgd_l2(net.backbone, x, y, eps, steps=2)

@@ -8,12 +8,15 @@ soon as any iterate is misclassified.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from torchgloro._certify import eval_mode
+from torchgloro._errors import GloroInputError
+from torchgloro.gloro import check_epsilon
 
 __all__ = ["PGDResult", "pgd_l2", "random_in_ball", "project_l2", "default_step_size"]
 
@@ -158,7 +161,14 @@ def pgd_l2(
     Returns:
         A :class:`PGDResult`.
     """
+    epsilon = check_epsilon(epsilon)
+    if y.shape != x.shape[:1]:
+        raise GloroInputError(
+            f"x has {x.shape[0]} points but y has shape {tuple(y.shape)}: one label per point."
+        )
     alpha = default_step_size(epsilon, steps) if step_size is None else float(step_size)
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise GloroInputError(f"step_size must be a finite number > 0, got {step_size!r}.")
     gen = torch.Generator(device=x.device).manual_seed(int(seed))
     req = [p.requires_grad for p in f.parameters()]
     for p in f.parameters():

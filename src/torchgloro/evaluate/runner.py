@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
-from torchgloro._errors import ConfigError, GloroError, UnsoundBoundError
+from torchgloro._errors import ConfigError, GloroError, GloroInputError, UnsoundBoundError
 from torchgloro.evaluate import attacks, cost, lower_bounds, metrics
+from torchgloro.gloro import check_epsilon
+from torchgloro.losses import check_labels
 
 __all__ = ["EvalOptions", "evaluate_net", "evaluate_run", "FORMAT"]
 
@@ -187,7 +189,12 @@ def evaluate_net(net, x: torch.Tensor, y: torch.Tensor, opts: EvalOptions) -> tu
     net.eval()
     if net.is_stale:
         net.refresh()
-    eps = float(opts.epsilon if opts.epsilon is not None else net.epsilon)
+    eps = check_epsilon(opts.epsilon if opts.epsilon is not None else net.epsilon)
+    if y.shape != x.shape[:1]:
+        raise GloroInputError(
+            f"x has {x.shape[0]} points but y has shape {tuple(y.shape)}: one label per point."
+        )
+    check_labels(y.cpu(), net.num_classes)
     seed = int(opts.seed or 0)
     torch.manual_seed(seed)
     timings: dict[str, float] = {}
