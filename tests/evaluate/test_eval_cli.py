@@ -94,6 +94,14 @@ def test_evaluate_and_compare_cli(tmp_path, capsys, trained_digits_net, standard
     lines = [line for line in table.splitlines() if line.startswith("| ")]
     assert len(lines) == 3 and "Standard" in lines[1] and "GloRo" in lines[2]
     assert main(["compare", str(tmp_path / "nope")]) == 2  # clear error, no traceback
+    target = glo / "evaluation-first120.json"  # --output onto an evaluation: refused, kept
+    before = target.read_bytes()
+    assert main(["compare", *subsets, "--output", str(target)]) == 2
+    assert "is not a .md or .txt file" in capsys.readouterr().err
+    assert target.read_bytes() == before
+    assert main(["compare", *subsets, "--output", str(tmp_path / "t.md")]) == 0
+    written = (tmp_path / "t.md").read_text().splitlines()
+    assert len(written) == 4 and written[2].startswith("| standard-1") and "gloro-1" in written[3]
 
 
 def test_evaluation_is_reproducible(tmp_path, trained_digits_net):

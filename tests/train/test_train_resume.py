@@ -340,3 +340,18 @@ def test_a_run_on_a_relative_npz_path_resumes_from_another_folder(tiny, tmp_path
     monkeypatch.chdir(tmp_path)
     done = train(resume_config(run_dir, []), resume=run_dir, progress=False)
     assert done.epochs_done == 4 and not done.interrupted
+
+
+def test_resume_accepts_the_runs_own_values_and_warns_about_a_lost_log(tiny, capsys):
+    """Found by a review: `--resume RUN --epochs 4` on a 4-epoch run was refused, and a
+    missing metrics.csv silently dropped the earlier epochs from the log."""
+    run_dir = train(tiny(), stop_after=2, progress=False).run_dir
+    assert resume_config(run_dir, ["run.epochs=4"]).run.epochs == 4  # its own value
+    with pytest.raises(tg.ConfigError, match="Cannot change run.epochs"):
+        resume_config(run_dir, ["run.epochs=5"])
+    (run_dir / "metrics.csv").unlink()
+    capsys.readouterr()
+    done = train(resume_config(run_dir, []), resume=run_dir, progress=False)
+    assert "holds 0 of the 2 epochs before the checkpoint" in capsys.readouterr().err
+    assert [int(r["epoch"]) for r in read_metrics(run_dir / "metrics.csv")] == [3, 4]
+    assert done.epochs_done == 2

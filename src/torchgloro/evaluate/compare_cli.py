@@ -59,6 +59,12 @@ def run(args: argparse.Namespace) -> int:
             )
     else:
         names = [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in args.runs]
+    out = Path(args.output) if args.output else None
+    if out is not None and out.exists() and out.suffix not in (".md", ".txt"):
+        raise ConfigError(
+            f"--output {out} exists and is not a .md or .txt file (an evaluation, a model, a "
+            f"config?): the table would replace it. Name a .md file."
+        )
     table = compare_table(results, names)
     print(table)
     if args.output:

@@ -14,6 +14,7 @@ from torchgloro.train.config import (
     DEFAULT_RECIPE,
     TrainConfig,
     apply_overrides,
+    config_to_dict,
     list_recipes,
     load_config,
     saved_run_config,
@@ -96,12 +97,18 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> TrainConfig:
     cfg = saved_run_config(saved)
     for item in overrides:
         key = item.partition("=")[0].strip()
-        if key not in RESUME_OVERRIDABLE:
+        if key not in RESUME_OVERRIDABLE and _changes(cfg, item):
             raise ConfigError(
                 f"Cannot change {key} when resuming: it would not continue the same run. "
                 f"Changeable: {', '.join(sorted(RESUME_OVERRIDABLE))}."
             )
     return apply_overrides(cfg, overrides).validate()
+
+
+def _changes(cfg: TrainConfig, item: str) -> bool:
+    """Whether the override ``item`` gives another value than ``cfg`` has (``--epochs 40``
+    on a 40-epoch run changes nothing, and is allowed on resume)."""
+    return config_to_dict(apply_overrides(copy.deepcopy(cfg), [item])) != config_to_dict(cfg)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torchgloro._errors import CheckpointError
+from torchgloro.io import atomic_write_bytes
 
 __all__ = [
     "METRICS",
@@ -49,12 +52,20 @@ class MetricsLog:
         rows = read_metrics(self.path, partial_last=True) if self.path.exists() else []
         if keep_epochs is not None:  # resuming: drop rows written after the checkpoint
             rows = [r for r in rows if r["epoch"] <= keep_epochs]
+            if len(rows) < keep_epochs:
+                print(
+                    f"warning: {self.path} holds {len(rows)} of the {keep_epochs} epochs before "
+                    f"the checkpoint (the file is missing or was cut short); the log and the "
+                    f"plots will lack the others.",
+                    file=sys.stderr,
+                )
         self.rows: list[dict[str, float]] = rows
-        with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=METRICS)
-            w.writeheader()
-            for r in rows:
-                w.writerow(_fmt(r))
+        text = io.StringIO()  # rewritten whole and atomically: a kill keeps the old file
+        w = csv.DictWriter(text, fieldnames=METRICS, lineterminator="\r\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow(_fmt(r))
+        atomic_write_bytes(self.path, text.getvalue().encode())
 
     def append(self, row: dict[str, float]) -> None:
         self.rows.append(dict(row))
