@@ -355,3 +355,15 @@ def test_resume_accepts_the_runs_own_values_and_warns_about_a_lost_log(tiny, cap
     assert "holds 0 of the 2 epochs before the checkpoint" in capsys.readouterr().err
     assert [int(r["epoch"]) for r in read_metrics(run_dir / "metrics.csv")] == [3, 4]
     assert done.epochs_done == 2
+
+
+def test_a_mid_epoch_checkpoint_certifies_at_epsilon_test(tiny):
+    """Found by a review: a checkpoint written mid-epoch held the schedule's ε_train as the
+    model's ε, so `tg.load` of an interrupted run certified at 0.5 instead of 0.3."""
+    cfg = tiny("gloro.epsilon_train=0.5", "gloro.epsilon_test=0.3")
+    run_dir = train(cfg, stop_after=1.5, progress=False).run_dir
+    assert read_checkpoint(run_dir).step == 2  # mid-epoch
+    assert tg.load(run_dir / "checkpoint.safetensors").epsilon == pytest.approx(0.3)
+    done = train(resume_config(run_dir, []), resume=run_dir, progress=False)
+    straight = train(tiny("gloro.epsilon_train=0.5", "gloro.epsilon_test=0.3"), progress=False)
+    _assert_identical(_state(straight.run_dir), _state(done.run_dir))

@@ -179,7 +179,13 @@ class Run:
             raise diverged(f"epoch {epoch + 1}, step {step}", loss_sum, self.run_dir,
                             self.last_good)  # fmt: skip
         acc_all = ddp.all_reduce_sum(self.acc.clone(), self.env)  # rank 0 keeps the sums
-        self.save_checkpoint(epoch, step, self.epoch_start_state, fresh=False, acc_now=acc_all)
+        # The file is also a model (tg.load): it certifies at ε_test, as the epoch-end ones
+        # do, not at the ε of the schedule's last step (each step sets its own on resume).
+        eps_now, self.net.epsilon = self.net.epsilon, self.cfg.gloro.epsilon_test
+        try:
+            self.save_checkpoint(epoch, step, self.epoch_start_state, fresh=False, acc_now=acc_all)
+        finally:
+            self.net.epsilon = eps_now
 
     # -- one epoch --
 
