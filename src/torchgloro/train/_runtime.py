@@ -103,7 +103,10 @@ def resolve_device(name: str, env: ddp.DistEnv) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("run.device = 'cuda' but no CUDA device is available.")
+            raise ConfigError(
+                "The device is 'cuda' (run.device, or --device) but no CUDA device is "
+                "available; use cpu (or auto)."
+            )
         return torch.device("cuda", env.local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
