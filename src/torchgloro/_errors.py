@@ -28,6 +28,10 @@ class GloroInputError(GloroError, ValueError):
     """Bad user input: wrong shape, NaN/Inf, epsilon <= 0, label out of range."""
 
 
+class InputShapeError(GloroInputError):
+    """The backbone cannot run on the input shape it was given (``in_shape``)."""
+
+
 class DatasetError(GloroError, OSError):
     """A dataset file is missing, corrupt, or in an unexpected format."""
 

@@ -18,7 +18,7 @@ from torchgloro._certify import (
     sound_logits,
 )
 from torchgloro._cuda_graph import GraphedIterations, graphs_usable
-from torchgloro._errors import GloroInputError, UnsupportedLayerError
+from torchgloro._errors import GloroInputError, InputShapeError, UnsupportedLayerError
 from torchgloro._structure import check_structure, refuse_hooks, state_tensors, structure_of
 from torchgloro._weight_cache import SoundState, WeightsGeneration, build_sound_state
 from torchgloro.lipschitz import (
@@ -118,7 +118,7 @@ class GloroNet(nn.Module):
         try:
             shapes = trace_input_shapes(layers, self.in_shape)
         except RuntimeError as e:  # shapes that do not chain (UnsupportedLayerError passes)
-            raise GloroInputError(
+            raise InputShapeError(
                 f"The backbone cannot run on inputs of shape in_shape={tuple(self.in_shape)} "
                 f"(per sample, without the batch dimension): {e}. Pass the in_shape the "
                 f"backbone was built for."

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from torchgloro._errors import CheckpointError, GloroInputError
+from torchgloro._errors import CheckpointError, GloroInputError, InputShapeError
 from torchgloro.gloro import GloroNet
 from torchgloro.models import create_model
 
@@ -199,14 +199,14 @@ def load(
             power_iterations=g["power_iterations"],
             lipschitz=g["lipschitz"],
         )
-    except GloroInputError as e:  # e.g. an epsilon out of range in the metadata
-        raise CheckpointError(f"{path} has invalid settings in its metadata: {e}") from e
-    except RuntimeError as e:  # the backbone cannot even run on the saved input shape
+    except InputShapeError as e:  # the backbone cannot even run on the saved input shape
         raise CheckpointError(
             f"{path} does not match this architecture: the backbone fails on the saved input "
             f"shape {tuple(g['in_shape'])} ({e}). Load it with the architecture it was "
             f"trained with."
         ) from e
+    except GloroInputError as e:  # e.g. an epsilon out of range in the metadata
+        raise CheckpointError(f"{path} has invalid settings in its metadata: {e}") from e
     state = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
     saved = net.epsilon  # the metadata's ε, checked and stored by the constructor
     load_state_checked(net, state, path)
