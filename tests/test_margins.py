@@ -91,3 +91,39 @@ def test_product_upper_and_round_up_never_round_down():
     assert margins.round_up(1.0, 2) > 1.0
     with pytest.raises(ValueError, match="finite and >= 0"):
         margins.product_upper([1.0, -1.0])
+
+
+def test_gamma_is_infinite_where_highams_bound_stops_holding():
+    """Found by a review: n·u/(1 − n·u) for a float32 layer of 2^24 terms is negative, which
+    made every float32 allowance negative and certified a point at 1e8 times its radius."""
+    import math
+
+    from torchgloro import margins
+    from torchgloro._certify import _norm_upper
+    from torchgloro._weight_cache import _terms_fit_float32
+
+    u32 = margins.UNIT_ROUNDOFF_F32
+    assert margins.gamma(3, u32) == pytest.approx(3 * u32 / (1 - 3 * u32))
+    assert margins.gamma(2**24 + 1, u32) == math.inf and margins.gamma(2**23, u32) == math.inf
+    assert 0 < margins.gamma(2**22, u32) < 1
+    coefs, const = margins.layerwise_error_coefficients([(1.0, (2**24 + 1, 1.0, 1.0))], u32)
+    assert coefs[0] == math.inf and const == math.inf  # never a negative allowance
+    assert not _terms_fit_float32([(1.0, (2**24 + 1, 1.0, 0.0)), (1.0, None)])
+    assert _terms_fit_float32([(1.0, (4097, 1.0, 0.0)), (1.0, None)])
+    wide = torch.ones(1, 2**22)
+    assert float(_norm_upper(wide)[0]) == math.inf  # past the norm model: decided in float64
+    assert float(_norm_upper(wide[:, :100])[0]) >= 10.0
+
+
+def test_proven_norms_cover_squares_lost_to_underflow():
+    """Found by a review: a float64 head whose rows differ by 1e-200 got ‖w_0 − w_1‖ = 2e-308
+    (the squares underflow), K 1e108 times too small, and a certified radius of 4e57."""
+    from torchgloro import margins
+    from torchgloro.lipschitz import linear_fp_terms
+
+    w = torch.tensor([[1e-200, 1e-200], [0.0, 0.0]], dtype=torch.float64)
+    exact = 2**0.5 * 1e-200
+    assert float(margins.pairwise_row_distances(w, upper=True)[0, 1]) >= exact
+    assert float(margins.row_norms(w, upper=True)[0]) >= exact
+    _, _, b = linear_fp_terms(torch.eye(2, dtype=torch.float64), torch.full((2,), 1e-163))
+    assert b >= 2**0.5 * 1e-163

@@ -276,3 +276,31 @@ def test_a_linear_layer_applied_per_position_is_refused(where):
         match = r"last nn.Linear gets inputs of shape \(4, 2\)"
     with pytest.raises(UnsupportedLayerError, match=match):
         tg.GloroNet(bb, epsilon=0.5, in_shape=(8,))
+
+
+@pytest.mark.parametrize("name,value", [("lipschitz", "margin"), ("in_shape", (1, 2, 2))])
+def test_settings_the_bounds_were_built_for_are_read_only(name, value):
+    """Found by a review: switching net.lipschitz from "basic" to "margin" reused the cached
+    per-class K as pair bounds (radius 1.0 where the truth is 0.5), and a new in_shape of the
+    same size passed the input check with bounds proven for the old shape."""
+    net = tg.GloroNet(
+        nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.Flatten(), nn.Linear(4, 2)),
+        epsilon=0.5, in_shape=(1, 1, 4), lipschitz="basic",
+    )  # fmt: skip
+    before = getattr(net, name)
+    with pytest.raises(AttributeError, match=f"GloroNet.{name} is fixed at construction"):
+        setattr(net, name, value)
+    assert getattr(net, name) == before
+    assert copy.deepcopy(net).lipschitz == "basic" and copy.deepcopy(net).in_shape == (1, 1, 4)
+
+
+def test_a_float64_head_with_tiny_rows_is_not_certified_far_away():
+    head = nn.Linear(2, 2).double()
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1e-200, 1e-200], [0.0, 0.0]], dtype=torch.float64))
+        head.bias.copy_(torch.tensor([1e-250, 0.0], dtype=torch.float64))
+    x = torch.zeros(1, 2, dtype=torch.float64)
+    for variant in ("margin", "basic"):
+        net = tg.GloroNet(nn.Sequential(head), epsilon=1.0, in_shape=(2,), lipschitz=variant)
+        # exact radius: 1e-250 / (sqrt(2)·1e-200) = 7e-51; x - 1e-50·(1, 1) flips the class
+        assert float(net.certify(x).radius[0]) < 1e-50

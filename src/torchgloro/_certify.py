@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -334,8 +335,11 @@ def _norm_upper(h: torch.Tensor) -> torch.Tensor:
 
     Inflating PyTorch's float32 2-norm by 1 + 2(D + 2)·u and adding 1e-18 covers its
     round-off and squares in the subnormal range (D < 10^6; see :func:`_layerwise_error`).
+    Rows of 2^22 entries or more get +inf (the points go to float64).
     """
     flat = h.flatten(1)
+    if (flat.shape[1] + 2) * margins.UNIT_ROUNDOFF_F32 >= 0.25:  # past the model's validity
+        return torch.full(flat.shape[:1], math.inf, dtype=torch.float64, device=h.device)
     grow = 1 + 2 * (flat.shape[1] + 2) * margins.UNIT_ROUNDOFF_F32
     return torch.linalg.vector_norm(flat, dim=1).to(torch.float64) * grow + 1e-18
 

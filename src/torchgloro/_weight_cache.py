@@ -10,6 +10,7 @@ change weights without bumping it, and a stale proven bound would certify points
 from __future__ import annotations
 
 import copy
+import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -128,7 +129,7 @@ def build_sound_state(
     )
     k_pen = margins.product_upper(norms)
     state = SoundState(fp, k_pen, backbone64, err_coef, err_const, peak64)
-    if _float32_model_applies(backbone, bounds):
+    if _float32_model_applies(backbone, bounds) and _terms_fit_float32([*layers, head]):
         u32, low = margins.UNIT_ROUNDOFF_F32, margins.UNDERFLOW_F32
         state.err32 = margins.forward_error_coefficients(chain, u32, underflow=low)
         state.peak32 = margins.peak_magnitude_coefficients(chain, u32, underflow=low)
@@ -161,13 +162,24 @@ def _refuse_narrow_derived_weights(backbone: nn.Module) -> None:
         )
 
 
+def _terms_fit_float32(chain) -> bool:
+    """Whether every layer's dot products are short enough for float32's γ_n (n·u < 1/2)."""
+    u32 = margins.UNIT_ROUNDOFF_F32
+    return all(t is None or margins.gamma(t[0], u32) < 1 for _, t, *_ in chain)
+
+
 def _head_roundoff(w: torch.Tensor, bias: torch.Tensor | None, u: float, low: float):
     w64 = w.to(torch.float64)
     n = w64.shape[1] + (bias is not None)
-    gamma = margins.round_up(n * u / (1 - n * u) * 1.001, 4)
+    gamma = margins.round_up(margins.gamma(n, u) * 1.001, 4)
     b = 0.0 if bias is None else bias.detach().to(torch.float64).abs().max().item()
     row = margins.row_norms(w64, upper=True).max().item()
     return HeadRoundoff(gamma, low, row, b, margins.pairwise_row_distances(w64, upper=True))
+
+
+# CPUs on which PyTorch may run 3x3 convolutions with in_channels == groups by Winograd,
+# whose round-off the per-product model does not cover.
+_WINOGRAD_CPU = platform.machine().lower() in ("aarch64", "arm64", "armv7l", "riscv64")
 
 
 def _float32_model_applies(backbone: nn.Module, bounds: Sequence[LayerBound]) -> bool:
@@ -181,6 +193,9 @@ def _float32_model_applies(backbone: nn.Module, bounds: Sequence[LayerBound]) ->
     if not tensors or any(t.dtype != torch.float32 for t in tensors if t.is_floating_point()):
         return False
     for m in backbone.modules():  # PyTorch on ARM runs depthwise 3x3 convs with Winograd
-        if isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels and m.kernel_size == (3, 3):
-            return False
+        if isinstance(m, nn.Conv2d) and m.groups == m.in_channels and m.kernel_size == (3, 3):
+            # (use_cpu_depthwise3x3_winograd: in_channels == groups, which a one-channel
+            # plain conv also meets; only on ARM/RISC-V builds, but depthwise everywhere)
+            if m.groups > 1 or _WINOGRAD_CPU:
+                return False
     return all(b.fp_terms_precision_free for b in bounds)

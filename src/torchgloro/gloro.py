@@ -101,9 +101,9 @@ class GloroNet(nn.Module):
         if power_iterations < 0:
             raise GloroInputError(f"power_iterations must be >= 0, got {power_iterations}.")
         self.backbone = backbone
-        self.in_shape = tuple(int(s) for s in in_shape)
+        self._in_shape = tuple(int(s) for s in in_shape)
         self.power_iterations = int(power_iterations)
-        self.lipschitz = lipschitz
+        self._lipschitz = lipschitz
         self.cuda_graphs = bool(cuda_graphs)
         self._graphed = GraphedIterations()
 
@@ -156,6 +156,30 @@ class GloroNet(nn.Module):
         return self.num_classes
 
     @property
+    def in_shape(self) -> tuple[int, ...]:
+        """The per-sample input shape the bounds were built for (fixed: build a new net)."""
+        return self._in_shape
+
+    @in_shape.setter
+    def in_shape(self, value) -> None:
+        raise AttributeError(
+            "GloroNet.in_shape is fixed at construction: the layer bounds were proven for "
+            "that shape. Build a new GloroNet(backbone, epsilon, in_shape=...)."
+        )
+
+    @property
+    def lipschitz(self) -> Variant:
+        """``"margin"`` or ``"basic"`` (fixed: the proven bounds are cached for it)."""
+        return self._lipschitz
+
+    @lipschitz.setter
+    def lipschitz(self, value) -> None:
+        raise AttributeError(
+            "GloroNet.lipschitz is fixed at construction: the proven bounds are cached for "
+            "it. Build a new GloroNet(backbone, epsilon, lipschitz=...) around the backbone."
+        )
+
+    @property
     def epsilon(self) -> float:
         """The ℓ2 radius ε; settable at any time (schedules set it per batch)."""
         return float(self._epsilon)
@@ -182,6 +206,9 @@ class GloroNet(nn.Module):
     def __setstate__(self, state: dict) -> None:
         """Nets pickled before the structure check get one; cached proofs are rebuilt."""
         super().__setstate__(state)
+        for name in ("in_shape", "lipschitz"):  # plain attributes before they were fixed
+            if name in self.__dict__:
+                self.__dict__["_" + name] = self.__dict__.pop(name)
         if "_structure" not in self.__dict__:
             self._structure = structure_of(self.backbone)
         self._sound_cache = None

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from torchgloro._errors import UnsupportedLayerError
-from torchgloro.margins import round_up
+from torchgloro.margins import NORM_UNDERFLOW_F64, UNIT_ROUNDOFF_F64, gamma, round_up
 
 __all__ = [
     "LayerBound",
@@ -215,8 +215,7 @@ class ConstantBound(LayerBound):
         if self._peak_gain is None:
             return None
         n = self._fp_terms[0] if self._fp_terms is not None else 1
-        gamma = n * unit_roundoff / (1 - n * unit_roundoff)
-        return round_up((1 + gamma) * self._peak_gain * 1.001, 4), 0.0
+        return round_up((1 + gamma(n, unit_roundoff)) * self._peak_gain * 1.001, 4), 0.0
 
     def extra_repr(self) -> str:
         return f"{self.name}: {self.value:g}"
@@ -340,15 +339,19 @@ def linear_fp_terms(
     """
     w = weight.detach().abs().to(torch.float64)
     w2 = w.reshape(w.shape[0], w.shape[1], -1)  # (out, in, k)
-    row = w2.sum(dim=(1, 2)).max().item()
-    col = w2.sum(dim=(0, 2)).max().item()
+    # float64 sums of m non-negative terms are off by at most (m - 1)·u relative.
+    row = w2.sum(dim=(1, 2)).max().item() * (1 + 2 * w2[0].numel() * UNIT_ROUNDOFF_F64)
+    col = w2.sum(dim=(0, 2)).max().item() * (1 + 2 * w2[:, 0].numel() * UNIT_ROUNDOFF_F64)
     abs_norm = round_up(math.sqrt(round_up(row * col, 4)) * (1 + 1e-12), 4)
     if abs_norm_upper is not None:
         abs_norm = min(abs_norm, abs_norm_upper)
     n = w2.shape[1] * w2.shape[2] + (bias is not None)
     b = 0.0
     if bias is not None:
-        b = round_up(bias.detach().double().norm().item() * math.sqrt(positions) * (1 + 1e-12))
+        bias64 = bias.detach().double()
+        grow = 1 + 2 * (bias64.numel() + 2) * UNIT_ROUNDOFF_F64
+        norm = bias64.norm().item() * grow + NORM_UNDERFLOW_F64  # tiny biases: see margins
+        b = round_up(norm * math.sqrt(positions) * (1 + 1e-12))
     return n, abs_norm, b
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "UNIT_ROUNDOFF_F32",
     "UNDERFLOW_F64",
     "UNDERFLOW_F32",
+    "NORM_UNDERFLOW_F64",
     "round_up",
     "product_upper",
     "pairwise_row_distances",
@@ -24,6 +25,7 @@ __all__ = [
     "certified_radius",
     "forward_error_coefficients",
     "times_upper",
+    "gamma",
     "peak_magnitude_coefficients",
     "layerwise_error_coefficients",
 ]
@@ -34,6 +36,10 @@ UNIT_ROUNDOFF_F32 = 2.0**-24
 # (float64) or n·2^-150 (float32) per output, i.e. n·sqrt(m)·that in ℓ2 for m outputs. These
 # constants dominate it for any n·sqrt(m) below 1e20 (float64) or 1e14 (float32).
 UNDERFLOW_F64 = 1e-300
+# A float64 2-norm is a plain sum of squares: squares below 2^-1022 lose up to 2^-1075 each,
+# and those below 2^-1075 vanish, so entries under ~1e-154 made norms (and K) 0. The lost
+# part is at most sqrt(D·2^-1074) < 1e-150 for D < 10^10 entries: added to every proven norm.
+NORM_UNDERFLOW_F64 = 1e-150
 UNDERFLOW_F32 = 1e-30
 
 
@@ -52,6 +58,18 @@ def product_upper(values: Iterable[float]) -> float:
             raise ValueError(f"a layer bound must be finite and >= 0, got {v}")
         out = 0.0 if (v == 0.0 or out == 0.0) else math.nextafter(out * v, math.inf)
     return out
+
+
+def gamma(n: int, u: float) -> float:
+    """Higham's γ_n = n·u / (1 − n·u), or +inf once n·u ≥ 1/2.
+
+    The bound |fl(Σ) − Σ| ≤ γ_n·Σ|·| needs n·u < 1; past it the formula turns negative (a
+    float32 layer of 2^24 terms made every allowance negative). +inf leaves such points
+    undecided, and float32 decisions are not used at all for such nets
+    (``_weight_cache._float32_model_applies``).
+    """
+    nu = n * u
+    return math.inf if nu >= 0.5 else nu / (1 - nu)
 
 
 def times_upper(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -78,7 +96,7 @@ def pairwise_row_distances(w: torch.Tensor, upper: bool = False) -> torch.Tensor
         out = torch.stack([torch.linalg.vector_norm(w - row, dim=1) for row in w])
         # diff: 1 rounding; sum of D squares: gamma_D; sqrt: 1 rounding → (D + 3)·u relative.
         rel = 2 * (w.shape[1] + 3) * UNIT_ROUNDOFF_F64
-        return out * (1 + rel) + torch.finfo(torch.float64).tiny
+        return out * (1 + rel) + NORM_UNDERFLOW_F64
     sq = (w * w).sum(1)  # (C,)
     d2 = sq[:, None] + sq[None, :] - 2 * (w @ w.t())  # (C, C)
     return d2.clamp_min(1e-12).sqrt()
@@ -89,7 +107,7 @@ def row_norms(w: torch.Tensor, upper: bool = False) -> torch.Tensor:
     if upper:
         w = w.detach().to(torch.float64)
         rel = 2 * (w.shape[1] + 2) * UNIT_ROUNDOFF_F64
-        return torch.linalg.vector_norm(w, dim=1) * (1 + rel) + torch.finfo(torch.float64).tiny
+        return torch.linalg.vector_norm(w, dim=1) * (1 + rel) + NORM_UNDERFLOW_F64
     return torch.linalg.vector_norm(w, dim=1)
 
 
@@ -210,9 +228,9 @@ def layerwise_error_coefficients(
             continue
         later = product_upper(L for L, *_ in layers[i + 1 :])
         n, A, b = terms
-        gamma = n * u / (1 - n * u)
-        coefs.append(round_up(gamma * A * later * 1.001, 4))
-        const += (gamma * b + underflow) * later
+        g = gamma(n, u)
+        coefs.append(round_up(g * A * later * 1.001, 4))
+        const += (g * b + underflow) * later
     return coefs, round_up(const * 1.001, 4)
 
 
@@ -233,14 +251,14 @@ def _error_recursion(layers, u: float, underflow: float):
             inner = (0.0, 0.0)
         else:
             n, A, b = terms
-            gamma = n * u / (1 - n * u)
+            g = gamma(n, u)
             inner = (
-                (1 + gamma) * A * (n_coef + e_coef),
-                (1 + gamma) * (A * (n_const + e_const) + b),
+                (1 + g) * A * (n_coef + e_coef),
+                (1 + g) * (A * (n_const + e_const) + b),
             )
             e_coef, e_const = (
-                gamma * A * (n_coef + e_coef) + L * e_coef,
-                gamma * (A * (n_const + e_const) + b) + L * e_const + underflow,
+                g * A * (n_coef + e_coef) + L * e_coef,
+                g * (A * (n_const + e_const) + b) + L * e_const + underflow,
             )
             n_coef, n_const = L * n_coef, L * n_const + b
         s_coef = max(s_coef, inner[0], n_coef + e_coef)
