@@ -468,3 +468,24 @@ def test_a_subnormal_lipschitz_product_is_rounded_up_not_to_zero():
     K = net.lipschitz_constant()
     assert float(K[0, 1]) > 0.0  # the exact K_01 is 4e-325 > 0
     assert math.isfinite(float(net.certified_radius(torch.zeros(1, 1, dtype=torch.float64))[0]))
+
+
+def test_certify_works_after_the_new_fp32_precision_api_was_used():
+    """Found by a review: torch.backends.cudnn.flags read the legacy TF32 flag, which raises
+    once fp32_precision was set, so every certify call failed."""
+    mkldnn = torch.backends.mkldnn
+    if not hasattr(mkldnn, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    net = tg.GloroNet(
+        nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), 0.05, in_shape=(4,)
+    )
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    plain = net.eval().certify(x)
+    old = mkldnn.fp32_precision
+    mkldnn.fp32_precision = "bf16"
+    try:
+        cert = net.certify(x)
+        assert mkldnn.fp32_precision == "bf16"  # the caller's setting is back
+    finally:
+        mkldnn.fp32_precision = old
+    assert torch.equal(cert.certified, plain.certified) and torch.equal(cert.radius, plain.radius)

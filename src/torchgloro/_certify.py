@@ -119,7 +119,7 @@ def strict_fp32():
         torch.set_float32_matmul_precision("highest")
         torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        with torch.backends.cudnn.flags(enabled=False), _no_nnpack(), no_autocast():
+        with cudnn_off(), _no_nnpack(), no_autocast():
             yield
     finally:
         for owner, value in saved:
@@ -179,6 +179,18 @@ def eval_mode(module: nn.Module):
     finally:
         for m in training:
             m.training = True
+
+
+@contextlib.contextmanager
+def cudnn_off():
+    """cuDNN off for the enclosed block. Not ``torch.backends.cudnn.flags``: it also reads
+    the legacy TF32 flag, which raises once the new ``fp32_precision`` API was used."""
+    prev = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.enabled = prev
 
 
 def _no_nnpack() -> contextlib.AbstractContextManager:
@@ -358,7 +370,7 @@ def norm_upper64(x64: torch.Tensor) -> torch.Tensor:
 
 
 def _float64(st: SoundState, x64, x_norm, K, lipschitz):
-    with torch.backends.cudnn.flags(enabled=False):  # plain dot-product kernels only
+    with cudnn_off():  # plain dot-product kernels only
         y = st.backbone64(x64)  # (B, C)
     # |e_j − e_i| ≤ 2‖e‖₂, and ‖e‖₂ ≤ coef·‖x‖ + const; 1.01 absorbs this line's rounding.
     slack = 2.02 * (st.err_coef * x_norm + st.err_const)  # (B,)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchgloro import margins, sound
-from torchgloro._certify import float64_safe, ieee_arithmetic, norm_upper64
+from torchgloro._certify import cudnn_off, float64_safe, ieee_arithmetic, norm_upper64
 from torchgloro._errors import GloroInputError
 from torchgloro._sound_conv import explicit_matrix
 from torchgloro._sound_linalg import gamma, sigma_max_upper
@@ -239,7 +239,7 @@ def _err(step: _Step, x_norm: float) -> torch.Tensor:
 
 @torch.no_grad()
 def _local_one(plan: _Plan, x1: torch.Tensor, eps: float):
-    with torch.backends.cudnn.flags(enabled=False):
+    with cudnn_off():
         feats, L, mask = _one(plan, x1, eps)
         y = plan.head(feats)
     w = plan.head_w[:, mask.flatten()]
