@@ -68,3 +68,33 @@ def test_ddp_gloo_two_processes_match_single(tmp_path):
         torch.testing.assert_close(ba.estimate(), bb.estimate(), rtol=1e-4, atol=0, msg=str(i))
     # Metrics were reduced over both ranks: the test split is certified as a whole.
     assert "Test split (300 images)" in proc.stdout
+
+
+def _torchrun(tmp_path, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "torchgloro.cli", "train", "--no-progress", "--device", "cpu",
+           *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_ddp_resume_with_augmentation_is_exact(tmp_path):
+    """Found by a review: only rank 0's augmentation generator was checkpointed and every
+    rank restored it, so a resumed DDP run with augmentation drew other crops than a straight
+    one (and the same ones on every rank)."""
+    aug = [a for s in [*DDP_SET, "run.epochs=2", "data.augment=true"] for a in ("--set", s)]
+    _torchrun(tmp_path, "--out", str(tmp_path / "straight"), *aug)
+    _torchrun(tmp_path, "--out", str(tmp_path / "cut"), "--stop-after", "1", *aug)
+    (cut,) = list((tmp_path / "cut").iterdir())
+    assert "rng.augment.r1" in load_file(str(cut / "checkpoint.safetensors"))
+    _torchrun(tmp_path, "--resume", str(cut))
+    (straight,) = list((tmp_path / "straight").iterdir())
+    a = load_file(str(straight / "checkpoint.safetensors"))
+    b = load_file(str(cut / "checkpoint.safetensors"))
+    for k in a:
+        if k.startswith("model.") and a[k].is_floating_point():
+            assert torch.equal(a[k], b[k]) or bool(a[k].isnan().all() and b[k].isnan().all()), k

@@ -112,7 +112,9 @@ class Run:
             if device.type == "cuda" and "rng.cuda" in ck.tensors:
                 torch.cuda.set_rng_state(ck.tensors["rng.cuda"], device)
             self.data_gen.set_state(ck.tensors["rng.data_epoch_start"])
-            self.aug_gen.set_state(ck.tensors["rng.augment"])
+            own = "rng.augment" if env.rank == 0 else f"rng.augment.r{env.rank}"
+            if own in ck.tensors:  # a rank the checkpoint did not have keeps its fresh seed
+                self.aug_gen.set_state(ck.tensors[own])
             if self.start_step and env.is_main:  # partial-epoch sums (all ranks') live on rank 0
                 self.acc.copy_(ck.tensors["state.acc"].to(self.acc))
             if self.start_epoch >= total:
@@ -127,8 +129,9 @@ class Run:
             if ranks != env.world_size:
                 self.say(
                     f"warning: the checkpoint was written by {ranks} process(es), this run has "
-                    f"{env.world_size}: the data order and batches differ, so the result will "
-                    f"not match an uninterrupted run exactly."
+                    f"{env.world_size}: each rank's share of a batch, its augmentation stream "
+                    f"and the order of the gradient sums differ, so the result will not match an "
+                    f"uninterrupted run exactly."
                 )
         elif env.is_main:
             self.run_dir = new_run_dir(cfg)
@@ -153,12 +156,16 @@ class Run:
         return True
 
     def save_checkpoint(self, epoch, step, epoch_start_state, fresh: bool, acc_now=None) -> None:
+        """Writes the checkpoint (rank 0; a collective: every rank calls it)."""
+        # Each rank augments with its own generator: keep every rank's state.
+        aug_states = ddp.gather_states(self.aug_gen.get_state(), self.env, self.device)
         if not self.env.is_main:
             return
         opt_tensors, opt_info = ckpt_io.optimizer_tensors(self.optimizer)
         tensors = {
             **opt_tensors,
             **ckpt_io.rng_tensors(self.data_gen, self.aug_gen, epoch_start_state, self.device),
+            **{f"rng.augment.r{k}": t for k, t in enumerate(aug_states) if k > 0},
             "state.acc": self.acc if acc_now is None else acc_now,
         }
         meta = {

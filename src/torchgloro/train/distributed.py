@@ -30,6 +30,7 @@ __all__ = [
     "barrier",
     "buffers_in_sync",
     "agree_on_stop",
+    "gather_states",
 ]
 
 
@@ -102,6 +103,17 @@ def all_reduce_max(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if env.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
+
+
+def gather_states(state: torch.Tensor, env: DistEnv, device: torch.device) -> list[torch.Tensor]:
+    """Every rank's ``state`` (a CPU byte tensor of one size on all ranks, such as a
+    generator state), in rank order, on every rank (collective: call on all ranks)."""
+    if not env.enabled:
+        return [state]
+    on = state.to(device)  # NCCL gathers device tensors only
+    out = [torch.empty_like(on) for _ in range(env.world_size)]
+    dist.all_gather(out, on)
+    return [t.cpu() for t in out]
 
 
 @torch.no_grad()
