@@ -117,3 +117,23 @@ def test_a_warmup_as_long_as_the_run_warns(tiny, capsys):
     assert "warning: optim.warmup_epochs (4) >= run.epochs (4)" in capsys.readouterr().out
     train(tiny("optim.warmup_epochs=1"), progress=False)
     assert "warmup_epochs" not in capsys.readouterr().out
+
+
+def test_training_memory_excludes_the_epochs_evaluation(tiny, monkeypatch):
+    """Found by a review: the per-sample training memory was read after the end-of-epoch
+    certification of the test split, so it grew with run.eval_batch_size."""
+    from torchgloro.train import _run
+
+    real = _run.evaluate
+
+    def heavy_evaluate(*args, **kwargs):
+        ballast = torch.ones(64 * 2**20)  # 256 MB touched during the evaluation
+        out = real(*args, **kwargs)
+        del ballast
+        return out
+
+    plain = train(tiny("run.epochs=1"), progress=False).history[0]["peak_mem_mb_per_sample"]
+    monkeypatch.setattr(_run, "evaluate", heavy_evaluate)
+    heavy = train(tiny("run.epochs=1"), progress=False).history[0]["peak_mem_mb_per_sample"]
+    # 256 MB over a batch of 128 would add 2 MB per sample.
+    assert heavy < plain + 0.5, (plain, heavy)

@@ -22,7 +22,14 @@ from torchgloro import io, schedules
 from torchgloro.data import Augment, DeviceBatches
 from torchgloro.train import checkpoint as ckpt_io
 from torchgloro.train import distributed as ddp
-from torchgloro.train._runtime import RunLock, StopFlag, diverged, new_run_dir, peak_bytes
+from torchgloro.train._runtime import (
+    RunLock,
+    StopFlag,
+    diverged,
+    new_run_dir,
+    peak_bytes,
+    reset_peak,
+)
 from torchgloro.train.build import (
     LOSSES,
     TrainModule,
@@ -91,6 +98,7 @@ class Run:
         self.epoch_start_state = self.data_gen.get_state()
         self.sched_now = (float("nan"),) * 3  # ε, λ, lr of the last step
         self.rss0 = 0
+        self.train_peak = 0
         self.lock: RunLock | None = None
 
     # -- run folder / resume --
@@ -152,6 +160,7 @@ class Run:
                 f"({total}): the whole run is standard training, and the net will certify "
                 f"little; lower optim.warmup_epochs (or use --epochs N, which scales it)."
             )
+        reset_peak(device)  # the baseline: the resident set now, data and model loaded
         self.rss0 = peak_bytes(device)
         return True
 
@@ -206,8 +215,7 @@ class Run:
         skip = self.start_step if epoch == self.start_epoch else 0
         if not skip:
             acc.zero_()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak(device)
         net.train()
         bar = tqdm(
             total=num_batches, initial=skip, desc=f"epoch {epoch + 1}/{total}",
@@ -261,6 +269,7 @@ class Run:
             if stop.requested and (not self.env.enabled or step % SYNC_EVERY == 0):
                 break
         bar.close()
+        self.train_peak = peak_bytes(device)  # before the epoch's evaluation
         return step
 
     def end_epoch(self, epoch: int, t0: float) -> None:
@@ -279,7 +288,8 @@ class Run:
         net.refresh()
         lip = float(net.lipschitz_constant("fast").max())
         test = evaluate(net, self.test_split, eps_test, "fast", cfg.run.eval_batch_size, env)
-        per_sample = max(peak_bytes(device) - (0 if device.type == "cuda" else self.rss0), 0)
+        per_sample = max(self.train_peak - (0 if device.type == "cuda" else self.rss0), 0)
+        per_sample /= cfg.run.batch_size / env.world_size  # this rank's share of a batch
         eps, lam, lr = self.sched_now
         robust = cfg.gloro.robust and epoch >= cfg.optim.warmup_epochs
         row = {
@@ -295,7 +305,7 @@ class Run:
             "lr": lr,
             "lipschitz": lip,
             "seconds": time.time() - t0,
-            "peak_mem_mb_per_sample": per_sample / cfg.run.batch_size / 1e6,
+            "peak_mem_mb_per_sample": per_sample / 1e6,
         }
         self.history.append(row)
         if env.is_main:

@@ -92,9 +92,30 @@ class RunLock:
             self._fd = None
 
 
+def reset_peak(device: torch.device) -> None:
+    """Starts a new peak-memory window (CUDA: allocator stats; Linux CPU: the process's
+    resident-set high-water mark, via /proc/self/clear_refs; elsewhere a no-op)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_bytes(device: torch.device) -> int:
+    """Peak memory since :func:`reset_peak` (CUDA: allocated; CPU: resident set size)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
