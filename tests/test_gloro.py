@@ -328,3 +328,15 @@ def test_epsilon_outside_float32_range_is_a_clear_error(eps):
     with pytest.raises(tg.GloroInputError, match="float32's range"):
         net.epsilon = eps
     assert net.epsilon == pytest.approx(0.3)  # unchanged by the refused assignment
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double"])
+def test_dtype_casts_keep_epsilon_as_given(cast, tmp_path):
+    """Found by a review: .half() cast the ε buffer too (0.1 became 0.09998, a smaller radius
+    than asked for, then saved as the model's ε)."""
+    net = tg.GloroNet(tg.create_model("minicnn", (1, 8, 8), 10), 0.1)
+    getattr(net, cast)()
+    assert net._epsilon.dtype == torch.float32 and net.epsilon == float(torch.tensor(0.1))
+    assert net.backbone[0].weight.dtype != torch.float32  # the weights did follow the cast
+    net.epsilon = 0.3
+    assert net.epsilon == float(torch.tensor(0.3))

@@ -141,6 +141,16 @@ class GloroNet(nn.Module):
         self.last_class_bounds: torch.Tensor | None = None
         self._frozen_K: tuple[int, torch.Tensor] | None = None
 
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()``, ``.half()``, ``.double()`` ... move ε and the frozen bound with the
+        net but keep them float32: ``.half()`` turned ε = 0.1 into 0.09998, a smaller radius
+        than the one asked for, then saved as the model's ε."""
+        keep = {k: self._buffers[k].detach().clone() for k in ("_epsilon", "_frozen_k_pen")}
+        out = super()._apply(fn, *args, **kwargs)
+        for k, v in keep.items():
+            self._buffers[k] = v.to(self._buffers[k].device)
+        return out
+
     def __getstate__(self) -> dict:
         """Copies and pickles drop ``last_class_bounds``: a tensor of the last training graph
         (``copy.deepcopy`` refuses non-leaf tensors), not state."""
