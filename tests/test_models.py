@@ -76,3 +76,19 @@ def test_bad_model_arguments():
         tg.create_model("2c2f", (1, 28, 28), 10, activation="tanh")
     with pytest.raises(tg.GloroInputError, match="in_shape"):
         tg.create_model("2c2f", (28, 28), 10)
+
+
+def test_channels_last_in_shape_is_refused_with_the_fix():
+    """Found by a review: (28, 28, 1) built a 28-channel net that trained on width-1 images."""
+    with pytest.raises(tg.GloroInputError, match=r"did you mean \(1, 28, 28\)"):
+        tg.create_model("2c2f", in_shape=(28, 28, 1), num_classes=10)
+    with pytest.raises(tg.GloroInputError, match=r"did you mean \(3, 32, 32\)"):
+        tg.create_model("6c2f", in_shape=(32, 32, 3), num_classes=10)
+    assert tg.create_model("minicnn", in_shape=(3, 8, 8), num_classes=10)
+
+
+def test_a_loss_given_backbone_logits_says_so():
+    f = tg.create_model("minicnn", (1, 8, 8), 10)
+    y = torch.arange(10)
+    with pytest.raises(tg.GloroInputError, match=r"not the \(B, C\) of net.backbone\(x\)"):
+        tg.GloroCrossEntropy()(f(torch.rand(10, 1, 8, 8)), y)

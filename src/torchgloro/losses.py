@@ -32,7 +32,8 @@ def check_labels(y: torch.Tensor, num_classes: int) -> None:
     if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise GloroInputError(
             f"labels must lie in [0, {num_classes}), got values in [{int(y.min())}, "
-            f"{int(y.max())}]; check the dataset's num_classes."
+            f"{int(y.max())}]; check the dataset's num_classes. A GloRo loss takes the "
+            f"(B, C+1) logits of net(x), ⊥ last, not the (B, C) of net.backbone(x)."
         )
 
 

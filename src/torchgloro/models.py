@@ -112,6 +112,12 @@ def create_model(
         raise GloroInputError(f"in_shape must be (C, H, W) with positive sizes, got {in_shape}.")
     if int(num_classes) < 2:
         raise GloroInputError(f"num_classes must be >= 2, got {num_classes}.")
+    c, h, w = (int(s) for s in in_shape)
+    if w in (1, 3) and c not in (1, 3) and h > 4:  # (H, W, C), as Keras and numpy lay it out
+        raise GloroInputError(
+            f"in_shape is (C, H, W), channels first, got {tuple(in_shape)}; did you mean "
+            f"({w}, {c}, {h})? (Permute channels-last images with x.permute(0, 3, 1, 2).)"
+        )
     check_model_options(name, kwargs)
     in_shape = tuple(int(s) for s in in_shape)
     model = _MODELS[name](in_shape, int(num_classes), activation, **kwargs)
