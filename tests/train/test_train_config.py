@@ -339,3 +339,9 @@ def test_run_out_expands_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     run_dir = new_run_dir(load_config(None, ["run.out=~/gruns"]))
     assert run_dir.parent == tmp_path / "gruns" and run_dir.is_dir()
+
+
+def test_an_unknown_compile_backend_is_a_config_error():
+    with pytest.raises(tg.ConfigError, match="run.compile_backend = 'foo' is not one of"):
+        load_config(None, ["run.compile=true", "run.compile_backend=foo"])
+    assert load_config(None, ["run.compile_backend=foo"]).run.compile is False  # unused: fine

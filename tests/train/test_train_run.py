@@ -137,3 +137,8 @@ def test_training_memory_excludes_the_epochs_evaluation(tiny, monkeypatch):
     heavy = train(tiny("run.epochs=1"), progress=False).history[0]["peak_mem_mb_per_sample"]
     # 256 MB over a batch of 128 would add 2 MB per sample.
     assert heavy < plain + 0.5, (plain, heavy)
+
+
+def test_amp_on_cpu_warns_that_it_trains_in_float32(tiny, capsys):
+    train(tiny("run.epochs=1", "run.amp=bf16", "run.device=cpu"), progress=False)
+    assert "run.amp = 'bf16' applies on CUDA only" in capsys.readouterr().out

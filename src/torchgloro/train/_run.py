@@ -84,6 +84,9 @@ class Run:
         self.test_split = test_split.to(device)
         self.num_batches = len(self.batches)
         module = TrainModule(self.net, amp=cfg.run.amp == "bf16" and device.type == "cuda")
+        if cfg.run.amp != "off" and device.type != "cuda":
+            self.say(f"warning: run.amp = {cfg.run.amp!r} applies on CUDA only; on {device} "
+                     f"the run trains in float32.")  # fmt: skip
         self.model = ddp.wrap(module, env, device)
         if cfg.run.compile:
             self.model = torch.compile(
@@ -322,9 +325,14 @@ class Run:
     def report_stop(self, why: str) -> None:
         if self.env.is_main:
             write_report(self.run_dir, self.history, dump_config(self.cfg), None)
+            again = (
+                f"torchrun --nproc_per_node {self.env.world_size} -m torchgloro.cli train"
+                if self.env.enabled
+                else "gloro train"
+            )
             self.say(
                 f"\nStopped ({why}); checkpoint saved. Continue exactly where it left off "
-                f"with:\n  gloro train --resume {self.run_dir}"
+                f"with:\n  {again} --resume {self.run_dir}"
             )
 
     def finish(self, t_start: float) -> dict[str, Any]:

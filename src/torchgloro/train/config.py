@@ -155,6 +155,10 @@ class TrainConfig:
         choice("run.device", r.device, ("auto", "cpu", "cuda"))
         choice("run.amp", r.amp, ("off", "bf16"))
         choice("run.compile_mode", r.compile_mode, ("default", "reduce-overhead", "max-autotune"))
+        if r.compile:
+            from torch._dynamo import list_backends
+
+            choice("run.compile_backend", r.compile_backend, list_backends(exclude_tags=()))
         at_least("run.epochs", r.epochs, 1)
         at_least("run.batch_size", r.batch_size, 1)
         at_least("run.eval_batch_size", r.eval_batch_size, 1)
