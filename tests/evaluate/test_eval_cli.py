@@ -234,3 +234,15 @@ def test_damaged_run_configs_and_unwritable_folders_give_clear_errors(
     monkeypatch.setattr(report, "write_outputs", fail)
     with pytest.raises(GloroError, match="cannot write the results .* No space left"):
         evaluate_run(run, EvalOptions(attack=None, limit=20))
+
+
+def test_help_shows_defaults_and_version(capsys):
+    from torchgloro.cli import main
+
+    for argv in (["evaluate", "--help"], ["certify", "--help"], ["--version"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "PGD steps (default: 100)" in out and "batch size (default: 1000)" in out
+    assert "cuda or cuda:N (default: auto)" in out and "gloro " in out.splitlines()[-1]

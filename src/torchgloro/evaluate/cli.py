@@ -64,19 +64,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=None, help="seed (default: config [run] seed, else 0)"
     )
-    parser.add_argument("--pgd-steps", type=_positive_int, default=100)
-    parser.add_argument("--pgd-restarts", type=_positive_int, default=1)
+    parser.add_argument("--pgd-steps", type=_positive_int, default=100, help="PGD steps")
+    parser.add_argument("--pgd-restarts", type=_positive_int, default=1, help="PGD restarts")
     parser.add_argument(
         "--pgd-step-size", type=_positive_float, default=None, help="default 2.5·ε/steps"
     )
-    parser.add_argument("--lb-steps", type=_nonneg_int, default=7500)
-    parser.add_argument("--lb-pairs", type=_positive_int, default=100)
-    parser.add_argument("--lb-lr", type=_positive_float, default=1e-3)
-    parser.add_argument("--local-steps", type=_nonneg_int, default=5000)
-    parser.add_argument("--local-points", type=_positive_int, default=100)
-    parser.add_argument("--local-lr", type=_positive_float, default=1e-3)
-    parser.add_argument("--batch-size", type=_positive_int, default=512)
-    parser.add_argument("--cost-repeats", type=_positive_int, default=3)
+    parser.add_argument(
+        "--lb-steps", type=_nonneg_int, default=7500, help="global lower-bound optimizer steps"
+    )
+    parser.add_argument(
+        "--lb-pairs", type=_positive_int, default=100, help="point pairs for the global bound"
+    )
+    parser.add_argument("--lb-lr", type=_positive_float, default=1e-3, help="its learning rate")
+    parser.add_argument(
+        "--local-steps", type=_nonneg_int, default=5000, help="local lower-bound steps"
+    )
+    parser.add_argument(
+        "--local-points", type=_positive_int, default=100, help="points for the local bound"
+    )
+    parser.add_argument("--local-lr", type=_positive_float, default=1e-3, help="its learning rate")
+    parser.add_argument("--batch-size", type=_positive_int, default=512, help="batch size")
+    parser.add_argument(
+        "--cost-repeats", type=_positive_int, default=3, help="timing repeats for --cost"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; write no files")
 
 

@@ -16,10 +16,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epsilon", type=float, help="radius (default: the run's gloro.epsilon_test)")
     p.add_argument("--dataset", help="dataset name (default: the run's data.name)")
     p.add_argument("--data-dir", metavar="DIR", help="data root (default: the run's data.root)")
-    p.add_argument("--mode", choices=("sound", "fast"), default="sound")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--batch-size", type=_positive_int, default=1000)
-    p.add_argument("--download", action="store_true")
+    p.add_argument(
+        "--mode", choices=("sound", "fast"), default="sound",
+        help="sound: proven bounds; fast: converged power iteration (not a proof)",
+    )  # fmt: skip
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=_positive_int, default=1000, help="batch size")
+    p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
 
 
 def _positive_int(text: str) -> int:
@@ -33,9 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torchgloro as tg
     from torchgloro.io import resolve_model_file
-    from torchgloro.train._runtime import resolve_device
     from torchgloro.train.build import evaluate
-    from torchgloro.train.distributed import DistEnv
     from torchgloro.train.saved_run import read_saved_run
 
     path = Path(args.run_dir)
@@ -47,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     if not name:
         raise ConfigError(f"No config.toml next to {path}: pass --dataset NAME.")
     root = args.data_dir if args.data_dir is not None else saved.root
-    device = str(resolve_device(args.device, DistEnv()))
+    from torchgloro.evaluate.runner import _pick_device
+
+    device = str(_pick_device(args.device))
     net = tg.load(model_file, map_location=device)
     eps = args.epsilon
     if eps is None:
