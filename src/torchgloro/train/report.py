@@ -141,11 +141,12 @@ def summary_text(final: dict[str, Any], run_dir: Path | None) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows: Sequence[dict[str, float]], keys, labels, title, path, log=False) -> None:
+def _plot(rows: Sequence[dict[str, float]], keys, labels, title, path, ylabel, log=False) -> None:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
     epochs = [r["epoch"] for r in rows]
@@ -155,14 +156,34 @@ def _plot(rows: Sequence[dict[str, float]], keys, labels, title, path, log=False
             continue
         ax.plot(epochs, ys, marker="o" if len(rows) < 30 else None, markersize=3, label=label)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     if log:
         ax.set_yscale("log")
+        plain = matplotlib.ticker.FormatStrFormatter("%.3g")  # "9", not "9×10⁰"
+        ax.yaxis.set_major_formatter(plain)
+        lo, hi = ax.get_ylim()
+        # Within a decade only minor ticks fall in range: label them; wider, majors suffice.
+        ax.yaxis.set_minor_formatter(plain if hi < 10 * lo else matplotlib.ticker.NullFormatter())
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _epsilon_test(config_text: str) -> float | None:
+    """``gloro.epsilon_test`` of a resolved config (None if absent or unreadable)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        value = tomllib.loads(config_text).get("gloro", {}).get("epsilon_test")
+    except (tomllib.TOMLDecodeError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
 _FINAL_HEADING = "## Final results"
@@ -182,13 +203,16 @@ def write_report(
     """Writes ``report.md`` and its PNG plots (loss, accuracy/VRA, Lipschitz bound)."""
     run_dir = Path(run_dir)
     if rows:
-        _plot(rows, ["train_loss"], ["train loss"], "Training loss", run_dir / "loss.png")
+        eps = _epsilon_test(config_text)
+        at = f" at ε = {eps:g}" if eps is not None else ""
+        _plot(rows, ["train_loss"], ["train loss"], "Training loss", run_dir / "loss.png", "loss")
         _plot(
             rows,
             ["train_clean_acc", "test_clean_acc", "test_vra"],
-            ["train clean accuracy", "test clean accuracy", "test VRA (fast)"],
-            "Clean accuracy and VRA",
+            ["train clean accuracy", "test clean accuracy", f"test VRA (fast){at}"],
+            f"Clean accuracy and VRA{at}",
             run_dir / "accuracy.png",
+            "fraction of points",
         )
         _plot(
             rows,
@@ -196,6 +220,7 @@ def write_report(
             ["max K (converged bound)"],
             "Lipschitz bound",
             run_dir / "lipschitz.png",
+            "max over class pairs of K_ij",
             log=True,
         )
     parts = [f"# Training report: {run_dir.name}", ""]
