@@ -37,7 +37,7 @@ from torch import nn
 from torchgloro import margins
 from torchgloro._errors import GloroInputError
 from torchgloro._weight_cache import HeadRoundoff, SoundState
-from torchgloro.lipschitz import flatten_layers
+from torchgloro.lipschitz import backend_off, flatten_layers
 
 
 @dataclass
@@ -181,16 +181,9 @@ def eval_mode(module: nn.Module):
             m.training = True
 
 
-@contextlib.contextmanager
-def cudnn_off():
-    """cuDNN off for the enclosed block. Not ``torch.backends.cudnn.flags``: it also reads
-    the legacy TF32 flag, which raises once the new ``fp32_precision`` API was used."""
-    prev = torch.backends.cudnn.enabled
-    torch.backends.cudnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.enabled = prev
+def cudnn_off() -> contextlib.AbstractContextManager:
+    """cuDNN off for the enclosed block (see :func:`torchgloro.lipschitz.backend_off`)."""
+    return backend_off(torch.backends.cudnn)
 
 
 def _no_nnpack() -> contextlib.AbstractContextManager:

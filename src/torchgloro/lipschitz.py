@@ -34,6 +34,7 @@ __all__ = [
     "bound_for",
     "flatten_layers",
     "trace_input_shapes",
+    "backend_off",
     "small_conv",
 ]
 
@@ -372,13 +373,20 @@ def small_conv(weight_shape: Sequence[int], positions: int) -> bool:
 
 
 @contextlib.contextmanager
-def _without_onednn():
-    prev = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
+def backend_off(backend):
+    """``backend.enabled = False`` for the enclosed block (``torch.backends.mkldnn``,
+    ``torch.backends.cudnn``), restored after. Not ``backend.flags(enabled=False)``: cuDNN's
+    also reads the legacy TF32 flag, which raises once the ``fp32_precision`` API was used."""
+    prev = backend.enabled
+    backend.enabled = False
     try:
         yield
     finally:
-        torch.backends.mkldnn.enabled = prev
+        backend.enabled = prev
+
+
+def _without_onednn():
+    return backend_off(torch.backends.mkldnn)
 
 
 # The built-in layers' bounds live in _builtin_bounds, which registers them on import (it
