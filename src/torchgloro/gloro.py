@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -10,7 +9,6 @@ from torch import nn
 
 from torchgloro import margins
 from torchgloro._certify import (
-    NON_FINITE_INPUT,
     Certificate,
     autocast_off,
     eval_mode,
@@ -19,6 +17,7 @@ from torchgloro._certify import (
 )
 from torchgloro._cuda_graph import GraphedIterations, graphs_usable
 from torchgloro._errors import GloroInputError, InputShapeError, UnsupportedLayerError
+from torchgloro._inputs import check_epsilon, check_input, epsilon_tensor
 from torchgloro._structure import check_structure, refuse_hooks, state_tensors, structure_of
 from torchgloro._weight_cache import SoundState, WeightsGeneration, build_sound_state
 from torchgloro.lipschitz import (
@@ -33,30 +32,6 @@ __all__ = ["GloroNet", "Certificate", "check_epsilon"]
 Mode = Literal["sound", "fast"]
 Precision = Literal["auto", "float64"]
 Variant = Literal["margin", "basic"]
-
-
-def check_epsilon(epsilon: float) -> float:
-    """Returns ``epsilon`` as a float, or raises if it is not a finite positive number."""
-    try:
-        value = float(epsilon)
-    except (TypeError, ValueError):
-        raise GloroInputError(f"epsilon must be a number, got {epsilon!r}.") from None
-    if not math.isfinite(value) or value <= 0:
-        raise GloroInputError(
-            f"epsilon must be a finite number > 0 (the ℓ2 radius to certify), got {epsilon!r}."
-        )
-    return value
-
-
-def _epsilon_tensor(epsilon: float) -> torch.Tensor:
-    """ε as the float32 buffer that holds it; raises if float32 cannot represent it."""
-    value = torch.tensor(check_epsilon(epsilon), dtype=torch.float32)
-    if not (math.isfinite(float(value)) and float(value) > 0):
-        raise GloroInputError(
-            f"epsilon={epsilon!r} is outside float32's range, where the net keeps it; pass a "
-            f"radius between 1e-38 and 3e38 (or pass epsilon= to certify for one call)."
-        )
-    return value
 
 
 class GloroNet(nn.Module):
@@ -132,7 +107,7 @@ class GloroNet(nn.Module):
         self.bounds = nn.ModuleList(bound_for(m, s) for m, s in zip(layers[:-1], shapes[:-1]))
         self._structure = structure_of(backbone)  # what the bounds describe (_structure.py)
         self.num_classes = int(self._head_weight().shape[0])
-        self.register_buffer("_epsilon", _epsilon_tensor(epsilon))
+        self.register_buffer("_epsilon", epsilon_tensor(epsilon))
         # Converged power-iteration value of the penultimate bound, for eval-mode forward.
         self.register_buffer("_frozen_k_pen", torch.tensor(float("nan")))
         self._weights = WeightsGeneration()
@@ -196,7 +171,7 @@ class GloroNet(nn.Module):
 
     @epsilon.setter
     def epsilon(self, value: float) -> None:
-        self._epsilon.copy_(_epsilon_tensor(value))
+        self._epsilon.copy_(epsilon_tensor(value))
 
     def _head_weight(self) -> torch.Tensor:
         head = self._head
@@ -365,25 +340,7 @@ class GloroNet(nn.Module):
     # ---- forward -----------------------------------------------------------------------------
 
     def _check_input(self, x: torch.Tensor, check_finite: bool) -> None:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise GloroInputError(
-                f"GloroNet expects a floating-point tensor, got "
-                f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}."
-            )
-        if x.dim() != len(self.in_shape) + 1 or tuple(x.shape[1:]) != self.in_shape:
-            hint = (
-                " Add a batch dimension with x.unsqueeze(0)."
-                if tuple(x.shape) == self.in_shape
-                else ""
-            )
-            raise GloroInputError(
-                f"Expected input of shape (B, {', '.join(map(str, self.in_shape))}), got "
-                f"{tuple(x.shape)}.{hint}"
-            )
-        # One cheap reduction first; the elementwise test only if the sum is not finite
-        # (NaN/Inf input, or a finite input whose sum overflows).
-        if check_finite and not bool(x.sum().isfinite()) and not bool(x.isfinite().all()):
-            raise GloroInputError(NON_FINITE_INPUT)
+        check_input(x, self.in_shape, check_finite)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Returns ``(B, C+1)`` logits: f(x), then ⊥."""

@@ -1,0 +1,56 @@
+"""Checks of what users pass in: the radius ε and input batches."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from torchgloro._certify import NON_FINITE_INPUT
+from torchgloro._errors import GloroInputError
+
+__all__ = ["check_epsilon", "epsilon_tensor", "check_input"]
+
+
+def check_epsilon(epsilon: float) -> float:
+    """Returns ``epsilon`` as a float, or raises if it is not a finite positive number."""
+    try:
+        value = float(epsilon)
+    except (TypeError, ValueError):
+        raise GloroInputError(f"epsilon must be a number, got {epsilon!r}.") from None
+    if not math.isfinite(value) or value <= 0:
+        raise GloroInputError(
+            f"epsilon must be a finite number > 0 (the ℓ2 radius to certify), got {epsilon!r}."
+        )
+    return value
+
+
+def epsilon_tensor(epsilon: float) -> torch.Tensor:
+    """ε as the float32 buffer that holds it; raises if float32 cannot represent it."""
+    value = torch.tensor(check_epsilon(epsilon), dtype=torch.float32)
+    if not (math.isfinite(float(value)) and float(value) > 0):
+        raise GloroInputError(
+            f"epsilon={epsilon!r} is outside float32's range, where the net keeps it; pass a "
+            f"radius between 1e-38 and 3e38 (or pass epsilon= to certify for one call)."
+        )
+    return value
+
+
+def check_input(x: torch.Tensor, in_shape: tuple[int, ...], check_finite: bool) -> None:
+    """Raises :class:`GloroInputError` unless ``x`` is a floating-point ``(B, *in_shape)``
+    batch (and, with ``check_finite``, free of NaN and Inf)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise GloroInputError(
+            f"GloroNet expects a floating-point tensor, got "
+            f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}."
+        )
+    if x.dim() != len(in_shape) + 1 or tuple(x.shape[1:]) != in_shape:
+        hint = " Add a batch dimension with x.unsqueeze(0)." if tuple(x.shape) == in_shape else ""
+        raise GloroInputError(
+            f"Expected input of shape (B, {', '.join(map(str, in_shape))}), got "
+            f"{tuple(x.shape)}.{hint}"
+        )
+    # One cheap reduction first; the elementwise test only if the sum is not finite
+    # (NaN/Inf input, or a finite input whose sum overflows).
+    if check_finite and not bool(x.sum().isfinite()) and not bool(x.isfinite().all()):
+        raise GloroInputError(NON_FINITE_INPUT)
