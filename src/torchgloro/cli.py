@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from torchgloro._errors import GloroError
@@ -77,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 2
     try:
+        if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise GloroError(
+                f"gloro {args.command} runs in one process; under torchrun every rank would "
+                f"repeat the whole job and write the same files. Run it without torchrun."
+            )
         return int(args._run(args) or 0)
     except GloroError as e:
         print(f"gloro {args.command}: error: {e}", file=sys.stderr)

@@ -246,3 +246,12 @@ def test_help_shows_defaults_and_version(capsys):
     out = capsys.readouterr().out
     assert "PGD steps (default: 100)" in out and "batch size (default: 1000)" in out
     assert "cuda or cuda:N (default: auto)" in out and "gloro " in out.splitlines()[-1]
+
+
+def test_certify_and_evaluate_refuse_to_run_once_per_torchrun_rank(monkeypatch, capsys):
+    from torchgloro.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for cmd in ("certify", "evaluate"):
+        assert main([cmd, "somewhere"]) == 2
+        assert "Run it without torchrun" in capsys.readouterr().err
