@@ -367,3 +367,28 @@ def test_a_mid_epoch_checkpoint_certifies_at_epsilon_test(tiny):
     done = train(resume_config(run_dir, []), resume=run_dir, progress=False)
     straight = train(tiny("gloro.epsilon_train=0.5", "gloro.epsilon_test=0.3"), progress=False)
     _assert_identical(_state(straight.run_dir), _state(done.run_dir))
+
+
+class _SlowCE(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ce = GloroCrossEntropy()
+
+    def forward(self, logits, y):
+        import time
+
+        time.sleep(0.5)
+        return self.ce(logits, y)
+
+
+def test_a_resumed_epoch_counts_its_time_before_the_stop(tiny, monkeypatch):
+    """Found by a review: the metrics row of an epoch resumed mid-way counted only the
+    resumed part's seconds."""
+    monkeypatch.setitem(LOSSES, "ce", lambda cfg: _SlowCE())
+    first = train(tiny(), stop_after=1.5, progress=False)  # epoch 2: 2 slow steps, then stop
+    assert read_checkpoint(first.run_dir).info["partial_seconds"] >= 1.0
+    monkeypatch.setitem(LOSSES, "ce", lambda cfg: GloroCrossEntropy())
+    done = train(resume_config(first.run_dir, []), resume=first.run_dir, progress=False)
+    rows = read_metrics(done.run_dir / "metrics.csv")
+    assert rows[1]["epoch"] == 2 and rows[1]["seconds"] >= 1.0
+    assert rows[2]["seconds"] < rows[1]["seconds"]  # a fresh epoch starts from zero

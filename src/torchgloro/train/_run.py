@@ -102,6 +102,8 @@ class Run:
         self.sched_now = (float("nan"),) * 3  # ε, λ, lr of the last step
         self.rss0 = 0
         self.train_peak = 0
+        self.epoch_t0 = 0.0  # when this process started the current epoch
+        self.carried_seconds = 0.0  # the current epoch's time before a resume
         self.lock: RunLock | None = None
 
     # -- run folder / resume --
@@ -128,6 +130,8 @@ class Run:
                 self.aug_gen.set_state(ck.tensors[own])
             if self.start_step and env.is_main:  # partial-epoch sums (all ranks') live on rank 0
                 self.acc.copy_(ck.tensors["state.acc"].to(self.acc))
+            if self.start_step:
+                self.carried_seconds = float(ck.info.get("partial_seconds", 0.0))
             if self.start_epoch >= total:
                 if has_final_results(run_dir):
                     self.say(f"{run_dir} already finished its {total} epochs; nothing to resume.")
@@ -188,6 +192,8 @@ class Run:
             "optim": opt_info,
             "config": config_to_dict(self.cfg),
             "world_size": self.env.world_size,
+            # A mid-epoch stop: the time the epoch has taken so far, for its metrics row.
+            "partial_seconds": self.carried_seconds + time.time() - self.epoch_t0 if step else 0.0,
         }
         ckpt_io.write_checkpoint(self.run_dir, self.net, tensors, meta, fresh_bound=fresh)
 
@@ -216,8 +222,10 @@ class Run:
         robust = g.robust and epoch >= o.warmup_epochs
         self.epoch_start_state = self.data_gen.get_state()
         skip = self.start_step if epoch == self.start_epoch else 0
+        self.epoch_t0 = time.time()
         if not skip:
             acc.zero_()
+            self.carried_seconds = 0.0
         reset_peak(device)
         net.train()
         bar = tqdm(
@@ -307,7 +315,7 @@ class Run:
             "lam": lam if hasattr(self.loss_fn, "lam") and robust else float("nan"),
             "lr": lr,
             "lipschitz": lip,
-            "seconds": time.time() - t0,
+            "seconds": self.carried_seconds + time.time() - t0,  # a resumed epoch: in all
             "peak_mem_mb_per_sample": per_sample / 1e6,
         }
         self.history.append(row)
