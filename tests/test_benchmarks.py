@@ -149,3 +149,16 @@ def test_certify_decisions_quick(tmp_path):
     for r in data["rows"]:
         assert r["certified_radius_us"] > 0 and r["may_certify_us"] > 0
     assert data["eval_mode_on_eval_net_us"] > 0
+
+
+def test_sound_bound_cost_quick(tmp_path):
+    from benchmarks import sound_bound_cost
+
+    data = _run(sound_bound_cost, tmp_path)
+    (row,) = data["results"]
+    assert row["arch"] == "2c2f" and row["sound_state_seconds"] > 0
+    names = [x["layer"].split("(")[0] for x in row["layers"]]
+    assert names == ["Conv2d", "ReLU", "Conv2d", "ReLU", "Flatten", "Linear", "ReLU"]
+    assert all(
+        x["bound"] >= 1.0 - 1e-9 or x["layer"].startswith(("Conv", "Lin")) for x in row["layers"]
+    )
