@@ -9,7 +9,7 @@ import torch
 from torchgloro._certify import NON_FINITE_INPUT
 from torchgloro._errors import GloroInputError
 
-__all__ = ["check_epsilon", "epsilon_tensor", "check_input"]
+__all__ = ["check_epsilon", "epsilon_tensor", "check_input", "check_one_label_each"]
 
 
 def check_epsilon(epsilon: float) -> float:
@@ -54,3 +54,11 @@ def check_input(x: torch.Tensor, in_shape: tuple[int, ...], check_finite: bool) 
     # (NaN/Inf input, or a finite input whose sum overflows).
     if check_finite and not bool(x.sum().isfinite()) and not bool(x.isfinite().all()):
         raise GloroInputError(NON_FINITE_INPUT)
+
+
+def check_one_label_each(x: torch.Tensor, y: torch.Tensor) -> None:
+    """Raises :class:`GloroInputError` unless ``y`` is ``(N,)`` for the N points of ``x``."""
+    if y.shape != x.shape[:1]:
+        raise GloroInputError(
+            f"x has {x.shape[0]} points but y has shape {tuple(y.shape)}: one label per point."
+        )

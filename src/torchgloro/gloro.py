@@ -34,6 +34,21 @@ Precision = Literal["auto", "float64"]
 Variant = Literal["margin", "basic"]
 
 
+def _fixed_setting(name: str, what: str) -> property:
+    """A read-only attribute kept as ``_<name>``; assigning it names the fix."""
+
+    def get(self):
+        return getattr(self, "_" + name)
+
+    def refuse(self, value) -> None:
+        raise AttributeError(
+            f"GloroNet.{name} is fixed at construction ({what}). Build a new "
+            f"GloroNet(backbone, epsilon, {name}=...) around the backbone."
+        )
+
+    return property(get, refuse, doc=f"{what[0].upper()}{what[1:]} (fixed at construction).")
+
+
 class GloroNet(nn.Module):
     """Instruments a backbone ``f`` with the ⊥ logit of Leino et al. (2021).
 
@@ -140,29 +155,12 @@ class GloroNet(nn.Module):
         """The index of ⊥ in predictions: ``num_classes``."""
         return self.num_classes
 
-    @property
-    def in_shape(self) -> tuple[int, ...]:
-        """The per-sample input shape the bounds were built for (fixed: build a new net)."""
-        return self._in_shape
-
-    @in_shape.setter
-    def in_shape(self, value) -> None:
-        raise AttributeError(
-            "GloroNet.in_shape is fixed at construction: the layer bounds were proven for "
-            "that shape. Build a new GloroNet(backbone, epsilon, in_shape=...)."
-        )
-
-    @property
-    def lipschitz(self) -> Variant:
-        """``"margin"`` or ``"basic"`` (fixed: the proven bounds are cached for it)."""
-        return self._lipschitz
-
-    @lipschitz.setter
-    def lipschitz(self, value) -> None:
-        raise AttributeError(
-            "GloroNet.lipschitz is fixed at construction: the proven bounds are cached for "
-            "it. Build a new GloroNet(backbone, epsilon, lipschitz=...) around the backbone."
-        )
+    in_shape = _fixed_setting(
+        "in_shape", "the per-sample input shape; the layer bounds were proven for it"
+    )
+    lipschitz = _fixed_setting(
+        "lipschitz", '"margin" or "basic"; the proven bounds are cached for it'
+    )
 
     @property
     def epsilon(self) -> float:

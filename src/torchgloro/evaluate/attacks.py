@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from torchgloro._certify import eval_mode
 from torchgloro._errors import GloroInputError
-from torchgloro.gloro import check_epsilon
+from torchgloro._inputs import check_epsilon, check_one_label_each
 
 __all__ = ["PGDResult", "pgd_l2", "random_in_ball", "project_l2", "default_step_size"]
 
@@ -162,10 +162,7 @@ def pgd_l2(
         A :class:`PGDResult`.
     """
     epsilon = check_epsilon(epsilon)
-    if y.shape != x.shape[:1]:
-        raise GloroInputError(
-            f"x has {x.shape[0]} points but y has shape {tuple(y.shape)}: one label per point."
-        )
+    check_one_label_each(x, y)
     alpha = default_step_size(epsilon, steps) if step_size is None else float(step_size)
     if not (math.isfinite(alpha) and alpha > 0):
         raise GloroInputError(f"step_size must be a finite number > 0, got {step_size!r}.")

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from torchgloro._errors import ConfigError, GloroError, GloroInputError, UnsoundBoundError
+from torchgloro._errors import ConfigError, GloroError, UnsoundBoundError
+from torchgloro._inputs import check_epsilon, check_one_label_each
 from torchgloro.evaluate import attacks, cost, lower_bounds, metrics
-from torchgloro.gloro import check_epsilon
 from torchgloro.losses import check_labels
+from torchgloro.train._runtime import resolve_device
 
 __all__ = ["EvalOptions", "evaluate_net", "evaluate_run", "FORMAT"]
 
@@ -190,10 +191,7 @@ def evaluate_net(net, x: torch.Tensor, y: torch.Tensor, opts: EvalOptions) -> tu
     if net.is_stale:
         net.refresh()
     eps = check_epsilon(opts.epsilon if opts.epsilon is not None else net.epsilon)
-    if y.shape != x.shape[:1]:
-        raise GloroInputError(
-            f"x has {x.shape[0]} points but y has shape {tuple(y.shape)}: one label per point."
-        )
+    check_one_label_each(x, y)
     check_labels(y.cpu(), net.num_classes)
     seed = int(opts.seed or 0)
     torch.manual_seed(seed)
@@ -270,20 +268,6 @@ def _load_net(run: Path, dev: torch.device):
     return tg.load(run, map_location=str(dev))
 
 
-def _pick_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"Unknown device {device!r}: use auto, cpu, cuda or cuda:N.") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"Device {device!r} is not supported: use auto, cpu, cuda or cuda:N.")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} but no CUDA device is available; use cpu.")
-    return dev
-
-
 def evaluate_run(
     run: str | os.PathLike,
     opts: EvalOptions | None = None,
@@ -320,7 +304,7 @@ def evaluate_run(
     if write:
         _check_writable(run_dir)
     saved = read_saved_run(run)
-    dev = _pick_device(device)
+    dev = resolve_device(device)
     net = _load_net(model_file, dev)
     name = dataset or saved.dataset
     if not name:

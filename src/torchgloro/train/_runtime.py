@@ -119,17 +119,29 @@ def peak_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def resolve_device(name: str, env: ddp.DistEnv) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                "The device is 'cuda' (run.device, or --device) but no CUDA device is "
-                "available; use cpu (or auto)."
-            )
-        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+def resolve_device(name: str | None, env: ddp.DistEnv | None = None) -> torch.device:
+    """``auto`` (or None), ``cpu``, ``cuda`` (this rank's GPU under DDP) or ``cuda:N``.
+
+    Raises:
+        ConfigError: an unknown or unsupported device, or CUDA where there is none.
+    """
+    name = "cuda" if name in (None, "auto") and torch.cuda.is_available() else name
+    name = "cpu" if name in (None, "auto") else name
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"Unknown device {name!r}: use auto, cpu, cuda or cuda:N.") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"Device {name!r} is not supported: use auto, cpu, cuda or cuda:N.")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "The device is 'cuda' (run.device, or --device) but no CUDA device is "
+            "available; use cpu (or auto)."
+        )
+    if dev.type == "cuda" and dev.index is None:
+        local_rank = env.local_rank if env is not None else 0
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return dev
 
 
 def new_run_dir(cfg: TrainConfig) -> Path:

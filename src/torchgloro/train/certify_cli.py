@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torchgloro as tg
     from torchgloro.io import resolve_model_file
+    from torchgloro.train._runtime import resolve_device
     from torchgloro.train.build import evaluate
     from torchgloro.train.saved_run import read_saved_run
 
@@ -48,9 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if not name:
         raise ConfigError(f"No config.toml next to {path}: pass --dataset NAME.")
     root = args.data_dir if args.data_dir is not None else saved.root
-    from torchgloro.evaluate.runner import _pick_device
-
-    device = str(_pick_device(args.device))
+    device = str(resolve_device(args.device))
     net = tg.load(model_file, map_location=device)
     eps = args.epsilon
     if eps is None:
