@@ -31,6 +31,9 @@ def test_every_model_builds_and_certifies(name, activation):
     net.eval()
     c = net.certify(x, mode="fast")
     assert c.pred.shape == (2,) and c.radius.shape == (2,)
+    if activation == "minmax":  # once per architecture: the deployed copy exports exactly
+        d = tg.deploy(net, mode="fast")
+        assert torch.equal(torch.export.export(d, (x,)).module()(x), net(x))
 
 
 def test_paper_architectures_match_appendix_b():

@@ -16,6 +16,7 @@ from torchgloro._errors import (
     UnsupportedLayerError,
 )
 from torchgloro.activations import GroupSort, MinMax
+from torchgloro.deploy import DeployedGloroNet, deploy
 from torchgloro.gloro import Certificate, GloroNet
 from torchgloro.io import load
 from torchgloro.layers import LiResBlock, LLNLinear, Residual
@@ -28,6 +29,8 @@ __version__ = "0.1.0"
 __all__ = [
     "GloroNet",
     "Certificate",
+    "deploy",
+    "DeployedGloroNet",
     "load",
     "create_model",
     "list_models",

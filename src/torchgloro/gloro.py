@@ -16,7 +16,7 @@ from torchgloro._certify import (
     sound_logits,
 )
 from torchgloro._cuda_graph import GraphedIterations, graphs_usable
-from torchgloro._errors import GloroInputError, InputShapeError, UnsupportedLayerError
+from torchgloro._errors import GloroError, GloroInputError, InputShapeError, UnsupportedLayerError
 from torchgloro._inputs import check_epsilon, check_input, epsilon_tensor
 from torchgloro._structure import check_structure, refuse_hooks, state_tensors, structure_of
 from torchgloro._weight_cache import SoundState, WeightsGeneration, build_sound_state
@@ -30,6 +30,7 @@ from torchgloro.lipschitz import (
 __all__ = ["GloroNet", "Certificate", "check_epsilon"]
 
 Mode = Literal["sound", "fast"]
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
 Precision = Literal["auto", "float64"]
 Variant = Literal["margin", "basic"]
 
@@ -342,6 +343,11 @@ class GloroNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Returns ``(B, C+1)`` logits: f(x), then ⊥."""
+        if torch.jit.is_tracing() or _is_exporting():
+            raise GloroError(
+                "torch.jit and torch.export cannot trace a GloroNet (its checks depend on the "
+                "data). Trace torchgloro.deploy(net) instead: the backbone with K fixed."
+            )
         self._check_input(x, check_finite=not self.training)
         return self._with_bottom(self.backbone(x))
 

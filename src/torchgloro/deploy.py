@@ -1,0 +1,96 @@
+"""A GloroNet frozen into plain PyTorch, for ``torch.export`` and ``torch.jit``.
+
+A :class:`~torchgloro.GloroNet` checks its input, refreshes its bound when the weights change
+and refuses a backbone edited after it was built: data-dependent Python that tracers cannot
+follow. :func:`deploy` copies the backbone and fixes the bound matrix ``K`` as a buffer, so the
+forward pass is the GloRo formula alone::
+
+    y = f(x)                                  # (B, C)
+    ⊥ = max_{i≠j} (y_i + ε·K[j, i]),  j = argmax y
+
+With ``mode="sound"`` (the default) ``K`` is the proven upper bound, rounded up to float32.
+The deployed net's answers are GloRo predictions: its float round-off of ``y`` is not
+accounted for, so a *certificate* (a promise that holds in floating point) still comes from
+:meth:`GloroNet.certify`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+from torch import nn
+
+from torchgloro import margins
+from torchgloro._certify import eval_mode
+from torchgloro._errors import GloroInputError
+from torchgloro._inputs import epsilon_tensor
+from torchgloro.gloro import GloroNet
+
+__all__ = ["DeployedGloroNet", "deploy"]
+
+
+class DeployedGloroNet(nn.Module):
+    """A backbone plus a fixed ⊥: ``(B, *in_shape)`` → ``(B, C+1)`` logits, with no checks.
+
+    Build it with :func:`deploy`. Buffers: ``class_bounds`` (``(C, C)`` margin bounds, or
+    ``(C,)`` per-class bounds for the basic variant) and ``epsilon`` (0-dim).
+    """
+
+    def __init__(self, backbone: nn.Module, class_bounds: torch.Tensor, epsilon: float) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("class_bounds", class_bounds)
+        self.register_buffer("epsilon", epsilon_tensor(epsilon))  # as GloroNet keeps it
+
+    @property
+    def ABSTAIN(self) -> int:  # noqa: N802 - the same public name as GloroNet's
+        """The index of ⊥ (= C): the deployed net abstains when it wins."""
+        return int(self.class_bounds.shape[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns ``(B, C+1)`` logits: f(x), then ⊥."""
+        y = self.backbone(x)  # (B, C)
+        K = self.class_bounds.to(y.dtype)  # (C, C) or (C,)
+        bot = margins.bottom_logit(y, K, self.epsilon.to(y.dtype))  # (B,)
+        return torch.cat([y, bot.unsqueeze(1)], dim=1)  # (B, C+1)
+
+
+def _round_up_to_float32(k: torch.Tensor) -> torch.Tensor:
+    """The least float32 tensor ≥ ``k`` elementwise (a bound must not shrink when stored)."""
+    k32 = k.to(torch.float32)
+    below = k32.to(k.dtype) < k
+    return torch.where(below, torch.nextafter(k32, torch.full_like(k32, float("inf"))), k32)
+
+
+def deploy(
+    net: GloroNet, mode: Literal["sound", "fast"] = "sound", epsilon: float | None = None
+) -> DeployedGloroNet:
+    """Freezes ``net`` into a :class:`DeployedGloroNet` that ``torch.export`` can trace.
+
+    Args:
+        net: The GloroNet to freeze. It is not changed; later changes to it do not reach the
+            deployed copy.
+        mode: ``"sound"``: the proven bound K (rounded up to float32). ``"fast"``: the
+            converged power-iteration estimate, as ``net.eval()(x)`` uses (a lower estimate;
+            the deployed net's outputs then equal the eval-mode GloroNet's).
+        epsilon: The radius of ⊥; defaults to ``net.epsilon``.
+
+    Returns:
+        The deployed net, in eval mode, on ``net``'s device, with no parameter requiring grad.
+
+    Raises:
+        GloroInputError: For a mode other than ``"sound"`` or ``"fast"``, or ε ≤ 0.
+    """
+    if not isinstance(net, GloroNet):
+        raise GloroInputError(f"deploy needs a GloroNet, got {type(net).__name__}.")
+    if mode not in ("sound", "fast"):
+        raise GloroInputError(f"mode must be 'sound' or 'fast', got {mode!r}.")
+    eps = epsilon_tensor(net.epsilon if epsilon is None else epsilon)  # checks ε > 0
+    with eval_mode(net):  # fast: the converged estimate, not the live training one
+        K = net.lipschitz_constant(mode)  # sound: the proven float64 bound
+    device = net._head_weight().device
+    K = _round_up_to_float32(K.detach()) if mode == "sound" else K.detach().float()
+    backbone = copy.deepcopy(net.backbone).eval().requires_grad_(False)
+    return DeployedGloroNet(backbone, K.to(device), float(eps)).to(device).eval()
