@@ -68,6 +68,17 @@ def _version() -> str:
         return "(not installed)"
 
 
+def _peer_failed(e: RuntimeError) -> bool:
+    """Whether ``e`` is a collective that failed because another torchrun rank exited."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch.distributed as dist
+
+    text = str(e)
+    gone = ("Connection closed by peer", "Connection reset by peer", "remote worker")
+    return isinstance(e, getattr(dist, "DistError", ())) or any(g in text for g in gone)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gloro`` console script."""
     argv = sys.argv[1:] if argv is None else argv
@@ -87,6 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     except GloroError as e:
         print(f"gloro {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if not _peer_failed(e):
+            raise
+        first = str(e).splitlines()[0][:300]
+        print(
+            f"gloro {args.command} (rank {os.environ.get('RANK', '?')}): stopped, as another "
+            f"rank stopped first; that rank's error is above. (This rank saw: {first})",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:  # outside training's own handler (loading data, evaluating)
         hint = " (`gloro train --resume RUN` finishes a run)" if args.command == "train" else ""
         print(f"\ngloro {args.command}: interrupted{hint}.", file=sys.stderr)

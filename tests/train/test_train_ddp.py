@@ -98,3 +98,36 @@ def test_ddp_resume_with_augmentation_is_exact(tmp_path):
     for k in a:
         if k.startswith("model.") and a[k].is_floating_point():
             assert torch.equal(a[k], b[k]) or bool(a[k].isnan().all() and b[k].isnan().all()), k
+
+
+_RANK0_DISK_FULL = """
+import os, sys
+import torchgloro.train.checkpoint as ckpt_io
+from torchgloro.cli import main
+if os.environ["RANK"] == "0":
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    ckpt_io.write_checkpoint = full
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_a_failing_rank_0_leaves_one_line_on_the_others(tmp_path):
+    """Rank 0 cannot write its checkpoint: it names the problem and the fix, and rank 1,
+    whose next collective fails, says so in one line instead of a gloo traceback."""
+    script = tmp_path / "disk_full.py"
+    script.write_text(_RANK0_DISK_FULL)
+    # torchrun's SIGTERM to rank 1 waits for its next look at the workers: 3 s away.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "--monitor-interval", "3", str(script), "train", "--no-progress", "--device",
+           "cpu", "--out", str(tmp_path / "runs"),
+           *[a for s in DDP_SET for a in ("--set", s)]]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "gloro train: error: Could not write the checkpoint" in proc.stderr, proc.stderr
+    assert "--resume" in proc.stderr
+    assert "gloro train (rank 1): stopped, as another rank stopped first" in proc.stderr
+    assert "[rank1]: Traceback" not in proc.stderr and "[rank0]: Traceback" not in proc.stderr

@@ -149,6 +149,30 @@ def test_checkpoint_of_another_architecture_is_refused(tiny):
         train(resume_config(mine, []), resume=mine, progress=False)
 
 
+def test_disk_full_while_checkpointing_keeps_the_last_one(tiny, straight, monkeypatch):
+    """An OSError writing epoch 2's checkpoint: a clear error naming the resume command,
+    epoch 1's checkpoint intact, and a resume that ends bit-identical to a straight run."""
+    import torchgloro.train.checkpoint as ckpt_io
+
+    real, calls = ckpt_io.write_checkpoint, []
+
+    def full_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt_io, "write_checkpoint", full_on_second)
+    with pytest.raises(tg.CheckpointError, match=r"epoch 2 .*No space.*--resume") as err:
+        train(tiny(), progress=False)
+    monkeypatch.setattr(ckpt_io, "write_checkpoint", real)
+    run_dir = err.value.args[0].rsplit("--resume ", 1)[1]
+    assert read_checkpoint(run_dir).epoch == 1
+    done = train(resume_config(run_dir, []), resume=run_dir, progress=False)
+    _assert_identical(_state(straight.run_dir), _state(done.run_dir))
+    assert [int(r["epoch"]) for r in read_metrics(done.run_dir / "metrics.csv")] == [1, 2, 3, 4]
+
+
 class _NanAt(torch.nn.Module):
     def __init__(self, n: int) -> None:
         super().__init__()

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from torchgloro import io, schedules
+from torchgloro._errors import CheckpointError
 from torchgloro.data import Augment, DeviceBatches
 from torchgloro.train import checkpoint as ckpt_io
 from torchgloro.train import distributed as ddp
@@ -195,7 +196,16 @@ class Run:
             # A mid-epoch stop: the time the epoch has taken so far, for its metrics row.
             "partial_seconds": self.carried_seconds + time.time() - self.epoch_t0 if step else 0.0,
         }
-        ckpt_io.write_checkpoint(self.run_dir, self.net, tensors, meta, fresh_bound=fresh)
+        try:
+            ckpt_io.write_checkpoint(self.run_dir, self.net, tensors, meta, fresh_bound=fresh)
+        except CheckpointError:
+            raise
+        except OSError as e:  # disk full, permissions: the files in place are whole (atomic)
+            raise CheckpointError(
+                f"Could not write the checkpoint of epoch {epoch} in {self.run_dir}: {e}. The "
+                f"checkpoint already there (if any) is intact, as writes are atomic. Free space "
+                f"or fix the permissions, then continue with: gloro train --resume {self.run_dir}"
+            ) from e
 
     def save_mid_epoch(self, epoch: int, step: int) -> None:
         """Checkpoints a stopped epoch at ``step``, with every rank's partial sums."""
