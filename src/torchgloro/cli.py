@@ -98,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     except GloroError as e:
         print(f"gloro {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions, a path gone: no traceback to read
+        print(
+            f"gloro {args.command}: error: {e} (an operating-system error: check that path, "
+            f"the free space and the permissions).",
+            file=sys.stderr,
+        )
+        return 1
     except RuntimeError as e:
         if not _peer_failed(e):
             raise

@@ -416,3 +416,19 @@ def test_a_resumed_epoch_counts_its_time_before_the_stop(tiny, monkeypatch):
     rows = read_metrics(done.run_dir / "metrics.csv")
     assert rows[1]["epoch"] == 2 and rows[1]["seconds"] >= 1.0
     assert rows[2]["seconds"] < rows[1]["seconds"]  # a fresh epoch starts from zero
+
+
+def test_cli_reports_os_errors_in_one_line(monkeypatch, tmp_path, capsys):
+    """The CLI turns an OSError (here the report, written at the end) into one line."""
+    import torchgloro.train._run as run_mod
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "report.md")
+
+    monkeypatch.setattr(run_mod, "write_report", denied)
+    sets = ["data.train_subset=256", "run.epochs=1", f"run.out={tmp_path / 'cli'}"]
+    argv = ["train", "--no-progress", *[a for s in sets for a in ("--set", s)]]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "gloro train: error: [Errno 13] Permission denied: 'report.md'" in err
+    assert "operating-system error" in err and "Traceback" not in err
