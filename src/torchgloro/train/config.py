@@ -12,10 +12,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import json
 import math
 import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -23,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from torchgloro._errors import ConfigError
+from torchgloro.train._coerce import coerce
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -219,78 +218,6 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
-
-
-def _coerce(key: str, value: Any, tp: Any, from_text: bool) -> Any:
-    """Converts ``value`` (TOML-native, or a string from ``--set``) to the type ``tp``."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    bad = ConfigError(f"{key}: cannot use {value!r} as {getattr(tp, '__name__', tp)}.")
-    if origin in (typing.Union, getattr(types, "UnionType", typing.Union)):
-        inner = [a for a in args if a is not type(None)]
-        if from_text and str(value).strip().lower() in ("", "none", "null"):
-            return None
-        return _coerce(key, value, inner[0], from_text)
-    if origin is dict or tp is dict:
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                raise bad from None
-        if not isinstance(value, dict):
-            raise bad
-        return dict(value)
-    if origin is tuple:
-        if isinstance(value, str):
-            text = value.strip().strip("()[]")
-            value = [v for v in (p.strip() for p in text.split(",")) if v]
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} values, e.g. 0.9,0.999; got {value!r}.")
-        return tuple(_coerce(key, v, a, True) for v, a in zip(value, args))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise bad
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                f = float(value)
-            except ValueError:
-                raise bad from None
-            if f.is_integer():
-                return int(f)
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
-    if tp is str:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):  # e.g. lam_schedule = 1.2
-            return repr(value) if isinstance(value, float) else str(value)
-        if isinstance(value, str):
-            return value
-        raise bad
-    raise bad  # pragma: no cover
-
-
 def _set(cfg: TrainConfig, dotted: str, value: Any, from_text: bool) -> None:
     section, _, name = dotted.partition(".")
     if section not in _SECTIONS or not name:
@@ -298,7 +225,7 @@ def _set(cfg: TrainConfig, dotted: str, value: Any, from_text: bool) -> None:
     types = _field_types(_SECTIONS[section])
     if name not in types:
         raise ConfigError(f"Unknown config key {dotted!r}{_suggest(dotted, _all_keys())}.")
-    setattr(getattr(cfg, section), name, _coerce(dotted, value, types[name], from_text))
+    setattr(getattr(cfg, section), name, coerce(dotted, value, types[name], from_text))
 
 
 def config_from_dict(data: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
