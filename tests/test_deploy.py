@@ -8,6 +8,9 @@ import torch
 import torchgloro as tg
 from torchgloro.deploy import _round_up_to_float32
 
+# torch.jit still traces in torch 2.13, which calls it deprecated: tested while it works.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
+
 
 def _net(lipschitz: str = "margin") -> tg.GloroNet:
     f = tg.create_model("minicnn", (1, 8, 8), 10)
@@ -97,5 +100,12 @@ def test_deploy_bad_arguments(kwargs, match):
 
 
 def test_deploy_needs_a_gloronet():
-    with pytest.raises(tg.GloroInputError, match="GloroNet"):
+    with pytest.raises(tg.GloroInputError, match=r"GloroNet\(backbone"):
         tg.deploy(tg.create_model("minicnn", (1, 8, 8), 10))
+
+
+def test_deploy_unwraps_compile_and_data_parallel():
+    net, x = _net(), torch.rand(2, 1, 8, 8)
+    want = tg.deploy(net, mode="fast")(x)
+    for wrapped in (torch.compile(net), torch.nn.DataParallel(net)):
+        assert torch.equal(tg.deploy(wrapped, mode="fast")(x), want)

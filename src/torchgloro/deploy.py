@@ -64,14 +64,30 @@ def _round_up_to_float32(k: torch.Tensor) -> torch.Tensor:
     return torch.where(below, torch.nextafter(k32, torch.full_like(k32, float("inf"))), k32)
 
 
+def _unwrap(net: nn.Module) -> GloroNet:
+    """The GloroNet inside ``torch.compile``, DDP or ``nn.DataParallel`` wrappers."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while not isinstance(net, GloroNet):
+        if isinstance(net, wrappers):
+            net = net.module
+        elif isinstance(getattr(net, "_orig_mod", None), nn.Module):  # torch.compile
+            net = net._orig_mod
+        else:
+            raise GloroInputError(
+                f"deploy needs a GloroNet, got {type(net).__name__}; wrap the backbone first: "
+                f"torchgloro.GloroNet(backbone, epsilon)."
+            )
+    return net
+
+
 def deploy(
     net: GloroNet, mode: Literal["sound", "fast"] = "sound", epsilon: float | None = None
 ) -> DeployedGloroNet:
     """Freezes ``net`` into a :class:`DeployedGloroNet` that ``torch.export`` can trace.
 
     Args:
-        net: The GloroNet to freeze. It is not changed; later changes to it do not reach the
-            deployed copy.
+        net: The GloroNet to freeze (also inside ``torch.compile``, DDP or DataParallel). It
+            is not changed; later changes to it do not reach the deployed copy.
         mode: ``"sound"``: the proven bound K (rounded up to float32). ``"fast"``: the
             converged power-iteration estimate, as ``net.eval()(x)`` uses (a lower estimate;
             the deployed net's outputs then equal the eval-mode GloroNet's).
@@ -83,8 +99,7 @@ def deploy(
     Raises:
         GloroInputError: For a mode other than ``"sound"`` or ``"fast"``, or ε ≤ 0.
     """
-    if not isinstance(net, GloroNet):
-        raise GloroInputError(f"deploy needs a GloroNet, got {type(net).__name__}.")
+    net = _unwrap(net)
     if mode not in ("sound", "fast"):
         raise GloroInputError(f"mode must be 'sound' or 'fast', got {mode!r}.")
     eps = epsilon_tensor(net.epsilon if epsilon is None else epsilon)  # checks ε > 0
