@@ -25,8 +25,9 @@ def test_tracing_a_gloronet_names_deploy():
     net, x = _net(), torch.rand(2, 1, 8, 8)
     with pytest.raises(tg.GloroError, match=r"torchgloro\.deploy"):
         torch.jit.trace(net, x)
-    with pytest.raises(tg.GloroError, match=r"torchgloro\.deploy"):
-        torch.export.export(net, (x,))
+    if hasattr(torch.compiler, "is_exporting"):  # torch >= 2.5
+        with pytest.raises(tg.GloroError, match=r"torchgloro\.deploy"):
+            torch.export.export(net, (x,))
     assert net(x).shape == (2, 11)  # the eager net is unaffected
 
 
@@ -109,3 +110,45 @@ def test_deploy_unwraps_compile_and_data_parallel():
     want = tg.deploy(net, mode="fast")(x)
     for wrapped in (torch.compile(net), torch.nn.DataParallel(net)):
         assert torch.equal(tg.deploy(wrapped, mode="fast")(x), want)
+
+
+def test_deploy_leaves_a_training_net_unchanged():
+    """Found by a review: deploying a stale net refreshed its iterates, which changed the
+    rest of a training run that deployed mid-way."""
+    net = _net().train()
+    with torch.no_grad():
+        next(net.parameters()).mul_(1.5)  # the frozen constants are now stale
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    tg.deploy(net, mode="fast")
+    tg.deploy(net)
+    after = net.state_dict()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]) or bool(v.isnan().all() and after[k].isnan().all()), k
+    assert net.training
+
+
+def test_deploy_keeps_dtypes():
+    """Found by a review: casting K to the logits' dtype rounded the bound down under bf16
+    autocast, and .half() shrank it and ε; a float64 net's K was cut to float32."""
+    net, x = _net(), torch.rand(4, 1, 8, 8)
+    d = tg.deploy(net)
+    k, eps = d.class_bounds.clone(), d.epsilon.clone()
+    d.half()
+    assert torch.equal(d.class_bounds, k) and torch.equal(d.epsilon, eps)
+    d.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = d(x)
+    assert out.dtype == torch.float32  # ⊥ in float32, K not rounded to bfloat16
+    net64 = _net().double()
+    x64 = x.double()
+    assert torch.equal(tg.deploy(net64, mode="fast")(x64), net64(x64))
+    assert tg.deploy(net64).class_bounds.dtype == torch.float64
+
+
+def test_sound_deploy_rounds_epsilon_up():
+    net = _net()
+    for value in (0.7, 0.1, 1 / 3):  # none is a float32 number
+        assert float(tg.deploy(net, epsilon=value).epsilon) >= value
+    assert float(tg.deploy(net, mode="fast", epsilon=0.7).epsilon) == float(
+        torch.tensor(0.7, dtype=torch.float32)
+    )

@@ -25,7 +25,7 @@ from torch import nn
 from torchgloro import margins
 from torchgloro._certify import eval_mode
 from torchgloro._errors import GloroInputError
-from torchgloro._inputs import epsilon_tensor
+from torchgloro._inputs import check_epsilon, epsilon_tensor
 from torchgloro.gloro import GloroNet
 
 __all__ = ["DeployedGloroNet", "deploy"]
@@ -35,14 +35,26 @@ class DeployedGloroNet(nn.Module):
     """A backbone plus a fixed ⊥: ``(B, *in_shape)`` → ``(B, C+1)`` logits, with no checks.
 
     Build it with :func:`deploy`. Buffers: ``class_bounds`` (``(C, C)`` margin bounds, or
-    ``(C,)`` per-class bounds for the basic variant) and ``epsilon`` (0-dim).
+    ``(C,)`` per-class bounds for the basic variant) and ``epsilon`` (0-dim). Both keep their
+    dtype through ``.to()``/``.half()`` (a bound rounded to float16 could shrink), and ⊥ is
+    computed in the wider of their dtype and the logits'.
     """
 
-    def __init__(self, backbone: nn.Module, class_bounds: torch.Tensor, epsilon: float) -> None:
+    def __init__(
+        self, backbone: nn.Module, class_bounds: torch.Tensor, epsilon: torch.Tensor
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.register_buffer("class_bounds", class_bounds)
-        self.register_buffer("epsilon", epsilon_tensor(epsilon))  # as GloroNet keeps it
+        self.register_buffer("epsilon", epsilon)
+
+    def _apply(self, fn, *args, **kwargs):
+        """Moves the bound and ε with the net, keeping their dtypes."""
+        keep = {k: self._buffers[k].detach().clone() for k in ("class_bounds", "epsilon")}
+        out = super()._apply(fn, *args, **kwargs)
+        for k, v in keep.items():
+            self._buffers[k] = v.to(self._buffers[k].device)
+        return out
 
     @property
     def ABSTAIN(self) -> int:  # noqa: N802 - the same public name as GloroNet's
@@ -50,10 +62,9 @@ class DeployedGloroNet(nn.Module):
         return int(self.class_bounds.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Returns ``(B, C+1)`` logits: f(x), then ⊥."""
+        """Returns ``(B, C+1)`` logits: f(x), then ⊥ (in the wider dtype, see above)."""
         y = self.backbone(x)  # (B, C)
-        K = self.class_bounds.to(y.dtype)  # (C, C) or (C,)
-        bot = margins.bottom_logit(y, K, self.epsilon.to(y.dtype))  # (B,)
+        bot = margins.bottom_logit(y, self.class_bounds, self.epsilon)  # (B,)
         return torch.cat([y, bot.unsqueeze(1)], dim=1)  # (B, C+1)
 
 
@@ -87,10 +98,12 @@ def deploy(
 
     Args:
         net: The GloroNet to freeze (also inside ``torch.compile``, DDP or DataParallel). It
-            is not changed; later changes to it do not reach the deployed copy.
-        mode: ``"sound"``: the proven bound K (rounded up to float32). ``"fast"``: the
-            converged power-iteration estimate, as ``net.eval()(x)`` uses (a lower estimate;
-            the deployed net's outputs then equal the eval-mode GloroNet's).
+            is not changed (the bound is computed on a copy, power iterations included);
+            later changes to it do not reach the deployed copy.
+        mode: ``"sound"``: the proven bound K and ε, both rounded up to float32 (kept in
+            float64 for a float64 net). ``"fast"``: the converged power-iteration estimate
+            that ``net.eval()(x)`` uses (a lower estimate); the deployed net's float32 and
+            float64 outputs then equal the eval-mode GloroNet's.
         epsilon: The radius of ⊥; defaults to ``net.epsilon``.
 
     Returns:
@@ -102,10 +115,15 @@ def deploy(
     net = _unwrap(net)
     if mode not in ("sound", "fast"):
         raise GloroInputError(f"mode must be 'sound' or 'fast', got {mode!r}.")
-    eps = epsilon_tensor(net.epsilon if epsilon is None else epsilon)  # checks ε > 0
-    with eval_mode(net):  # fast: the converged estimate, not the live training one
-        K = net.lipschitz_constant(mode)  # sound: the proven float64 bound
-    device = net._head_weight().device
-    K = _round_up_to_float32(K.detach()) if mode == "sound" else K.detach().float()
-    backbone = copy.deepcopy(net.backbone).eval().requires_grad_(False)
-    return DeployedGloroNet(backbone, K.to(device), float(eps)).to(device).eval()
+    value = check_epsilon(net.epsilon if epsilon is None else epsilon)
+    eps = epsilon_tensor(value)  # float32, as GloroNet keeps it
+    frozen = copy.deepcopy(net)  # a refresh of stale iterates must not change ``net``
+    with eval_mode(frozen):  # fast: the converged estimate, not the live training one
+        K = frozen.lipschitz_constant(mode).detach()  # sound: the proven float64 bound
+    if mode == "sound":  # stored rounded up, unless the net itself runs in float64
+        if frozen._head_weight().dtype != torch.float64:
+            K = _round_up_to_float32(K)
+        eps = _round_up_to_float32(torch.tensor(value, dtype=torch.float64))
+    backbone = frozen.backbone.eval().requires_grad_(False)
+    device = frozen._head_weight().device
+    return DeployedGloroNet(backbone, K.to(device), eps.to(device)).eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -84,7 +85,13 @@ def atomic_save_tensors(
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata)
+        except SafetensorError as e:  # a full disk, as safetensors reports it (not an OSError)
+            code = re.search(r"code: (\d+)", str(e))
+            if code:
+                raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from e
+            raise OSError(f"cannot write {path}: {e}") from e
         with open(tmp, "rb") as f:  # on disk before the rename makes it the file
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)

@@ -152,20 +152,25 @@ def test_checkpoint_of_another_architecture_is_refused(tiny):
 def test_disk_full_while_checkpointing_keeps_the_last_one(tiny, straight, monkeypatch):
     """An OSError writing epoch 2's checkpoint: a clear error naming the resume command,
     epoch 1's checkpoint intact, and a resume that ends bit-identical to a straight run."""
-    import torchgloro.train.checkpoint as ckpt_io
+    from safetensors import SafetensorError
 
-    real, calls = ckpt_io.write_checkpoint, []
+    import torchgloro.io as tg_io
 
-    def full_on_second(*args, **kwargs):
-        calls.append(1)
+    real, calls = tg_io.save_file, []
+
+    def full_on_second(tensors, filename, *args, **kwargs):  # as safetensors reports it
+        calls.extend([1] if ".checkpoint.safetensors." in str(filename) else [])
         if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        return real(*args, **kwargs)
+            raise SafetensorError(
+                "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                '"No space left on device" })'
+            )
+        return real(tensors, filename, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt_io, "write_checkpoint", full_on_second)
+    monkeypatch.setattr(tg_io, "save_file", full_on_second)
     with pytest.raises(tg.CheckpointError, match=r"epoch 2 .*No space.*--resume") as err:
         train(tiny(), progress=False)
-    monkeypatch.setattr(ckpt_io, "write_checkpoint", real)
+    monkeypatch.setattr(tg_io, "save_file", real)
     run_dir = err.value.args[0].rsplit("--resume ", 1)[1]
     assert read_checkpoint(run_dir).epoch == 1
     done = train(resume_config(run_dir, []), resume=run_dir, progress=False)

@@ -201,8 +201,9 @@ class Run:
         except CheckpointError:
             raise
         except OSError as e:  # disk full, permissions: the files in place are whole (atomic)
+            where = f"epoch {epoch + 1}, step {step}" if step else f"epoch {epoch}"
             raise CheckpointError(
-                f"Could not write the checkpoint of epoch {epoch} in {self.run_dir}: {e}. The "
+                f"Could not write the checkpoint of {where} in {self.run_dir}: {e}. The "
                 f"checkpoint already there (if any) is intact, as writes are atomic. Free space "
                 f"or fix the permissions, then continue with: gloro train --resume {self.run_dir}"
             ) from e
