@@ -17,16 +17,18 @@ import math
 
 import torch
 
+from torchgloro import margins
+
 U64 = 2.0**-53  # unit round-off of IEEE binary64, round to nearest
 TINY = 2.0**-1000  # absolute allowance for underflow (subnormals), far above n·2^-1074
 
 
 def gamma(n: int, u: float = U64) -> float:
     """Higham's ``γ_n = n·u / (1 − n·u)``, rounded up generously."""
-    nu = n * u
-    if nu >= 0.5:
-        raise ValueError(f"gamma({n}) undefined: n·u = {nu} is not small")
-    return math.nextafter(nu / (1.0 - nu) * (1.0 + 4 * U64), math.inf)
+    g = margins.gamma(n, u)
+    if math.isinf(g):
+        raise ValueError(f"gamma({n}) undefined: n·u = {n * u} is not small")
+    return math.nextafter(g * (1.0 + 4 * U64), math.inf)
 
 
 def _hermitian_from_lower(g: torch.Tensor) -> torch.Tensor:

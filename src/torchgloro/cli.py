@@ -68,9 +68,13 @@ def _version() -> str:
         return "(not installed)"
 
 
+def _under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _peer_failed(e: RuntimeError) -> bool:
     """Whether ``e`` is a collective that failed because another torchrun rank exited."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not _under_torchrun():
         return False
     # What gloo says when the other end of a collective has exited. Anything else (this
     # rank's own NCCL error, a watchdog timeout) keeps its traceback.
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 2
     try:
-        if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if args.command != "train" and _under_torchrun():
             raise GloroError(
                 f"gloro {args.command} runs in one process; under torchrun every rank would "
                 f"repeat the whole job and write the same files. Run it without torchrun."

@@ -26,7 +26,7 @@ from torchgloro import margins
 from torchgloro._certify import eval_mode
 from torchgloro._errors import GloroInputError
 from torchgloro._inputs import check_epsilon, epsilon_tensor
-from torchgloro.gloro import GloroNet
+from torchgloro.gloro import GloroNet, apply_keeping_dtypes
 
 __all__ = ["DeployedGloroNet", "deploy"]
 
@@ -50,11 +50,7 @@ class DeployedGloroNet(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         """Moves the bound and ε with the net, keeping their dtypes."""
-        keep = {k: self._buffers[k].detach().clone() for k in ("class_bounds", "epsilon")}
-        out = super()._apply(fn, *args, **kwargs)
-        for k, v in keep.items():
-            self._buffers[k] = v.to(self._buffers[k].device)
-        return out
+        return apply_keeping_dtypes(self, ("class_bounds", "epsilon"), fn, *args, **kwargs)
 
     @property
     def ABSTAIN(self) -> int:  # noqa: N802 - the same public name as GloroNet's

@@ -27,12 +27,22 @@ from torchgloro.lipschitz import (
     trace_input_shapes,
 )
 
-__all__ = ["GloroNet", "Certificate", "check_epsilon"]
+__all__ = ["GloroNet", "Certificate"]
 
 Mode = Literal["sound", "fast"]
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
 Precision = Literal["auto", "float64"]
 Variant = Literal["margin", "basic"]
+
+
+def apply_keeping_dtypes(module: nn.Module, names, fn, *args, **kwargs) -> nn.Module:
+    """``nn.Module._apply`` (what ``.to()``/``.half()`` call) that moves the buffers
+    ``names`` to the new device but keeps their dtype."""
+    keep = {k: module._buffers[k].detach().clone() for k in names}
+    out = nn.Module._apply(module, fn, *args, **kwargs)
+    for k, v in keep.items():
+        module._buffers[k] = v.to(module._buffers[k].device)
+    return out
 
 
 def _fixed_setting(name: str, what: str) -> property:
@@ -136,11 +146,7 @@ class GloroNet(nn.Module):
         """``.to()``, ``.half()``, ``.double()`` ... move ε and the frozen bound with the
         net but keep them float32: ``.half()`` turned ε = 0.1 into 0.09998, a smaller radius
         than the one asked for, then saved as the model's ε."""
-        keep = {k: self._buffers[k].detach().clone() for k in ("_epsilon", "_frozen_k_pen")}
-        out = super()._apply(fn, *args, **kwargs)
-        for k, v in keep.items():
-            self._buffers[k] = v.to(self._buffers[k].device)
-        return out
+        return apply_keeping_dtypes(self, ("_epsilon", "_frozen_k_pen"), fn, *args, **kwargs)
 
     def __getstate__(self) -> dict:
         """Copies and pickles drop ``last_class_bounds``: a tensor of the last training graph

@@ -26,6 +26,7 @@ from torch import nn
 from torchgloro import margins, sound
 from torchgloro._certify import cudnn_off, float64_safe, ieee_arithmetic, norm_upper64
 from torchgloro._errors import GloroInputError
+from torchgloro._inputs import check_epsilon
 from torchgloro._sound_conv import explicit_matrix
 from torchgloro._sound_linalg import gamma, sigma_max_upper
 from torchgloro.activations import GroupSort
@@ -250,8 +251,6 @@ def _local_one(plan: _Plan, x1: torch.Tensor, eps: float):
 
 
 def _check(net, x: torch.Tensor, epsilon: float) -> float:
-    from torchgloro.gloro import check_epsilon
-
     eps = check_epsilon(epsilon)
     net._check_input(x, check_finite=True)
     return eps

@@ -343,7 +343,9 @@ class Run:
 
     def report_stop(self, why: str) -> None:
         if self.env.is_main:
-            write_report(self.run_dir, self.history, dump_config(self.cfg), None)
+            write_report(
+                self.run_dir, self.history, dump_config(self.cfg), None, self.cfg.gloro.epsilon_test
+            )
             again = (
                 f"torchrun --nproc_per_node {self.env.world_size} -m torchgloro.cli train"
                 if self.env.enabled
@@ -376,7 +378,8 @@ class Run:
             "best_epoch": self.best["epoch"],
         }
         if env.is_main:
-            write_report(self.run_dir, self.history, dump_config(self.cfg), final)
+            eps_test = cfg.gloro.epsilon_test
+            write_report(self.run_dir, self.history, dump_config(cfg), final, eps_test)
             self.say(f"\nFinished {cfg.run.epochs} epochs ({time.time() - t_start:.1f} s).")
             self.say(summary_text(final, self.run_dir))
             sys.stdout.flush()

@@ -173,19 +173,6 @@ def _plot(rows: Sequence[dict[str, float]], keys, labels, title, path, ylabel, l
     plt.close(fig)
 
 
-def _epsilon_test(config_text: str) -> float | None:
-    """``gloro.epsilon_test`` of a resolved config (None if absent or unreadable)."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        value = tomllib.loads(config_text).get("gloro", {}).get("epsilon_test")
-    except (tomllib.TOMLDecodeError, AttributeError):
-        return None
-    return float(value) if isinstance(value, (int, float)) and value > 0 else None
-
-
 _FINAL_HEADING = "## Final results"
 
 
@@ -198,13 +185,17 @@ def has_final_results(run_dir: Path) -> bool:
 
 
 def write_report(
-    run_dir: Path, rows: Sequence[dict[str, float]], config_text: str, final: dict | None
+    run_dir: Path,
+    rows: Sequence[dict[str, float]],
+    config_text: str,
+    final: dict | None,
+    epsilon_test: float | None = None,
 ) -> None:
-    """Writes ``report.md`` and its PNG plots (loss, accuracy/VRA, Lipschitz bound)."""
+    """Writes ``report.md`` and its PNG plots (loss, accuracy/VRA at ``epsilon_test``,
+    Lipschitz bound)."""
     run_dir = Path(run_dir)
     if rows:
-        eps = _epsilon_test(config_text)
-        at = f" at ε = {eps:g}" if eps is not None else ""
+        at = f" at ε = {epsilon_test:g}" if epsilon_test is not None else ""
         _plot(rows, ["train_loss"], ["train loss"], "Training loss", run_dir / "loss.png", "loss")
         _plot(
             rows,
