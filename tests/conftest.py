@@ -6,11 +6,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from _numeric_guard import numeric_state_guard  # noqa: F401 - autouse: guards every test
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 MNIST_DIR = SHARED / "mnist"
 CIFAR_NPZ = SHARED / "cifar10" / "cifar10-train50k-test1k.npz"
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Names the random test order (pytest-randomly), also under ``-q``, to replay it."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int):
+        terminalreporter.write_line(
+            f"test order: random; replay it with: python -m pytest -q --randomly-seed={seed}"
+        )
 
 
 def pytest_configure(config):

@@ -24,18 +24,21 @@ Radii from steps 1–2 are proven but smaller than float64's by about the allowa
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
-import numpy as np
 import torch
 from torch import nn
 
 from torchgloro import margins
 from torchgloro._errors import GloroInputError
+from torchgloro._fp_env import (  # noqa: F401 - re-exported: the names callers import from here
+    autocast_off,
+    gradual_underflow,
+    ieee_arithmetic,
+    ieee_precision,
+    no_autocast,
+)
 from torchgloro._weight_cache import HeadRoundoff, SoundState
 from torchgloro.lipschitz import backend_off, flatten_layers
 
@@ -73,32 +76,6 @@ _F32_SAFE = 1e36
 F64_SAFE = 1e300
 
 
-_F = TypeVar("_F", bound=Callable)
-
-
-@contextlib.contextmanager
-def no_autocast():
-    """Autocast off on the CPU and CUDA for the enclosed block.
-
-    A caller's ``torch.autocast`` would run the float32 backbone's convolutions and matrix
-    products in bfloat16 or float16, whose round-off the float32 model does not cover, and
-    the power iteration and proven bounds at that precision too.
-    """
-    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-        yield
-
-
-def autocast_off(fn: _F) -> _F:
-    """Decorates ``fn`` to run under :func:`no_autocast`."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with no_autocast():
-            return fn(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
-
-
 @contextlib.contextmanager
 def strict_fp32():
     """Plain IEEE float32 arithmetic for the enclosed forward pass.
@@ -106,62 +83,13 @@ def strict_fp32():
     Autocast is off (:func:`no_autocast`). cuDNN and NNPACK are switched off (they pick
     TF32, FFT and Winograd algorithms, whose errors the per-layer model does not cover); CUDA
     falls back to im2col and cuBLAS GEMMs. Matrix products on CUDA and oneDNN run in full
-    float32 precision (no TF32 or bfloat16). On the CPU, PyTorch's oneDNN convolutions use the
-    direct algorithm (ideep's default), which computes each output as a sum of products.
+    float32 precision (:func:`~torchgloro._fp_env.ieee_precision`: no TF32 or bfloat16, the
+    caller's settings restored exactly afterwards). On the CPU, PyTorch's oneDNN convolutions
+    use the direct algorithm (ideep's default), which computes each output as a sum of
+    products.
     """
-    saved = []
-    for owner in _precision_owners():
-        saved.append((owner, owner.fp32_precision))
-        owner.fp32_precision = "ieee"
-    legacy = None
-    if not saved:  # PyTorch before the fp32_precision API
-        legacy = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32)
-        torch.set_float32_matmul_precision("highest")
-        torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with cudnn_off(), _no_nnpack(), no_autocast():
-            yield
-    finally:
-        for owner, value in saved:
-            owner.fp32_precision = value
-        if legacy is not None:
-            torch.set_float32_matmul_precision(legacy[0])
-            torch.backends.cuda.matmul.allow_tf32 = legacy[1]
-
-
-@contextlib.contextmanager
-def gradual_underflow():
-    """IEEE subnormals for the enclosed block on this thread.
-
-    ``torch.set_flush_denormal(True)`` makes the CPU read subnormal inputs as 0 and flush
-    subnormal results to 0 (DAZ/FTZ): a subnormal weight times a huge activation is then
-    lost whole, outside the round-off model (relative γ_n plus a tiny absolute term per
-    layer). It is switched off here, and back on afterwards if it was on.
-    """
-    flushing = bool(_SUBNORMAL * _ONE == 0)  # numpy's scalar product runs on this thread
-    if flushing:
-        torch.set_flush_denormal(False)
-    try:
+    with ieee_precision(), cudnn_off(), _no_nnpack(), no_autocast():
         yield
-    finally:
-        if flushing:
-            torch.set_flush_denormal(True)
-
-
-# The smallest float32 subnormal, made from its bits: arithmetic at import time would give 0
-# if the importing thread already flushed denormals.
-_SUBNORMAL, _ONE = np.array([1], dtype=np.uint32).view(np.float32)[0], np.float32(1.0)
-
-
-def ieee_arithmetic(fn: _F) -> _F:
-    """Decorates ``fn`` to run with autocast off and IEEE subnormals (proofs assume both)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with no_autocast(), gradual_underflow():
-            return fn(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
 
 
 @contextlib.contextmanager
@@ -190,16 +118,6 @@ def _no_nnpack() -> contextlib.AbstractContextManager:
     """NNPACK (a CPU convolution backend) may pick Winograd or FFT algorithms: off."""
     nnpack = getattr(torch.backends, "nnpack", None)
     return nnpack.flags(enabled=False) if nnpack is not None else contextlib.nullcontext()
-
-
-def _precision_owners() -> list:
-    b = torch.backends
-    owners = [
-        getattr(getattr(b, "cuda", None), "matmul", None),
-        getattr(getattr(b, "mkldnn", None), "matmul", None),
-        getattr(getattr(b, "mkldnn", None), "conv", None),
-    ]
-    return [o for o in owners if o is not None and hasattr(o, "fp32_precision")]
 
 
 @autocast_off

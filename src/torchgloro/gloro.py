@@ -239,7 +239,7 @@ class GloroNet(nn.Module):
         return self._epsilon.new_ones(()) if k is None else k
 
     @torch.compiler.disable  # a data-dependent convergence loop: nothing for a compiler
-    @autocast_off
+    @ieee_arithmetic  # the frozen K: the same whatever precision the caller set
     @torch.no_grad()
     def refresh(self, converge: bool = True, tol: float = 1e-5) -> torch.Tensor:
         """Runs power iteration (to convergence by default) and freezes the fast constants.
@@ -293,6 +293,7 @@ class GloroNet(nn.Module):
             )
         return self._sound_cache
 
+    @ieee_arithmetic  # certified quantities do not depend on the caller's precision settings
     def lipschitz_constant(self, mode: Mode = "sound") -> torch.Tensor:
         """The Lipschitz bounds used to build ⊥.
 
