@@ -16,8 +16,9 @@
 #   B. with the time left, on the idle GPU: seconds per epoch of mnist-2c2f-gloro (eager, and
 #      with torch.compile mode reduce-overhead) and -plus (TIMING_EPOCHS each, schedules
 #      scaled), then train_overhead and certify_overhead.
-# What comes back in $OUT (8 files at most): log.txt, pytest-cuda.log, bench.tgz (timing
-# runs and overhead JSONs) and each run folder, with its result JSON, as <recipe>.tgz.00,
+#   0. (CPU_SUITE=1 only, first) the CPU test suite on this machine's CPUs (issue 33).
+# What comes back in $OUT (8 files at most): log.txt, pytest-cuda.log, pytest-cpu.log,
+# bench.tgz (timing runs and overhead JSONs) and each run folder, with its result JSON, as <recipe>.tgz.00,
 # .01, ... (about 31 MB for a 4C3F run: two runs at most fit the 64 MiB that come back).
 # Nothing written on the machine outlives the call reliably: pack everything into $OUT.
 set -uo pipefail
@@ -59,6 +60,15 @@ fi
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 work=$(mktemp -d) && mkdir -p "$work/bench" "$work/runs"
 gloro=(python3 -m torchgloro.cli)
+
+if [ "${CPU_SUITE:-0}" = 1 ]; then
+    # Issue 33: the CPU suite on this machine's CPUs, whose flags (AMX, AVX512-BF16) differ
+    # from the developers'. Opt-in (CPU_SUITE=1): it takes most of one call on 16 cores.
+    echo "== 0. CPU suite; CPU flags: $(grep -o 'amx_bf16\|avx512_bf16\|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+    timeout $(($(left) - 60)) env CUDA_VISIBLE_DEVICES= python3 -m pytest -q -p no:cacheprovider \
+        >"$OUT/pytest-cpu.log" 2>&1
+    tail -6 "$OUT/pytest-cpu.log"
+fi
 
 echo "== A. full recipes side by side: $RECIPES ($(left) s left)"
 train_end=$((T0 + BUDGET - TRAIN_RESERVE))
