@@ -340,3 +340,14 @@ def test_dtype_casts_keep_epsilon_as_given(cast, tmp_path):
     assert net.backbone[0].weight.dtype != torch.float32  # the weights did follow the cast
     net.epsilon = 0.3
     assert net.epsilon == float(torch.tensor(0.3))
+
+
+@pytest.mark.parametrize("eps", [0.7, 0.9, 0.3])
+def test_the_stored_epsilon_is_never_below_the_one_given(eps):
+    """Issue #30, item 5: ε = 0.7 was stored as float32 rounded to nearest, 0.699999988, so
+    certify and predict covered a smaller ball than asked for."""
+    net = tg.GloroNet(tg.create_model("minicnn", (1, 8, 8), 10), eps)
+    assert net.epsilon >= eps and net.epsilon == pytest.approx(eps, rel=1e-7)
+    net.epsilon = eps  # the setter too (schedules set it per batch)
+    assert net.epsilon >= eps
+    assert net.certify(torch.rand(2, 1, 8, 8)).epsilon >= eps
