@@ -192,3 +192,16 @@ def test_other_layer_kinds_are_bounded_soundly():
         for j in range(4):
             quot = ((a[:, j : j + 1] - a) - (c[:, j : j + 1] - c)).abs() / dist[:, None]
             assert bool((quot <= K[b, j] * (1 + 1e-9) + 1e-12).all())
+
+
+@pytest.mark.parametrize(
+    ("p", "q", "x_norm"), [(0.0, 0.7, 0.0), (0.0, 3e-50, 0.0), (0.1, 0.0, 7.0)]
+)
+def test_the_local_error_bound_is_a_float64_upper_bound(p, q, x_norm):
+    """Issue #30, item 3: ``_err`` built its bound as float32 rounded to nearest: 0.7 became
+    0.69999999 (below the bound) and 3e-50 became 0."""
+    from torchgloro.local import _err, _Step
+
+    step = _Step("affine", nn.Identity(), 1.0, (p, q))
+    err = _err(step, x_norm)
+    assert err.dtype == torch.float64 and float(err) >= p * x_norm + q > 0

@@ -233,9 +233,11 @@ def _one(plan: _Plan, x: torch.Tensor, eps: float):
 
 
 def _err(step: _Step, x_norm: float) -> torch.Tensor:
-    """Upper bound on ‖fl(h) − h‖₂ (hence on each coordinate) after this prefix."""
+    """Upper bound on ‖fl(h) − h‖₂ (hence on each coordinate) after this prefix: float64,
+    rounded up (a float32 tensor would round it to nearest, below the bound or to 0)."""
     p, q = step.err
-    return torch.tensor(margins.round_up(margins.round_up(p * x_norm, 1) + q, 1))
+    bound = margins.round_up(margins.round_up(p * x_norm, 1) + q, 1)
+    return torch.tensor(bound, dtype=torch.float64)
 
 
 @torch.no_grad()
