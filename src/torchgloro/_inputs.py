@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from torchgloro._certify import NON_FINITE_INPUT
 from torchgloro._errors import GloroInputError
@@ -15,6 +16,7 @@ __all__ = [
     "round_up_to_float32",
     "check_input",
     "check_one_label_each",
+    "unshared",
 ]
 
 
@@ -77,3 +79,11 @@ def check_one_label_each(x: torch.Tensor, y: torch.Tensor) -> None:
         raise GloroInputError(
             f"x has {x.shape[0]} points but y has shape {tuple(y.shape)}: one label per point."
         )
+
+
+def unshared(x: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
+    """``x``, or a copy of it where a layer of ``backbone`` writes its input in place
+    (``nn.ReLU(inplace=True)``): certifying must not change the caller's data."""
+    if any(getattr(m, "inplace", False) for m in backbone.modules()):
+        return x.clone()
+    return x

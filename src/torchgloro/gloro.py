@@ -17,7 +17,7 @@ from torchgloro._certify import (
 )
 from torchgloro._cuda_graph import GraphedIterations, graphs_usable
 from torchgloro._errors import GloroError, GloroInputError, InputShapeError, UnsupportedLayerError
-from torchgloro._inputs import check_epsilon, check_input, epsilon_tensor
+from torchgloro._inputs import check_epsilon, check_input, epsilon_tensor, unshared
 from torchgloro._structure import check_structure, refuse_hooks, state_tensors, structure_of
 from torchgloro._weight_cache import SoundState, WeightsGeneration, build_sound_state
 from torchgloro.lipschitz import (
@@ -406,6 +406,7 @@ class GloroNet(nn.Module):
         # The net's own ε too: load_state_dict may have put any value in its buffer.
         eps = check_epsilon(self.epsilon if epsilon is None else epsilon)
         self._check_input(x, check_finite=mode != "sound")  # sound mode: on the input norms
+        x = unshared(x, self.backbone)  # an in-place layer must not overwrite the caller's x
         if mode == "sound":
             st = self._sound_state()
             K = self._sound_class_bounds(st)
