@@ -85,6 +85,10 @@ class GloroNet(nn.Module):
         self._graphed = GraphedIterations()
 
         layers = flatten_layers(backbone)
+        if not layers:
+            raise UnsupportedLayerError(
+                "The backbone has no layers; it must end in nn.Linear (the class logits)."
+            )
         head = layers[-1]
         if type(head) is not nn.Linear and not hasattr(head, "effective_weight"):
             raise UnsupportedLayerError(
