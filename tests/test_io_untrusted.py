@@ -60,6 +60,21 @@ def test_a_lowered_frozen_bound_is_refused(saved, tmp_path):
         tg.load(bad)
 
 
+def test_iterates_scaled_with_the_frozen_bound_are_refused(saved, tmp_path):
+    """Scaling every iterate and the stored K alike keeps them consistent: the iterates'
+    norms (1 after every power iteration) give it away."""
+
+    def scale(t):
+        for k in t:
+            if k.endswith(".u"):
+                t[k] = t[k] * 1e-3
+        t[_frozen_key(t)] = t[_frozen_key(t)] * 1e-3
+
+    bad = _rewrite(saved, tmp_path / "u.safetensors", edit_tensors=scale)
+    with pytest.raises(tg.CheckpointError, match="iterate"):
+        tg.load(bad)
+
+
 def test_a_weight_with_another_dtype_is_refused(saved, tmp_path):
     """An I32 weight where the model has F32 was cast and loaded."""
 
