@@ -495,3 +495,21 @@ def test_certify_works_after_the_new_fp32_precision_api_was_used():
     finally:
         mkldnn.fp32_precision = old
     assert torch.equal(cert.certified, plain.certified) and torch.equal(cert.radius, plain.radius)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"precision": "float64"}, {"mode": "fast"}, {"fallback": "local"}],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_certify_never_overwrites_the_callers_input(kwargs, dtype):
+    """Issue #30, item 4: with an in-place first layer (``nn.ReLU(inplace=True)``),
+    ``certify`` turned the caller's [-1, 2, -3, 4] into [0, 2, 0, 4]."""
+    torch.manual_seed(0)
+    relu = nn.ReLU(inplace=True)
+    f = nn.Sequential(relu, nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 3))
+    net = tg.GloroNet(f, 0.1, in_shape=(4,)).eval()
+    x = torch.tensor([[-1.0, 2.0, -3.0, 4.0]], dtype=dtype)
+    net.certify(x, **kwargs)
+    net.predict(x, **{k: v for k, v in kwargs.items() if k != "precision"})
+    assert x.tolist() == [[-1.0, 2.0, -3.0, 4.0]]

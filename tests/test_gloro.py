@@ -340,3 +340,39 @@ def test_dtype_casts_keep_epsilon_as_given(cast, tmp_path):
     assert net.backbone[0].weight.dtype != torch.float32  # the weights did follow the cast
     net.epsilon = 0.3
     assert net.epsilon == float(torch.tensor(0.3))
+
+
+@pytest.mark.parametrize("eps", [0.7, 0.9, 0.3])
+def test_the_stored_epsilon_is_never_below_the_one_given(eps):
+    """Issue #30, item 5: ε = 0.7 was stored as float32 rounded to nearest, 0.699999988, so
+    certify and predict covered a smaller ball than asked for."""
+    net = tg.GloroNet(tg.create_model("minicnn", (1, 8, 8), 10), eps)
+    assert net.epsilon >= eps and net.epsilon == pytest.approx(eps, rel=1e-7)
+    net.epsilon = eps  # the setter too (schedules set it per batch)
+    assert net.epsilon >= eps
+    assert net.certify(torch.rand(2, 1, 8, 8)).epsilon >= eps
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_nan_input_to_forward_is_a_clear_error_in_both_modes(training):
+    """Issue #30, item 9: ``net.train(); net(x_with_nan)`` returned NaN, where eval mode
+    raised a clear error."""
+    net = tg.GloroNet(tg.create_model("minicnn", (1, 8, 8), 10), 0.3).train(training)
+    x = torch.rand(2, 1, 8, 8)
+    x[1, 0, 3, 3] = float("nan")
+    with pytest.raises(tg.GloroInputError, match="NaN or Inf"):
+        net(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_takes_any_float_dtype_as_certify_does(dtype, training):
+    """Issue #30, item 9: ``net(x.half())``, ``.bfloat16()`` and ``.double()`` raised raw
+    dtype errors in forward, while ``certify`` handled all three."""
+    torch.manual_seed(0)
+    net = tg.GloroNet(tg.create_model("minicnn", (1, 8, 8), 10), 0.3).train(training)
+    x = torch.rand(3, 1, 8, 8).to(dtype)
+    out = net(x)
+    assert out.shape == (3, 11) and out.dtype == torch.float32
+    net.eval()
+    assert torch.equal(net(x), net(x.float()))

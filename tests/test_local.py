@@ -192,3 +192,31 @@ def test_other_layer_kinds_are_bounded_soundly():
         for j in range(4):
             quot = ((a[:, j : j + 1] - a) - (c[:, j : j + 1] - c)).abs() / dist[:, None]
             assert bool((quot <= K[b, j] * (1 + 1e-9) + 1e-12).all())
+
+
+@pytest.mark.parametrize(
+    ("p", "q", "x_norm"), [(0.0, 0.7, 0.0), (0.0, 3e-50, 0.0), (0.1, 0.0, 7.0)]
+)
+def test_the_local_error_bound_is_a_float64_upper_bound(p, q, x_norm):
+    """Issue #30, item 3: ``_err`` built its bound as float32 rounded to nearest: 0.7 became
+    0.69999999 (below the bound) and 3e-50 became 0."""
+    from torchgloro.local import _err, _Step
+
+    step = _Step("affine", nn.Identity(), 1.0, (p, q))
+    err = _err(step, x_norm)
+    assert err.dtype == torch.float64 and float(err) >= p * x_norm + q > 0
+
+
+def test_the_local_bound_never_overwrites_the_callers_input():
+    """Issue #30, item 4, for the local fallback's public entry points: a float64 batch went
+    through a block with an in-place first layer unchanged only by luck of the copy."""
+    from torchgloro.layers import Residual
+
+    torch.manual_seed(0)
+    block = Residual(nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 4)))
+    f = nn.Sequential(block, nn.Linear(4, 3)).double()
+    net = tg.GloroNet(f, 0.1, in_shape=(4,)).eval()
+    x = torch.tensor([[-1.0, 2.0, -3.0, 4.0]], dtype=torch.float64)
+    local_margin_lipschitz(net, x, 0.1)
+    certify_local(net, x, 0.1, net.certify(x.clone(), epsilon=0.1))
+    assert x.tolist() == [[-1.0, 2.0, -3.0, 4.0]]

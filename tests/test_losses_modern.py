@@ -181,5 +181,6 @@ def test_losses_registry():
         "hinge": GloroHinge,
     }
     logits, y = torch.randn(4, 4), torch.tensor([0, 1, 2, 0])
+    logits[:, -1] = logits[:, :-1].amax(1)  # a ⊥ as GloroNet makes it: ≥ the runner-up
     for name in ("ce", "trades", "hinge"):
         assert torch.isfinite(LOSSES[name]()(logits, y))

@@ -39,6 +39,7 @@ def test_trades_forms_differ_by_lambda_times_clean_entropy():
     """CE = KL + H(p), in value and gradient: the KL form lacks λ·∇H(p)."""
     torch.manual_seed(0)
     logits = torch.randn(5, 4, dtype=torch.float64)
+    logits[:, -1] = logits[:, :-1].amax(1) + 0.1  # a ⊥ as GloroNet makes it
     labels = torch.tensor([0, 1, 2, 0, 1])
     lam = 1.5
     grads, values = [], []

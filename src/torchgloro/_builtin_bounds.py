@@ -172,6 +172,12 @@ def _one(module: nn.Module, in_shape: tuple[int, ...]) -> LayerBound:
 def _zero_pad(module: nn.ZeroPad2d, in_shape: tuple[int, ...]) -> LayerBound:
     if any(p < 0 for p in module.padding):
         raise UnsupportedLayerError("ZeroPad2d with negative padding (cropping) is not supported.")
+    if module.value != 0:  # NaN too; the round-off model assumes padding maps 0 to 0
+        raise UnsupportedLayerError(
+            f"ZeroPad2d with value={module.value!r} is not supported: a padded constant is "
+            f"not bounded by the round-off model (it can cancel inside the next layer). Pad "
+            f"with value = 0, or fold the constant into the next layer's bias."
+        )
     return ConstantBound(1.0, "ZeroPad2d")
 
 

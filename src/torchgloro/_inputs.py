@@ -5,11 +5,19 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from torchgloro._certify import NON_FINITE_INPUT
 from torchgloro._errors import GloroInputError
 
-__all__ = ["check_epsilon", "epsilon_tensor", "check_input", "check_one_label_each"]
+__all__ = [
+    "check_epsilon",
+    "epsilon_tensor",
+    "round_up_to_float32",
+    "check_input",
+    "check_one_label_each",
+    "unshared",
+]
 
 
 def check_epsilon(epsilon: float) -> float:
@@ -26,14 +34,23 @@ def check_epsilon(epsilon: float) -> float:
 
 
 def epsilon_tensor(epsilon: float) -> torch.Tensor:
-    """ε as the float32 buffer that holds it; raises if float32 cannot represent it."""
-    value = torch.tensor(check_epsilon(epsilon), dtype=torch.float32)
-    if not (math.isfinite(float(value)) and float(value) > 0):
+    """ε as the float32 buffer that holds it, rounded up (a certificate never covers less
+    than the radius asked for); raises if float32 cannot represent it."""
+    value = torch.tensor(check_epsilon(epsilon), dtype=torch.float64)
+    up = round_up_to_float32(value)
+    if not (math.isfinite(float(up)) and float(value.to(torch.float32)) > 0):
         raise GloroInputError(
             f"epsilon={epsilon!r} is outside float32's range, where the net keeps it; pass a "
             f"radius between 1e-38 and 3e38 (or pass epsilon= to certify for one call)."
         )
-    return value
+    return up
+
+
+def round_up_to_float32(k: torch.Tensor) -> torch.Tensor:
+    """The least float32 tensor ≥ ``k`` elementwise (a bound must not shrink when stored)."""
+    k32 = k.to(torch.float32)
+    below = k32.to(k.dtype) < k
+    return torch.where(below, torch.nextafter(k32, torch.full_like(k32, float("inf"))), k32)
 
 
 def check_input(x: torch.Tensor, in_shape: tuple[int, ...], check_finite: bool) -> None:
@@ -62,3 +79,11 @@ def check_one_label_each(x: torch.Tensor, y: torch.Tensor) -> None:
         raise GloroInputError(
             f"x has {x.shape[0]} points but y has shape {tuple(y.shape)}: one label per point."
         )
+
+
+def unshared(x: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
+    """``x``, or a copy of it where a layer of ``backbone`` writes its input in place
+    (``nn.ReLU(inplace=True)``): certifying must not change the caller's data."""
+    if any(getattr(m, "inplace", False) for m in backbone.modules()):
+        return x.clone()
+    return x

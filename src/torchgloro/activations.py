@@ -34,10 +34,19 @@ def group_sort(x: torch.Tensor, group_size: int = 2, dim: int = 1) -> torch.Tens
     dim = dim % x.dim()
     shape = x.shape[:dim] + (n // group_size, group_size) + x.shape[dim + 1 :]
     if group_size == 2:
+        if _transformed(x):  # torch.func (vmap, jacrev, ...): plain differentiable ops
+            a, b = x.reshape(shape).unbind(dim + 1)
+            out = torch.stack((torch.minimum(a, b), torch.maximum(a, b)), dim + 1)
+            return out.reshape(x.shape)
         if torch.is_grad_enabled() and x.requires_grad:
             return _MinMax.apply(x, shape, dim + 1)
         return _min_max(x, shape, dim + 1)[0]
     return x.reshape(shape).sort(dim=dim + 1).values.reshape(x.shape)
+
+
+# Whether a tensor is wrapped by a torch.func transform, where _MinMax's out= writes and its
+# autograd.Function (no setup_context) do not work.
+_transformed = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
 
 
 def _min_max(x: torch.Tensor, pairs: tuple[int, ...], pair_dim: int):

@@ -25,8 +25,9 @@ from torch import nn
 from torchgloro import margins
 from torchgloro._certify import eval_mode
 from torchgloro._errors import GloroInputError
-from torchgloro._inputs import check_epsilon, epsilon_tensor
-from torchgloro.gloro import GloroNet, apply_keeping_dtypes
+from torchgloro._inputs import check_epsilon, epsilon_tensor, round_up_to_float32
+from torchgloro._net_attributes import apply_keeping_dtypes
+from torchgloro.gloro import GloroNet
 
 __all__ = ["DeployedGloroNet", "deploy"]
 
@@ -62,13 +63,6 @@ class DeployedGloroNet(nn.Module):
         y = self.backbone(x)  # (B, C)
         bot = margins.bottom_logit(y, self.class_bounds, self.epsilon)  # (B,)
         return torch.cat([y, bot.unsqueeze(1)], dim=1)  # (B, C+1)
-
-
-def _round_up_to_float32(k: torch.Tensor) -> torch.Tensor:
-    """The least float32 tensor ≥ ``k`` elementwise (a bound must not shrink when stored)."""
-    k32 = k.to(torch.float32)
-    below = k32.to(k.dtype) < k
-    return torch.where(below, torch.nextafter(k32, torch.full_like(k32, float("inf"))), k32)
 
 
 def _unwrap(net: nn.Module) -> GloroNet:
@@ -112,14 +106,13 @@ def deploy(
     if mode not in ("sound", "fast"):
         raise GloroInputError(f"mode must be 'sound' or 'fast', got {mode!r}.")
     value = check_epsilon(net.epsilon if epsilon is None else epsilon)
-    eps = epsilon_tensor(value)  # float32, as GloroNet keeps it
+    eps = epsilon_tensor(value)  # float32 rounded up, as GloroNet keeps it
     frozen = copy.deepcopy(net)  # a refresh of stale iterates must not change ``net``
     with eval_mode(frozen):  # fast: the converged estimate, not the live training one
         K = frozen.lipschitz_constant(mode).detach()  # sound: the proven float64 bound
     if mode == "sound":  # stored rounded up, unless the net itself runs in float64
         if frozen._head_weight().dtype != torch.float64:
-            K = _round_up_to_float32(K)
-        eps = _round_up_to_float32(torch.tensor(value, dtype=torch.float64))
+            K = round_up_to_float32(K)
     backbone = frozen.backbone.eval().requires_grad_(False)
     device = frozen._head_weight().device
     return DeployedGloroNet(backbone, K.to(device), eps.to(device)).eval()

@@ -17,7 +17,8 @@ from torchgloro._certify import (
 )
 from torchgloro._cuda_graph import GraphedIterations, graphs_usable
 from torchgloro._errors import GloroError, GloroInputError, InputShapeError, UnsupportedLayerError
-from torchgloro._inputs import check_epsilon, check_input, epsilon_tensor
+from torchgloro._inputs import check_epsilon, check_input, epsilon_tensor, unshared
+from torchgloro._net_attributes import apply_keeping_dtypes, fixed_setting
 from torchgloro._structure import check_structure, refuse_hooks, state_tensors, structure_of
 from torchgloro._weight_cache import SoundState, WeightsGeneration, build_sound_state
 from torchgloro.lipschitz import (
@@ -33,31 +34,6 @@ Mode = Literal["sound", "fast"]
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
 Precision = Literal["auto", "float64"]
 Variant = Literal["margin", "basic"]
-
-
-def apply_keeping_dtypes(module: nn.Module, names, fn, *args, **kwargs) -> nn.Module:
-    """``nn.Module._apply`` (what ``.to()``/``.half()`` call) that moves the buffers
-    ``names`` to the new device but keeps their dtype."""
-    keep = {k: module._buffers[k].detach().clone() for k in names}
-    out = nn.Module._apply(module, fn, *args, **kwargs)
-    for k, v in keep.items():
-        module._buffers[k] = v.to(module._buffers[k].device)
-    return out
-
-
-def _fixed_setting(name: str, what: str) -> property:
-    """A read-only attribute kept as ``_<name>``; assigning it names the fix."""
-
-    def get(self):
-        return getattr(self, "_" + name)
-
-    def refuse(self, value) -> None:
-        raise AttributeError(
-            f"GloroNet.{name} is fixed at construction ({what}). Build a new "
-            f"GloroNet(backbone, epsilon, {name}=...) around the backbone."
-        )
-
-    return property(get, refuse, doc=f"{what[0].upper()}{what[1:]} (fixed at construction).")
 
 
 class GloroNet(nn.Module):
@@ -109,6 +85,10 @@ class GloroNet(nn.Module):
         self._graphed = GraphedIterations()
 
         layers = flatten_layers(backbone)
+        if not layers:
+            raise UnsupportedLayerError(
+                "The backbone has no layers; it must end in nn.Linear (the class logits)."
+            )
         head = layers[-1]
         if type(head) is not nn.Linear and not hasattr(head, "effective_weight"):
             raise UnsupportedLayerError(
@@ -162,10 +142,10 @@ class GloroNet(nn.Module):
         """The index of ⊥ in predictions: ``num_classes``."""
         return self.num_classes
 
-    in_shape = _fixed_setting(
+    in_shape = fixed_setting(
         "in_shape", "the per-sample input shape; the layer bounds were proven for it"
     )
-    lipschitz = _fixed_setting(
+    lipschitz = fixed_setting(
         "lipschitz", '"margin" or "basic"; the proven bounds are cached for it'
     )
 
@@ -349,14 +329,15 @@ class GloroNet(nn.Module):
         check_input(x, self.in_shape, check_finite)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Returns ``(B, C+1)`` logits: f(x), then ⊥."""
+        """Returns ``(B, C+1)`` logits: f(x), then ⊥. ``x`` is cast to the weights' dtype;
+        NaN/Inf raise (in training only on the CPU: elsewhere the check would sync)."""
         if torch.jit.is_tracing() or _is_exporting():
             raise GloroError(
                 "torch.jit and torch.export cannot trace a GloroNet (its checks depend on the "
                 "data). Trace torchgloro.deploy(net) instead: the backbone with K fixed."
             )
-        self._check_input(x, check_finite=not self.training)
-        return self._with_bottom(self.backbone(x))
+        self._check_input(x, check_finite=not self.training or x.device.type == "cpu")
+        return self._with_bottom(self.backbone(x.to(self._head.weight.dtype)))
 
     def _with_bottom(self, y: torch.Tensor) -> torch.Tensor:
         """``(B, C+1)``: the class logits ``y = f(x)`` (B, C), then ⊥ built from them."""
@@ -407,6 +388,7 @@ class GloroNet(nn.Module):
         # The net's own ε too: load_state_dict may have put any value in its buffer.
         eps = check_epsilon(self.epsilon if epsilon is None else epsilon)
         self._check_input(x, check_finite=mode != "sound")  # sound mode: on the input norms
+        x = unshared(x, self.backbone)  # an in-place layer must not overwrite the caller's x
         if mode == "sound":
             st = self._sound_state()
             K = self._sound_class_bounds(st)

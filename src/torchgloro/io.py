@@ -15,8 +15,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from torchgloro._errors import CheckpointError, GloroInputError, InputShapeError
+from torchgloro._model_file import (
+    FORMAT,
+    build_backbone,
+    check_sizes,
+    metadata_digest,
+    read_settings,
+    verify_frozen_bound,
+)
 from torchgloro.gloro import GloroNet
-from torchgloro.models import create_model
 
 __all__ = [
     "save_gloro",
@@ -28,7 +35,6 @@ __all__ = [
     "FORMAT",
 ]
 
-FORMAT = "torchgloro/1"
 MODEL_PREFIX = "model."
 
 
@@ -104,7 +110,7 @@ def atomic_save_tensors(
 def gloro_metadata(net: GloroNet) -> dict[str, Any]:
     """The JSON-able description :func:`load` needs to rebuild ``net``."""
     spec = getattr(net.backbone, "gloro_spec", None)
-    return {
+    info = {
         "format": FORMAT,
         "model": spec,
         "gloro": {
@@ -114,6 +120,7 @@ def gloro_metadata(net: GloroNet) -> dict[str, Any]:
             "lipschitz": net.lipschitz,
         },
     }
+    return {**info, "digest": metadata_digest(info)}
 
 
 def model_tensors(net: GloroNet) -> dict[str, torch.Tensor]:
@@ -181,36 +188,21 @@ def load(
     """
     path = resolve_model_file(Path(path))
     tensors, meta = read_safetensors(path)
-    try:
-        info = json.loads(meta["torchgloro"])
-        if info.get("format") != FORMAT:
-            raise KeyError("format")
-        g = info["gloro"]
-    except (KeyError, json.JSONDecodeError, TypeError) as e:
-        raise CheckpointError(
-            f"{path} is not a torchgloro checkpoint (missing or bad 'torchgloro' metadata: {e})."
-        ) from e
+    g = read_settings(meta, path)  # every field checked before anything is built
     if backbone is None:
-        spec = dict(info.get("model") or {})
-        if not spec:
+        if g.spec is None:
             raise CheckpointError(
                 f"{path} holds a custom backbone; pass it: torchgloro.load(path, backbone=...)."
             )
-        name = spec.pop("name")
-        backbone = create_model(name, tuple(spec.pop("in_shape")), spec.pop("num_classes"), **spec)
+        backbone = build_backbone(g, tensors, MODEL_PREFIX, path)
+    else:
+        check_sizes(backbone, g.in_shape, path)
     try:
-        net = GloroNet(
-            backbone,
-            g["epsilon"],
-            in_shape=tuple(g["in_shape"]),
-            power_iterations=g["power_iterations"],
-            lipschitz=g["lipschitz"],
-        )
+        net = GloroNet(backbone, g.epsilon, g.in_shape, g.power_iterations, g.lipschitz)
     except InputShapeError as e:  # the backbone cannot even run on the saved input shape
         raise CheckpointError(
             f"{path} does not match this architecture: the backbone fails on the saved input "
-            f"shape {tuple(g['in_shape'])} ({e}). Load it with the architecture it was "
-            f"trained with."
+            f"shape {g.in_shape} ({e}). Load it with the architecture it was trained with."
         ) from e
     except GloroInputError as e:  # e.g. an epsilon out of range in the metadata
         raise CheckpointError(f"{path} has invalid settings in its metadata: {e}") from e
@@ -219,9 +211,10 @@ def load(
     load_state_checked(net, state, path)
     if net.epsilon != saved:
         raise CheckpointError(
-            f"{path} is inconsistent: its metadata says epsilon={g['epsilon']!r} but its "
+            f"{path} is inconsistent: its metadata says epsilon={g.epsilon!r} but its "
             f"tensors hold {net.epsilon!r} (the file was modified). Re-save the model."
         )
+    verify_frozen_bound(net, path)
     net.to(map_location).eval()
     if not torch.isnan(net._frozen_k_pen):
         net._frozen_at = net._fingerprint()
@@ -238,13 +231,19 @@ def load_state_checked(net: torch.nn.Module, state: dict[str, torch.Tensor], pat
         for k in own
         if k in state and state[k].shape != own[k].shape
     ]
-    if missing or unexpected or shapes:
+    dtypes = [  # a cast would load other values than the file's (I32 read as F32, ...)
+        f"{k}: checkpoint {state[k].dtype} vs model {own[k].dtype}"
+        for k in own
+        if k in state and state[k].dtype != own[k].dtype
+    ]
+    if missing or unexpected or shapes or dtypes:
         detail = "; ".join(
             part
             for part in (
                 f"missing {missing[:5]}" if missing else "",
                 f"unexpected {unexpected[:5]}" if unexpected else "",
                 f"shape mismatch {shapes[:5]}" if shapes else "",
+                f"dtype mismatch {dtypes[:5]}" if dtypes else "",
             )
             if part
         )

@@ -26,7 +26,7 @@ from torch import nn
 from torchgloro import margins, sound
 from torchgloro._certify import cudnn_off, float64_safe, ieee_arithmetic, norm_upper64
 from torchgloro._errors import GloroInputError
-from torchgloro._inputs import check_epsilon
+from torchgloro._inputs import check_epsilon, unshared
 from torchgloro._sound_conv import explicit_matrix
 from torchgloro._sound_linalg import gamma, sigma_max_upper
 from torchgloro.activations import GroupSort
@@ -233,9 +233,11 @@ def _one(plan: _Plan, x: torch.Tensor, eps: float):
 
 
 def _err(step: _Step, x_norm: float) -> torch.Tensor:
-    """Upper bound on ‖fl(h) − h‖₂ (hence on each coordinate) after this prefix."""
+    """Upper bound on ‖fl(h) − h‖₂ (hence on each coordinate) after this prefix: float64,
+    rounded up (a float32 tensor would round it to nearest, below the bound or to 0)."""
     p, q = step.err
-    return torch.tensor(margins.round_up(margins.round_up(p * x_norm, 1) + q, 1))
+    bound = margins.round_up(margins.round_up(p * x_norm, 1) + q, 1)
+    return torch.tensor(bound, dtype=torch.float64)
 
 
 @torch.no_grad()
@@ -250,10 +252,11 @@ def _local_one(plan: _Plan, x1: torch.Tensor, eps: float):
     return y, K
 
 
-def _check(net, x: torch.Tensor, epsilon: float) -> float:
+def _check(net, x: torch.Tensor, epsilon: float) -> tuple[float, torch.Tensor]:
+    """ε and ``x`` checked; ``x`` copied where a layer writes its input in place."""
     eps = check_epsilon(epsilon)
     net._check_input(x, check_finite=True)
-    return eps
+    return eps, unshared(x, net.backbone)
 
 
 @ieee_arithmetic
@@ -265,7 +268,7 @@ def local_margin_lipschitz(net, x: torch.Tensor, epsilon: float) -> torch.Tensor
         ``(B, C, C)`` float64: ``K[b, j, i]`` ≥ the Lipschitz constant of ``f_j − f_i`` on
         ``{x' : ‖x' − x_b‖₂ ≤ ε}``, and ≤ the global sound ``K`` entrywise.
     """
-    eps = _check(net, x, epsilon)
+    eps, x = _check(net, x, epsilon)
     plan = _plan(net)
     out = [_local_one(plan, x[b : b + 1], eps)[1] for b in range(x.shape[0])]
     c = plan.head_w.shape[0]
@@ -288,7 +291,7 @@ def certify_local(net, x: torch.Tensor, epsilon: float, cert) -> torch.Tensor:
         epsilon: The radius; must equal ``cert.epsilon``.
         cert: A ``mode="sound"`` :class:`~torchgloro.Certificate` for ``x``.
     """
-    eps = _check(net, x, epsilon)
+    eps, x = _check(net, x, epsilon)
     if cert.mode != "sound":
         raise GloroInputError("the local fallback extends sound certificates only (mode='sound').")
     if cert.epsilon != eps:

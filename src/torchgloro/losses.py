@@ -21,14 +21,25 @@ __all__ = [
 ]
 
 
-def check_labels(y: torch.Tensor, num_classes: int) -> None:
-    """Raises a clear error for labels outside ``[0, num_classes)`` (CPU tensors only).
+def check_labels(y: torch.Tensor, num_classes: int, batch: int | None = None) -> None:
+    """Raises a clear error for labels outside ``[0, num_classes)`` (CPU tensors only), and,
+    given the ``batch`` size of the logits, unless ``y`` is one label per row of a non-empty
+    batch.
 
-    On accelerators the check is skipped to avoid a host sync; the data pipeline validates
-    labels once when a dataset is loaded.
+    On accelerators the range check is skipped to avoid a host sync; the data pipeline
+    validates labels once when a dataset is loaded.
     """
     if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise GloroInputError(f"labels must be an integer tensor, got {y.dtype}.")
+    if batch is not None:
+        if tuple(y.shape) != (batch,):
+            fix = " Use y.flatten()." if y.numel() == batch else ""
+            raise GloroInputError(
+                f"The logits have {batch} rows but the labels have shape {tuple(y.shape)}: "
+                f"one label per row, shape ({batch},).{fix}"
+            )
+        if batch == 0:
+            raise GloroInputError("A loss over an empty batch is undefined: skip empty batches.")
     if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise GloroInputError(
             f"labels must lie in [0, {num_classes}), got values in [{int(y.min())}, "
@@ -37,11 +48,32 @@ def check_labels(y: torch.Tensor, num_classes: int) -> None:
         )
 
 
+def _check_gloro_logits(logits: torch.Tensor, y: torch.Tensor) -> None:
+    """Labels checked against ``(B, C+1)`` GloRo logits, which are recognized (CPU tensors):
+    ⊥ = max_{i≠j} (y_i + ε·K_ji) is never below the second-largest class logit, while the
+    last class logit of ``net.backbone(x)`` usually is."""
+    if logits.dim() != 2 or logits.shape[1] < 3:
+        raise GloroInputError(
+            f"A GloRo loss takes the (B, C+1) logits of net(x) (C >= 2 classes, ⊥ last), got "
+            f"shape {tuple(logits.shape)}."
+        )
+    check_labels(y, logits.shape[1] - 1, logits.shape[0])
+    if logits.device.type == "cpu":
+        with torch.no_grad():
+            second = logits[:, :-1].topk(2, dim=1).values[:, 1]
+            if bool((logits[:, -1] < second).any()):
+                raise GloroInputError(
+                    "These logits have no ⊥ column (its value is below the second-largest "
+                    "class logit, which ⊥ never is): they look like the (B, C) logits of "
+                    "net.backbone(x). A GloRo loss takes net(x)'s (B, C+1) logits, ⊥ last."
+                )
+
+
 class GloroCrossEntropy(nn.Module):
     """Cross-entropy over the C+1 outputs, with ⊥ a class that is never correct."""
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        check_labels(y, logits.shape[1] - 1)
+        _check_gloro_logits(logits, y)
         return F.cross_entropy(logits, y)
 
 
@@ -86,8 +118,8 @@ class GloroTrades(nn.Module):
         self._lam = value
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _check_gloro_logits(logits, y)
         num_classes = logits.shape[1] - 1
-        check_labels(y, num_classes)
         clean = logits[:, :num_classes]  # (B, C)
         clean_loss = F.cross_entropy(clean, y)
         log_p = F.log_softmax(clean, dim=1)  # (B, C)
@@ -218,7 +250,7 @@ class GloroEMMA(_LipschitzLoss):
     ) -> torch.Tensor:
         """``(B, C)`` the logits f̃ that the loss applies cross-entropy to."""
         f, K, eps = self._resolve(logits, K, epsilon)
-        check_labels(y, f.shape[1])
+        check_labels(y, f.shape[1], f.shape[0])
         ky = _target_row(K, y)  # (B, C)
         margin = f.gather(1, y[:, None]) - f  # (B, C)
         with torch.no_grad():
@@ -284,12 +316,12 @@ class GloroHinge(_LipschitzLoss):
     ) -> torch.Tensor:
         if self.certified:
             z, K, eps = self._resolve(logits, K, epsilon)
-            check_labels(y, z.shape[1])
+            check_labels(y, z.shape[1], z.shape[0])
             ky = _target_row(K, y)  # (B, C); the target's own entry is not added
             z = z + eps * torch.where(F.one_hot(y, z.shape[1]).bool(), 0.0, ky)
         else:
             z = logits
-            check_labels(y, z.shape[1] - 1)
+            _check_gloro_logits(z, y)
         is_target = F.one_hot(y, z.shape[1]).bool()
         z_y = z.gather(1, y[:, None]).squeeze(1)  # (B,)
         z_other = z.masked_fill(is_target, float("-inf")).amax(dim=1)  # (B,)

@@ -145,7 +145,7 @@ def test_checkpoint_of_another_architecture_is_refused(tiny):
     mine = train(tiny(), stop_after=1, progress=False).run_dir
     other = train(tiny("model.arch=2c2f"), stop_after=1, progress=False).run_dir
     shutil.copy(other / "checkpoint.safetensors", mine / "checkpoint.safetensors")
-    with pytest.raises(tg.CheckpointError, match="another architecture"):
+    with pytest.raises(tg.CheckpointError, match="another architecture"):  # (the config too)
         train(resume_config(mine, []), resume=mine, progress=False)
 
 

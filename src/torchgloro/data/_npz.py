@@ -9,6 +9,7 @@ image, or a test label the training split lacks, draws a warning; more than
 
 from __future__ import annotations
 
+import math
 import warnings
 import zipfile
 from pathlib import Path
@@ -138,6 +139,13 @@ def _shapes(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
                     else np.lib.format.read_array_header_2_0  # 2.0 and 3.0 share a layout
                 )
                 shape, _, dtype = read(f)
+            need, held = math.prod(shape) * dtype.itemsize, zf.getinfo(name).file_size
+            if need > held:  # numpy would allocate what the header says before reading
+                raise DatasetError(
+                    f"{path}: the header of {name[: -len('.npy')]} says shape {tuple(shape)} "
+                    f"({need:,} bytes), but the file holds {held:,} bytes for it: the file is "
+                    f"corrupt or crafted. Re-create it with numpy.savez."
+                )
             out[name[: -len(".npy")]] = (tuple(shape), dtype)
     return out
 

@@ -118,6 +118,13 @@ class Run:
                 self.lock = RunLock(run_dir)
             ck = ckpt_io.read_checkpoint(run_dir, settle=self.lock is not None and self.lock.held)
             ckpt_io.check_same_run(config_to_dict(cfg), ck.info["config"], run_dir)
+            changed = ckpt_io.arithmetic_changes(config_to_dict(cfg), ck.info["config"])
+            if changed:
+                self.say(
+                    f"warning: {', '.join(changed)} differ(s) from the checkpoint's: the same "
+                    f"math, rounded differently (another split of the sums, other kernels), "
+                    f"so the result will not match an uninterrupted run exactly."
+                )
             ckpt_io.restore_model(self.net, ck, run_dir / ckpt_io.TENSORS_FILE)
             ckpt_io.restore_optimizer(self.optimizer, ck)
             self.start_epoch, self.start_step = ck.epoch, ck.step

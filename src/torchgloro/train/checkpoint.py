@@ -11,6 +11,7 @@ record the epoch and step, and :func:`read_checkpoint` refuses a pair that still
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ __all__ = [
     "restore_optimizer",
     "rng_tensors",
     "check_same_run",
+    "arithmetic_changes",
     "RESUME_OVERRIDABLE",
 ]
 
@@ -59,6 +61,18 @@ RESUME_OVERRIDABLE = {
     "data.root",
     "data.download",
 }
+# Of those, the keys that change how the same math is rounded (how sums are split across
+# threads, which kernels run): a resume with another value continues the same run, but not
+# bit for bit.
+RESUME_ARITHMETIC = (
+    "run.device",
+    "run.threads",
+    "run.compile",
+    "run.compile_mode",
+    "run.compile_backend",
+)
+# The tensors every checkpoint has (a rank > 0 of a DDP run has its own augment state).
+_REQUIRED_RNG = ("rng.torch_cpu", "rng.data", "rng.data_epoch_start", "rng.augment")
 
 
 @dataclass
@@ -148,7 +162,11 @@ def write_checkpoint(
         key = io.MODEL_PREFIX + "_frozen_k_pen"
         tensors = {**tensors, "state.frozen_k_pen": model[key]}
         model[key] = torch.full_like(model[key], float("nan"))
-    marker = {"epoch": int(info["epoch"]), "step": int(info["step"])}
+    marker = {
+        "epoch": int(info["epoch"]),
+        "step": int(info["step"]),
+        "config_digest": config_digest(info["config"]),
+    }
     meta = {
         "torchgloro": json.dumps(io.gloro_metadata(net)),
         _META_KEY: json.dumps(marker),
@@ -208,15 +226,15 @@ def read_checkpoint(run_dir: str | Path, settle: bool = False) -> Checkpoint:
             io.durable_replace(run_dir / NEXT_JSON_FILE, j_path)
         else:
             (run_dir / NEXT_JSON_FILE).unlink(missing_ok=True)
+        for tmp in run_dir.glob(".*.tmp"):  # killed atomic writes' temp files (io.atomic_*)
+            tmp.unlink(missing_ok=True)
     if pending is None:
         require(j_path)
     try:
         info = json.loads(pending if pending is not None else j_path.read_text())
         if info.get("format") != FORMAT:
             raise ValueError(f"format is {info.get('format')!r}, expected {FORMAT!r}")
-        for key in ("epoch", "step", "config", "optim"):
-            if key not in info:
-                raise ValueError(f"missing {key!r}")
+        _check_fields(info)
     except (ValueError, OSError, AttributeError) as e:
         raise CheckpointError(f"{j_path} is corrupt or not a training checkpoint ({e}).") from e
     if (marker.get("epoch"), marker.get("step")) != (info["epoch"], info["step"]):
@@ -225,7 +243,80 @@ def read_checkpoint(run_dir: str | Path, settle: bool = False) -> Checkpoint:
             f"{j_path.name} (epoch {info['epoch']}, step {info['step']}) disagree: the run was "
             f"interrupted while writing its checkpoint, so it cannot be resumed exactly."
         )
+    digest = marker.get("config_digest")  # absent in checkpoints of older versions
+    if digest is not None and digest != config_digest(info["config"]):
+        raise CheckpointError(
+            f"The config in {j_path} is not the one {t_path.name} was written with: it was "
+            f"edited, or the files come from different runs (another architecture or "
+            f"settings), so the run would not continue as trained. Restore the run's own "
+            f"files; change the keys a resume may change with --set "
+            f"({', '.join(sorted(RESUME_OVERRIDABLE))})."
+        )
+    _check_tensors(tensors, info, t_path)
     return Checkpoint(tensors, info, spec)
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    """SHA-256 of a saved config, with the defaults of keys it lacks filled in (a config of
+    an older version, without newer keys, has the digest of the config it resumes as)."""
+    try:
+        full = config_to_dict(saved_run_config(config))
+    except (ConfigError, AttributeError, TypeError, ValueError) as e:
+        raise ValueError(f"its 'config' is not a training config: {e}") from e
+    return hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()
+
+
+def _check_fields(info: Any) -> None:
+    """Raises ValueError naming the first field of ``checkpoint.json`` that is missing or of
+    the wrong type."""
+    if not isinstance(info, dict):
+        raise ValueError(f"expected a JSON object, got {type(info).__name__}")
+    if info.get("format") != FORMAT:
+        raise ValueError(f"format is {info.get('format')!r}, expected {FORMAT!r}")
+    number = (int, float)
+    want = {  # key: (types, what it must be, required)
+        "epoch": ((int,), "an integer >= 0", True),
+        "step": ((int,), "an integer >= 0", True),
+        "config": ((dict,), "an object", True),
+        "optim": ((dict,), "an object with param_groups", True),
+        "best": ((dict,), "an object", True),
+        "partial_seconds": (number, "a number", False),
+        "world_size": ((int,), "an integer >= 1", False),
+    }
+    for key, (types, what, required) in want.items():
+        if key not in info:
+            if required:
+                raise ValueError(f"missing {key!r}")
+            continue
+        v = info[key]
+        bad = type(v) not in types or (type(v) is int and v < (key == "world_size"))
+        if key == "optim" and not bad:
+            bad = not isinstance(v.get("param_groups"), list)
+        if bad:
+            raise ValueError(f"{key!r} must be {what}, got {v!r}")
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], info: dict, path: Path) -> None:
+    """Raises unless the RNG states (and a mid-epoch checkpoint's sums) are all there."""
+    need = [*_REQUIRED_RNG, *(["state.acc"] if info["step"] else [])]
+    for name in need:
+        t = tensors.get(name)
+        if t is None or (name.startswith("rng.") and t.dtype != torch.uint8):
+            got = "missing" if t is None else f"of dtype {t.dtype}, not uint8"
+            raise CheckpointError(
+                f"{path} is damaged: its tensor {name} is {got}, so the run cannot continue "
+                f"exactly. Restore the file, or start a new run."
+            )
+
+
+def arithmetic_changes(now: dict, saved: dict) -> list[str]:
+    """The keys of :data:`RESUME_ARITHMETIC` whose values differ between two configs."""
+    return [
+        key
+        for key in RESUME_ARITHMETIC
+        if now.get(key.split(".")[0], {}).get(key.split(".")[1])
+        != saved.get(key.split(".")[0], {}).get(key.split(".")[1])
+    ]
 
 
 def restore_model(net: GloroNet, ckpt: Checkpoint, path: Path) -> None:

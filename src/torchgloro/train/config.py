@@ -184,6 +184,12 @@ class TrainConfig:
         choice("gloro.lipschitz", g.lipschitz, ("margin", "basic"))
         schedules.parse_epsilon_schedule(g.epsilon_schedule)
         choice("loss.name", lo.name, list(LOSSES))
+        if not g.robust and lo.name != LossConfig.name:
+            raise ConfigError(
+                f"loss.name = {lo.name!r} with gloro.robust = false: a standard run trains f "
+                f"with cross-entropy and would ignore the loss. Set loss.name = "
+                f"{LossConfig.name!r}, or gloro.robust = true."
+            )
         schedules.parse_lambda_schedule(lo.lam_schedule)
         choice("loss.trades_robust", lo.trades_robust, list(GloroTrades.FORMS))
         choice("optim.name", o.name, list(OPTIMIZERS))
