@@ -20,6 +20,7 @@ import torch
 
 from torchgloro import io
 from torchgloro._errors import CheckpointError, ConfigError
+from torchgloro._weights import TRAIN_KEY as _META_KEY
 from torchgloro.gloro import GloroNet
 from torchgloro.train.build import absolute_npz
 from torchgloro.train.config import config_to_dict, saved_run_config
@@ -36,6 +37,7 @@ __all__ = [
     "restore_optimizer",
     "rng_tensors",
     "check_same_run",
+    "check_val_indices",
     "RESUME_OVERRIDABLE",
 ]
 
@@ -43,7 +45,6 @@ TENSORS_FILE = "checkpoint.safetensors"
 JSON_FILE = "checkpoint.json"
 NEXT_JSON_FILE = "checkpoint.json.next"  # the JSON of a pair being written (see below)
 FORMAT = "torchgloro-train/1"
-_META_KEY = "torchgloro.train"
 
 # Config keys that may change when resuming (they do not alter the trajectory of training).
 RESUME_OVERRIDABLE = {
@@ -52,6 +53,7 @@ RESUME_OVERRIDABLE = {
     "run.eval_batch_size",
     "run.threads",
     "run.checkpoint_every",
+    "run.test_every_epoch",  # which splits are certified after an epoch, not the training
     "run.compile",  # how the same math runs, not what it computes
     "run.compile_mode",
     "run.compile_backend",
@@ -149,6 +151,8 @@ def write_checkpoint(
         tensors = {**tensors, "state.frozen_k_pen": model[key]}
         model[key] = torch.full_like(model[key], float("nan"))
     marker = {"epoch": int(info["epoch"]), "step": int(info["step"])}
+    if "total_epochs" in info:  # for the description of the weights (torchgloro._weights)
+        marker["total_epochs"] = int(info["total_epochs"])
     meta = {
         "torchgloro": json.dumps(io.gloro_metadata(net)),
         _META_KEY: json.dumps(marker),
@@ -262,6 +266,17 @@ def rng_tensors(data_gen, aug_gen, data_epoch_start, device) -> dict[str, torch.
     if device.type == "cuda":
         out["rng.cuda"] = torch.cuda.get_rng_state(device)
     return out
+
+
+def check_val_indices(ckpt: Checkpoint, indices: torch.Tensor, run_dir: Path) -> None:
+    """Refuses to resume when the validation split drawn now is not the recorded one."""
+    recorded = ckpt.tensors.get("data.val_indices", torch.empty(0, dtype=torch.long))
+    if not torch.equal(recorded.to(indices), indices):
+        raise CheckpointError(
+            f"The validation split drawn now ({len(indices)} images) is not the one {run_dir} "
+            f"recorded ({len(recorded)} images): the training split changed (another data "
+            f"file or data.root?). Resume it with the data it was trained on."
+        )
 
 
 def check_same_run(now: dict, saved: dict, run_dir: Path) -> None:
