@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import torchgloro as tg
-from torchgloro.deploy import _round_up_to_float32
+from torchgloro._deploy import _round_up_to_float32
 
 # torch.jit still traces in torch 2.13, which calls it deprecated: tested while it works.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")

@@ -23,7 +23,7 @@ from torchgloro._errors import CheckpointError, ConfigError
 from torchgloro._weights import TRAIN_KEY as _META_KEY
 from torchgloro.gloro import GloroNet
 from torchgloro.train.build import absolute_npz
-from torchgloro.train.config import config_to_dict, saved_run_config
+from torchgloro.train.config import RESUME_OVERRIDABLE, config_to_dict, saved_run_config
 
 __all__ = [
     "TENSORS_FILE",
@@ -45,22 +45,6 @@ TENSORS_FILE = "checkpoint.safetensors"
 JSON_FILE = "checkpoint.json"
 NEXT_JSON_FILE = "checkpoint.json.next"  # the JSON of a pair being written (see below)
 FORMAT = "torchgloro-train/1"
-
-# Config keys that may change when resuming (they do not alter the trajectory of training).
-RESUME_OVERRIDABLE = {
-    "run.device",
-    "run.out",
-    "run.eval_batch_size",
-    "run.threads",
-    "run.checkpoint_every",
-    "run.test_every_epoch",  # which splits are certified after an epoch, not the training
-    "run.compile",  # how the same math runs, not what it computes
-    "run.compile_mode",
-    "run.compile_backend",
-    "gloro.cuda_graphs",
-    "data.root",
-    "data.download",
-}
 
 
 @dataclass

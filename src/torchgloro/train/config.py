@@ -45,6 +45,7 @@ __all__ = [
     "list_recipes",
     "recipe_path",
     "DEFAULT_RECIPE",
+    "RESUME_OVERRIDABLE",
 ]
 
 DEFAULT_RECIPE = "digits-minicnn-gloro"
@@ -272,6 +273,23 @@ def config_from_dict(data: dict[str, Any], base: TrainConfig | None = None) -> T
 # Keys added after runs were saved, with the value such runs were trained with: in a saved
 # run's config a missing key means this, not today's default.
 _PREDATES = {"loss": {"trades_robust": "kl"}, "data": {"val_size": 0}}
+
+
+# Config keys that may change when resuming (they do not alter the trajectory of training).
+RESUME_OVERRIDABLE = {
+    "run.device",
+    "run.out",
+    "run.eval_batch_size",
+    "run.threads",
+    "run.checkpoint_every",
+    "run.test_every_epoch",  # which splits are certified after an epoch, not the training
+    "run.compile",  # how the same math runs, not what it computes
+    "run.compile_mode",
+    "run.compile_backend",
+    "gloro.cuda_graphs",
+    "data.root",
+    "data.download",
+}
 
 
 def saved_run_config(saved: dict[str, Any]) -> TrainConfig:
