@@ -50,7 +50,7 @@ def summarize(run: Path, evaluation_file: str = "evaluation.json") -> dict:
         if evaluation is None
         else {
             k: evaluation.get(k)
-            for k in ("epsilon", "n", "metrics", "lipschitz", "fallback", "cost", "pgd")
+            for k in ("weights", "epsilon", "n", "metrics", "lipschitz", "fallback", "cost", "pgd")
         },
     }
 

@@ -56,7 +56,7 @@ def test_sound_deploy_keeps_the_proven_bound(lipschitz):
     assert bool((_off_diagonal(d.class_bounds) >= _off_diagonal(fast)).all())
 
 
-def testround_up_to_float32():
+def test_round_up_to_float32():
     exact = torch.tensor([0.5, 3.0], dtype=torch.float64)
     assert torch.equal(round_up_to_float32(exact), exact.float())
     k = torch.tensor([0.1, 1 / 3], dtype=torch.float64)  # not float32 numbers

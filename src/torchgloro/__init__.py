@@ -5,7 +5,6 @@ non-⊥ prediction is certified robust on the whole ℓ2 ball of radius ε (Lein
 Fredrikson, ICML 2021).
 """
 
-from torchgloro import data, layers, liresnet, losses, models, schedules
 from torchgloro._errors import (
     CheckpointError,
     ConfigError,
@@ -15,14 +14,53 @@ from torchgloro._errors import (
     UnsoundBoundError,
     UnsupportedLayerError,
 )
-from torchgloro.activations import GroupSort, MinMax
-from torchgloro.deploy import DeployedGloroNet, deploy
-from torchgloro.gloro import Certificate, GloroNet
-from torchgloro.io import load
-from torchgloro.layers import LiResBlock, LLNLinear, Residual
-from torchgloro.lipschitz import register_bound, supported_layers
-from torchgloro.losses import LOSSES, GloroCrossEntropy, GloroEMMA, GloroHinge, GloroTrades
-from torchgloro.models import create_model, list_models
+from torchgloro._lazy import lazy_attributes
+
+# Imported on first use (torch is slow to import; `gloro --help` needs none of it).
+__getattr__, __dir__ = lazy_attributes(
+    __name__,
+    {
+        **{
+            m: f"torchgloro.{m}"
+            for m in (
+                "activations",
+                "data",
+                "evaluate",
+                "gloro",
+                "io",
+                "layers",
+                "liresnet",
+                "lipschitz",
+                "local",
+                "losses",
+                "margins",
+                "models",
+                "schedules",
+                "sound",
+                "train",
+            )
+        },  # fmt: skip
+        "GroupSort": "torchgloro.activations",
+        "MinMax": "torchgloro.activations",
+        "DeployedGloroNet": "torchgloro._deploy",  # _: its module must not shadow deploy()
+        "deploy": "torchgloro._deploy",
+        "Certificate": "torchgloro.gloro",
+        "GloroNet": "torchgloro.gloro",
+        "load": "torchgloro.io",
+        "LiResBlock": "torchgloro.layers",
+        "LLNLinear": "torchgloro.layers",
+        "Residual": "torchgloro.layers",
+        "register_bound": "torchgloro.lipschitz",
+        "supported_layers": "torchgloro.lipschitz",
+        "LOSSES": "torchgloro.losses",
+        "GloroCrossEntropy": "torchgloro.losses",
+        "GloroEMMA": "torchgloro.losses",
+        "GloroHinge": "torchgloro.losses",
+        "GloroTrades": "torchgloro.losses",
+        "create_model": "torchgloro.models",
+        "list_models": "torchgloro.models",
+    },
+)
 
 __version__ = "0.1.0"
 

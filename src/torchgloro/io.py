@@ -6,6 +6,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from torchgloro._model_file import (
     read_settings,
     verify_frozen_bound,
 )
+from torchgloro._weights import SELECTION_KEY, describe_weights
 from torchgloro.gloro import GloroNet
 
 __all__ = [
@@ -128,11 +130,22 @@ def model_tensors(net: GloroNet) -> dict[str, torch.Tensor]:
     return {MODEL_PREFIX + k: v for k, v in net.state_dict().items()}
 
 
-def save_gloro(net: GloroNet, path: str | os.PathLike) -> None:
-    """Saves ``net`` to one ``.safetensors`` file, atomically, with JSON metadata."""
+def save_gloro(
+    net: GloroNet, path: str | os.PathLike, selection: dict[str, Any] | None = None
+) -> None:
+    """Saves ``net`` to one ``.safetensors`` file, atomically, with JSON metadata.
+
+    Args:
+        net: The net.
+        path: The file.
+        selection: How these weights were chosen (``best.safetensors``: epoch, split, ...),
+            recorded for :func:`torchgloro._weights.describe_weights`.
+    """
     if net.is_stale:
         net.refresh()
     meta = {"torchgloro": json.dumps(gloro_metadata(net))}
+    if selection is not None:
+        meta[SELECTION_KEY] = json.dumps(selection)
     atomic_save_tensors(path, model_tensors(net), meta)
 
 
@@ -181,7 +194,10 @@ def load(
         map_location: Device for the tensors.
 
     Returns:
-        The net in eval mode, with its frozen Lipschitz constants.
+        The net in eval mode, with its frozen Lipschitz constants. ``net.loaded_weights``
+        (a :class:`~torchgloro._weights.WeightsInfo`) says which weights these are: the
+        final ones, the best epoch on the validation split, or one picked on the test split
+        (which also warns, as test figures of such weights are optimistic).
 
     Raises:
         CheckpointError: if the file is missing, corrupt, or of another architecture.
@@ -218,6 +234,9 @@ def load(
     net.to(map_location).eval()
     if not torch.isnan(net._frozen_k_pen):
         net._frozen_at = net._fingerprint()
+    net.loaded_weights = describe_weights(path.name, meta)
+    if net.loaded_weights.picked_on_test:
+        warnings.warn(f"{path.parent}/{net.loaded_weights.text}.", UserWarning, stacklevel=2)
     return net
 
 

@@ -48,6 +48,32 @@ def test_no_shuffle_is_in_order():
     assert [ids(x, 7) for x, _ in b] == [[0, 1, 2], [3, 4, 5], [6]]
 
 
+def test_any_x_y_dataset_with_keyword_defaults():
+    """Found by a user: a TensorDataset raised AttributeError, and shuffle and generator
+    had no defaults. (Defaults as torch's DataLoader: in order.)"""
+    from torch.utils.data import TensorDataset
+
+    split = toy(7)
+    expected = [ids(x, 7) for x, _ in DeviceBatches(split, 3, shuffle=False, generator=None)]
+    pairs = [(split.x[i], int(split.y[i])) for i in range(7)]  # e.g. a map-style Dataset
+    for data in (TensorDataset(split.x, split.y), pairs, split):
+        b = DeviceBatches(data, 3)
+        got = list(b)
+        assert [ids(x, 7) for x, _ in got] == expected
+        assert torch.equal(torch.cat([y for _, y in got]), split.y)
+    tabular = TensorDataset(torch.randn(10, 5), torch.arange(10) % 2)  # not images
+    assert [x.shape for x, _ in DeviceBatches(tabular, 4)][0] == (4, 5)
+    assert "TensorDataset" in repr(DeviceBatches(tabular, 4, shuffle=True))
+    with pytest.raises(GloroInputError, match="DeviceBatches takes a Split, a TensorDataset"):
+        DeviceBatches(object(), 4)
+
+    class Mismatched:
+        x, y = torch.zeros(3, 2), torch.zeros(2)
+
+    with pytest.raises(GloroInputError, match="x has 3 samples but y has 2"):
+        DeviceBatches(Mismatched(), 4)
+
+
 def test_reproducible_with_same_seed():
     def run(seed):
         b = DeviceBatches(toy(), 4, True, torch.Generator().manual_seed(seed))

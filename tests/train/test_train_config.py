@@ -129,6 +129,17 @@ def test_unknown_keys_suggest():
         config_from_dict({"optimizer": {"lr": 0.1}})
     with pytest.raises(tg.ConfigError, match="did you mean 'mnist-2c2f-gloro'"):
         load_config("mnist-2c2f-glro")
+    # Names from other tools point to the key that does it here, not the nearest spelling.
+    with pytest.raises(tg.ConfigError, match="did you mean 'data.train_subset'"):
+        apply_overrides(TrainConfig(), ["data.limit=100"])
+    with pytest.raises(tg.ConfigError, match="did you mean 'gloro.epsilon_test'"):
+        apply_overrides(TrainConfig(), ["gloro.epsilon=0.3"])
+
+
+def test_every_recipe_holds_out_a_validation_split():
+    for name in list_recipes():
+        want = 300 if name.startswith("digits") else 5000
+        assert load_config(name).data.val_size == want, name
 
 
 def test_bad_values_are_config_errors():

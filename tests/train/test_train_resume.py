@@ -362,8 +362,8 @@ def test_a_run_on_a_relative_npz_path_resumes_from_another_folder(tiny, tmp_path
     x = rng.integers(0, 256, (300, 8, 8), dtype=np.uint8)
     np.savez(data / "ok.npz", train_x=x, train_y=y, test_x=x, test_y=y)
     monkeypatch.chdir(data)
-    run_dir = train(tiny("data.name=npz:ok.npz", "data.train_subset=0"), stop_after=1,
-                    progress=False).run_dir  # fmt: skip
+    cfg = tiny("data.name=npz:ok.npz", "data.train_subset=0", "data.val_size=50")
+    run_dir = train(cfg, stop_after=1, progress=False).run_dir
     saved = (run_dir / "config.toml").read_text()
     assert f'name = "npz:{data / "ok.npz"}"' in saved
     monkeypatch.chdir(tmp_path)

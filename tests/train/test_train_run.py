@@ -67,16 +67,18 @@ def test_default_run_is_complete(default_run: Path, capsys):
 def test_default_run_reaches_vra(default_run: Path):
     with open(default_run / "metrics.csv") as f:
         last = list(csv.DictReader(f))[-1]
-    assert float(last["test_vra"]) >= DEFAULT_VRA
-    assert float(last["test_clean_acc"]) >= 0.85
-    assert float(last["test_vra"]) + float(last["test_rejection"]) <= 1.0 + 1e-9
+    assert float(last["val_vra"]) >= DEFAULT_VRA
+    assert float(last["val_clean_acc"]) >= 0.85
+    assert float(last["val_vra"]) + float(last["val_rejection"]) <= 1.0 + 1e-9
+    assert last["test_vra"] == "nan"  # the test split is for the end (run.test_every_epoch)
 
 
 def test_certify_cli(default_run: Path, capsys):
     assert main(["certify", str(default_run), "--mode", "sound"]) == 0
     out = capsys.readouterr().out
     assert "VRA" in out and "clean accuracy" in out and "rejection" in out
-    vra = float(out.split("VRA")[1].split("%")[0])
+    vra = float(out.split("\n  VRA")[1].split("%")[0])
+    assert "weights         best.safetensors: epoch" in out and "validation split" in out
     assert vra >= 100 * DEFAULT_VRA
     assert main(["certify", str(default_run), "--mode", "fast", "--epsilon", "0.01"]) == 0
 
@@ -108,7 +110,7 @@ def test_compiled_training_matches_eager(tmp_path):
             assert saved["compile"] is True and saved["compile_backend"] == "aot_eager"
     eager, compiled = finals
     assert float(compiled["train_loss"]) == pytest.approx(float(eager["train_loss"]), rel=1e-3)
-    assert abs(float(compiled["test_vra"]) - float(eager["test_vra"])) <= 0.02
+    assert abs(float(compiled["val_vra"]) - float(eager["val_vra"])) <= 0.02
 
 
 def test_a_warmup_as_long_as_the_run_warns(tiny, capsys):
@@ -122,9 +124,9 @@ def test_a_warmup_as_long_as_the_run_warns(tiny, capsys):
 def test_training_memory_excludes_the_epochs_evaluation(tiny, monkeypatch):
     """Found by a review: the per-sample training memory was read after the end-of-epoch
     certification of the test split, so it grew with run.eval_batch_size."""
-    from torchgloro.train import _run
+    from torchgloro.train import _selection
 
-    real = _run.evaluate
+    real = _selection.evaluate
 
     def heavy_evaluate(*args, **kwargs):
         ballast = torch.ones(64 * 2**20)  # 256 MB touched during the evaluation
@@ -133,7 +135,7 @@ def test_training_memory_excludes_the_epochs_evaluation(tiny, monkeypatch):
         return out
 
     plain = train(tiny("run.epochs=1"), progress=False).history[0]["peak_mem_mb_per_sample"]
-    monkeypatch.setattr(_run, "evaluate", heavy_evaluate)
+    monkeypatch.setattr(_selection, "evaluate", heavy_evaluate)
     heavy = train(tiny("run.epochs=1"), progress=False).history[0]["peak_mem_mb_per_sample"]
     # 256 MB over a batch of 128 would add 2 MB per sample.
     assert heavy < plain + 0.5, (plain, heavy)

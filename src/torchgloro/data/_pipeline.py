@@ -1,23 +1,45 @@
-"""A GPU-friendly batch iterator: the whole split lives as one tensor on the device."""
+"""A GPU-friendly batch iterator: the whole dataset lives as one tensor on the device."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from torchgloro._errors import GloroInputError
 
-from ._types import Split
-
 __all__ = ["DeviceBatches"]
 
 
-class DeviceBatches:
-    """Iterate over ``(x, y)`` batches of a :class:`Split` held on ``device``.
+def _as_tensors(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` of a :class:`Split` (or anything with tensors ``x`` and ``y``), of a
+    ``TensorDataset`` of two tensors, or stacked from a dataset of ``(x, y)`` pairs."""
+    x, y = getattr(dataset, "x", None), getattr(dataset, "y", None)
+    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+        return x, y
+    tensors = getattr(dataset, "tensors", None)  # torch.utils.data.TensorDataset
+    if isinstance(tensors, tuple) and len(tensors) == 2:
+        return tensors
+    try:
+        pairs = [dataset[i] for i in range(len(dataset))]
+        xs, ys = zip(*pairs) if pairs else ((), ())
+        return torch.stack([torch.as_tensor(v) for v in xs]), torch.as_tensor(ys)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise GloroInputError(
+            f"DeviceBatches takes a Split, a TensorDataset of (x, y) or a dataset whose items "
+            f"are (x, y) pairs of equal shapes; {type(dataset).__name__} is none of these "
+            f"({e})."
+        ) from e
 
-    The split is moved to ``device`` once (default: where ``split.x`` already is). Each
+
+class DeviceBatches:
+    """Iterate over ``(x, y)`` batches of a dataset held as two tensors on ``device``.
+
+    ``dataset`` is a :class:`Split`, a ``torch.utils.data.TensorDataset(x, y)``, or any
+    dataset of ``(x, y)`` pairs (stacked once). It is moved to ``device`` once (default:
+    where its ``x`` already is). Each
     epoch (each ``iter()``) draws one permutation with ``torch.randperm(N, generator=...)``
     when ``shuffle`` and slices it into batches; a batch is one indexing op on the
     device, with no per-sample Python. ``augment`` (e.g. :class:`Augment`) is applied to
@@ -36,10 +58,10 @@ class DeviceBatches:
 
     def __init__(
         self,
-        split: Split,
+        dataset: Any,
         batch_size: int,
-        shuffle: bool,
-        generator: torch.Generator | None,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
         drop_last: bool = False,
         augment: nn.Module | None = None,
         device: torch.device | str | None = None,
@@ -56,11 +78,15 @@ class DeviceBatches:
             raise GloroInputError(
                 f"global batch_size {batch_size} is smaller than world_size {world_size}"
             )
-        if len(split) == 0:
-            raise GloroInputError("cannot batch an empty split")
-        self.device = torch.device(device) if device is not None else split.x.device
-        self.split = split.to(self.device)
-        self.x, self.y = self.split.x, self.split.y
+        x, y = _as_tensors(dataset)
+        if len(x) == 0:
+            raise GloroInputError("cannot batch an empty dataset")
+        if len(y) != len(x):
+            raise GloroInputError(f"x has {len(x)} samples but y has {len(y)}")
+        self.device = torch.device(device) if device is not None else x.device
+        self.x, self.y = x.to(self.device), y.to(self.device)
+        info = getattr(dataset, "info", None)
+        self.name = getattr(info, "name", type(dataset).__name__)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.generator = generator
@@ -69,7 +95,7 @@ class DeviceBatches:
         self.rank, self.world_size = rank, world_size
 
     def _num_global_batches(self) -> int:
-        n = len(self.split)
+        n = len(self.x)
         full, rest = divmod(n, self.batch_size)
         keep_tail = rest > 0 and not self.drop_last and rest >= self.world_size
         return full + int(keep_tail)
@@ -78,7 +104,7 @@ class DeviceBatches:
         return self._num_global_batches()
 
     def _order(self) -> torch.Tensor:
-        n = len(self.split)
+        n = len(self.x)
         if not self.shuffle:
             return torch.arange(n, device=self.device)
         gen = self.generator
@@ -100,12 +126,12 @@ class DeviceBatches:
     @property
     def num_samples(self) -> int:
         """Samples per epoch across all ranks (after dropping any tail)."""
-        n = len(self.split)
+        n = len(self.x)
         return min(n, self._num_global_batches() * self.batch_size)
 
     def __repr__(self) -> str:
         return (
-            f"DeviceBatches({self.split.info.name}, n={len(self.split)}, "
+            f"DeviceBatches({self.name}, n={len(self.x)}, "
             f"batch_size={self.batch_size}, shuffle={self.shuffle}, device={self.device}, "
             f"rank={self.rank}/{self.world_size}, batches={len(self)})"
         )

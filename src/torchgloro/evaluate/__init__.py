@@ -10,18 +10,32 @@
 * :func:`evaluate_run` / :func:`evaluate_net`: everything at once (``gloro evaluate``).
 """
 
-from torchgloro.evaluate import attacks, cost, lower_bounds, metrics, report
-from torchgloro.evaluate.attacks import PGDResult, pgd_l2
-from torchgloro.evaluate.lower_bounds import (
-    LowerBound,
-    check_against_upper,
-    global_lower_bound,
-    local_lower_bound,
-    upper_bounds,
+from torchgloro._lazy import lazy_attributes
+
+_E = "torchgloro.evaluate"
+# Imported on first use (they import torch; `gloro evaluate --help` needs none of it).
+__getattr__, __dir__ = lazy_attributes(
+    __name__,
+    {
+        **{m: f"{_E}.{m}" for m in ("attacks", "cost", "lower_bounds", "metrics", "report")},
+        "PGDResult": f"{_E}.attacks",
+        "pgd_l2": f"{_E}.attacks",
+        **{
+            name: f"{_E}.lower_bounds"
+            for name in (
+                "LowerBound",
+                "check_against_upper",
+                "global_lower_bound",
+                "local_lower_bound",
+                "upper_bounds",
+            )
+        },  # fmt: skip
+        "certified_accuracy_curve": f"{_E}.metrics",
+        "curve_grid": f"{_E}.metrics",
+        "compare_table": f"{_E}.report",
+        **{name: f"{_E}.runner" for name in ("EvalOptions", "evaluate_net", "evaluate_run")},
+    },
 )
-from torchgloro.evaluate.metrics import certified_accuracy_curve, curve_grid
-from torchgloro.evaluate.report import compare_table
-from torchgloro.evaluate.runner import EvalOptions, evaluate_net, evaluate_run
 
 __all__ = [
     "EvalOptions",

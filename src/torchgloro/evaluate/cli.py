@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"Evaluated {result['run']} on {result['dataset']} ({result['n']} test points, "
-        f"ε = {result['epsilon']:g}, seed {result['seed']})\n"
+        f"ε = {result['epsilon']:g}, seed {result['seed']})\nWeights: {result['weights']}\n"
     )
     print(report.summary_tables(result))
     if not args.no_write:

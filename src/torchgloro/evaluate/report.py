@@ -216,6 +216,8 @@ def markdown_report(result: dict) -> str:
         f"points), ε = {num(result['epsilon'], 4)}, seed {result['seed']}, device "
         f"`{result.get('device')}`.",
         "",
+        f"Weights: {result.get('weights', result.get('model_file'))}.",
+        "",
         summary_tables(result),
     ]
     if pgd:

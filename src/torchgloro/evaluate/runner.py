@@ -342,6 +342,8 @@ def evaluate_run(
         "format": result.pop("format"),
         "run": str(run_dir.name),
         "model_file": model_file.name,
+        "weights": net.loaded_weights.text,  # final, best on validation, or picked on test
+        "picked_on_test": net.loaded_weights.picked_on_test,
         "model": arch or spec.get("name"),
         "dataset": name,
         "split": "test",

@@ -8,6 +8,7 @@
 The same from the shell: ``gloro train digits-minicnn-gloro --epochs 5``.
 """
 
+from torchgloro._lazy import lazy_attributes
 from torchgloro.train.config import (
     DEFAULT_RECIPE,
     DataConfig,
@@ -25,13 +26,21 @@ from torchgloro.train.config import (
     load_config,
     recipe_path,
 )
-from torchgloro.train.loop import (
-    LOSSES,
-    OPTIMIZERS,
-    TrainingDivergedError,
-    TrainResult,
-    evaluate,
-    train,
+
+# The loop imports torch: on first use only (`gloro train --help` needs none of it).
+__getattr__, __dir__ = lazy_attributes(
+    __name__,
+    {
+        name: "torchgloro.train.loop"
+        for name in (
+            "LOSSES",
+            "OPTIMIZERS",
+            "TrainingDivergedError",
+            "TrainResult",
+            "evaluate",
+            "train",
+        )
+    },  # fmt: skip
 )
 
 __all__ = [

@@ -31,12 +31,14 @@ from torchgloro.train._runtime import (
     peak_bytes,
     reset_peak,
 )
+from torchgloro.train._selection import Selection, epoch_metrics
 from torchgloro.train.build import (
     LOSSES,
+    Splits,
     TrainModule,
     build_net,
     build_optimizer,
-    evaluate,
+    final_evaluation,
     load_splits,
     parse_lr,
     resolve_epsilons,
@@ -59,8 +61,8 @@ class Run:
     def __init__(self, cfg: TrainConfig, env: ddp.DistEnv, device: torch.device) -> None:
         self.cfg, self.env, self.device = cfg, env, device
         self.say = print if env.is_main else (lambda *a, **k: None)
-        self.train_split, test_split = load_splits(cfg, env)
-        self.info = self.train_split.info
+        splits = load_splits(cfg, env)
+        self.train_split, self.info = splits.train, splits.train.info
         resolve_epsilons(cfg, self.info.default_epsilon)
         g, o = cfg.gloro, cfg.optim
 
@@ -82,7 +84,9 @@ class Run:
             self.train_split, cfg.run.batch_size, True, self.data_gen, device=device,
             rank=env.rank, world_size=env.world_size,
         )  # fmt: skip
-        self.test_split = test_split.to(device)
+        val = splits.val.to(device) if splits.val is not None else None
+        self.splits = Splits(splits.train, val, splits.test.to(device), splits.val_indices)
+        self.test_split = self.splits.test
         self.num_batches = len(self.batches)
         module = TrainModule(self.net, amp=cfg.run.amp == "bf16" and device.type == "cuda")
         if cfg.run.amp != "off" and device.type != "cuda":
@@ -95,7 +99,7 @@ class Run:
             )
 
         self.start_epoch, self.start_step, self.last_good = 0, 0, 0
-        self.best = {"vra": -1.0, "clean": -1.0, "epoch": 0}
+        self.selection = Selection(self.splits)
         self.acc = torch.zeros(4, dtype=torch.float64, device=device)  # loss·n, clean, vra, n
         self.run_dir: Path | None = None
         self.history: list[dict[str, float]] = []
@@ -128,7 +132,8 @@ class Run:
             ckpt_io.restore_model(self.net, ck, run_dir / ckpt_io.TENSORS_FILE)
             ckpt_io.restore_optimizer(self.optimizer, ck)
             self.start_epoch, self.start_step = ck.epoch, ck.step
-            self.best, self.last_good = dict(ck.info["best"]), ck.epoch
+            ckpt_io.check_val_indices(ck, self.splits.val_indices, run_dir)
+            self.selection, self.last_good = Selection(self.splits, ck.info["best"]), ck.epoch
             torch.set_rng_state(ck.tensors["rng.torch_cpu"])
             if device.type == "cuda" and "rng.cuda" in ck.tensors:
                 torch.cuda.set_rng_state(ck.tensors["rng.cuda"], device)
@@ -162,12 +167,14 @@ class Run:
             (self.run_dir / "config.toml").write_text(dump_config(cfg))
         self.log = MetricsLog(self.run_dir, keep_epochs=self.start_epoch) if env.is_main else None
         self.history = list(self.log.rows) if self.log else []
-        g = cfg.gloro
+        g, val = cfg.gloro, self.splits.val
         self.say(
             f"Training {cfg.model.arch} on {self.info.name} ({len(self.train_split)} train / "
-            f"{len(self.test_split)} test) for {total} epochs on {device}"
+            f"{len(val) if val is not None else 'no'} validation / {len(self.test_split)} test)"
+            f" for {total} epochs on {device}"
             f"{f' x {env.world_size} ranks' if env.enabled else ''}; eps_train "
-            f"{g.epsilon_train:g}, eps_test {g.epsilon_test:g}; run folder {self.run_dir}"
+            f"{g.epsilon_train:g}, eps_test {g.epsilon_test:g}; best.safetensors: the best "
+            f"VRA on the {self.selection.split} split; run folder {self.run_dir}"
         )
         if g.robust and cfg.optim.warmup_epochs >= total:
             self.say(
@@ -192,11 +199,13 @@ class Run:
             **{f"rng.augment.r{k}": t for k, t in enumerate(aug_states) if k > 0},
             "state.acc": self.acc if acc_now is None else acc_now,
         }
+        if len(self.splits.val_indices):  # the validation split, for resuming (data.val_size)
+            tensors["data.val_indices"] = self.splits.val_indices
         meta = {
             "epoch": epoch,
             "step": step,
             "total_epochs": self.cfg.run.epochs,
-            "best": self.best,
+            "best": self.selection.best,
             "optim": opt_info,
             "config": config_to_dict(self.cfg),
             "world_size": self.env.world_size,
@@ -290,10 +299,11 @@ class Run:
                     bar.close()
                     raise diverged(f"epoch {epoch + 1}, step {step}", vals[0], self.run_dir,
                                     self.last_good)  # fmt: skip
-                bar.set_postfix(
-                    loss=f"{vals[0] / vals[3]:.4f}", acc=f"{vals[1] / vals[3]:.3f}",
-                    vra=f"{vals[2] / vals[3]:.3f}" if robust else "-",
-                )  # fmt: skip
+                bar.set_postfix({  # the epoch so far, on the training batches, at ε_train
+                    "loss": f"{vals[0] / vals[3]:.4f}", "train acc": f"{vals[1] / vals[3]:.3f}",
+                    "train VRA@ε_t": f"{vals[2] / vals[3]:.3f}" if robust else "-",
+                    "ε_t": f"{eps:.3g}",
+                })  # fmt: skip
                 ddp.agree_on_stop(stop, self.env, device)  # at the same step on every rank
             if stop.requested and (not self.env.enabled or step % SYNC_EVERY == 0):
                 break
@@ -302,7 +312,8 @@ class Run:
         return step
 
     def end_epoch(self, epoch: int, t0: float) -> None:
-        """Reduces the epoch's metrics, converges the bound, certifies the test split, logs."""
+        """Reduces the epoch's metrics, converges the bound, certifies the validation split
+        (and the test split without one, or when asked), logs, keeps the best epoch."""
         cfg, env, device, net = self.cfg, self.env, self.device, self.net
         sums = ddp.all_reduce_sum(self.acc.clone(), env).tolist()
         train_loss = sums[0] / sums[3]
@@ -316,7 +327,8 @@ class Run:
         net.epsilon = eps_test
         net.refresh()
         lip = float(net.lipschitz_constant("fast").max())
-        test = evaluate(net, self.test_split, eps_test, "fast", cfg.run.eval_batch_size, env)
+        held_out = epoch_metrics(net, self.splits, eps_test, cfg.run.eval_batch_size, env,
+                                 cfg.run.test_every_epoch)  # fmt: skip
         per_sample = max(self.train_peak - (0 if device.type == "cuda" else self.rss0), 0)
         per_sample /= cfg.run.batch_size / env.world_size  # this rank's share of a batch
         eps, lam, lr = self.sched_now
@@ -326,9 +338,7 @@ class Run:
             "train_loss": train_loss,
             "train_clean_acc": sums[1] / sums[3],
             "train_vra": sums[2] / sums[3],
-            "test_clean_acc": test["clean"],
-            "test_vra": test["vra"],
-            "test_rejection": test["rejection"],
+            **held_out,
             "epsilon": eps,
             "lam": lam if hasattr(self.loss_fn, "lam") and robust else float("nan"),
             "lr": lr,
@@ -339,20 +349,16 @@ class Run:
         self.history.append(row)
         if env.is_main:
             self.log.append(row)
-            tqdm.write(epoch_line(row, cfg.run.epochs))
-            best = self.best
-            if (test["vra"], test["clean"]) > (best["vra"], best["clean"]):
-                self.best = {"vra": test["vra"], "clean": test["clean"], "epoch": epoch + 1}
-                net.save(self.run_dir / "best.safetensors")
+            tqdm.write(epoch_line(row, cfg.run.epochs, eps_test))
+            self.selection.update(row, net, self.run_dir, cfg.run.epochs)
         self.acc.zero_()
 
     # -- the end --
 
     def report_stop(self, why: str) -> None:
         if self.env.is_main:
-            write_report(
-                self.run_dir, self.history, dump_config(self.cfg), None, self.cfg.gloro.epsilon_test
-            )
+            write_report(self.run_dir, self.history, dump_config(self.cfg), None,
+                         self.cfg.gloro.epsilon_test, self.selection.best)  # fmt: skip
             again = (
                 f"torchrun --nproc_per_node {self.env.world_size} -m torchgloro.cli train"
                 if self.env.enabled
@@ -371,22 +377,15 @@ class Run:
         eps_test, batch = cfg.gloro.epsilon_test, cfg.run.eval_batch_size
         net.eval()
         net.epsilon = eps_test
-        fast = evaluate(net, self.test_split, eps_test, "fast", batch, env)
-        sound = evaluate(net, self.test_split, eps_test, "sound", batch, env)
         final = {
-            "epsilon": eps_test,
-            "n_test": fast["n"],
-            "clean": fast["clean"],
-            "vra_fast": fast["vra"],
-            "rejection_fast": fast["rejection"],
-            "vra_sound": sound["vra"],
-            "rejection_sound": sound["rejection"],
+            **final_evaluation(net, self.test_split, eps_test, batch, env),
             "seconds": time.time() - t_start,
-            "best_epoch": self.best["epoch"],
+            "best_epoch": self.selection.best["epoch"],
+            "best_split": self.selection.best["split"],
         }
         if env.is_main:
-            eps_test = cfg.gloro.epsilon_test
-            write_report(self.run_dir, self.history, dump_config(cfg), final, eps_test)
+            write_report(self.run_dir, self.history, dump_config(cfg), final, eps_test,
+                         self.selection.best)  # fmt: skip
             self.say(f"\nFinished {cfg.run.epochs} epochs ({time.time() - t_start:.1f} s).")
             self.say(summary_text(final, self.run_dir))
             sys.stdout.flush()

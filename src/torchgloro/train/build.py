@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from torchgloro import schedules
+from torchgloro._errors import ConfigError
 from torchgloro.data import Split, get_dataset
 from torchgloro.gloro import GloroNet
 from torchgloro.losses import GloroCrossEntropy, GloroEMMA, GloroHinge, GloroTrades
@@ -32,6 +33,9 @@ __all__ = [
     "TrainModule",
     "evaluate",
     "load_splits",
+    "final_evaluation",
+    "Splits",
+    "validation_indices",
 ]
 
 # name -> factory(config) -> loss module on (B, C+1) logits. A loss with a ``lam``
@@ -187,6 +191,19 @@ def evaluate(
     return {"clean": clean / n, "vra": vra / n, "rejection": rej / n, "n": int(n)}
 
 
+_VAL_SEED_OFFSET = 7907  # the split's generator is not the data order's (also run.seed)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The data of a run: ``val`` is None when ``data.val_size`` is 0."""
+
+    train: Split
+    val: Split | None
+    test: Split
+    val_indices: torch.Tensor  # into the full training split; recorded in the checkpoint
+
+
 def absolute_npz(name: str) -> str:
     """``npz:PATH`` with PATH made absolute when it exists (so that the run's config.toml
     works from any folder); other names unchanged."""
@@ -195,8 +212,41 @@ def absolute_npz(name: str) -> str:
     return name
 
 
-def load_splits(cfg: TrainConfig, env: ddp.DistEnv):
-    """The train and test splits; rank 0 loads (and may download) first, then the others."""
+def final_evaluation(
+    net: GloroNet, split: Split, epsilon: float, batch_size: int, env: ddp.DistEnv
+) -> dict[str, float]:
+    """The end-of-training figures on the test split: fast and sound VRA, clean accuracy."""
+    fast = evaluate(net, split, epsilon, "fast", batch_size, env)
+    sound = evaluate(net, split, epsilon, "sound", batch_size, env)
+    return {
+        "epsilon": epsilon,
+        "n_test": fast["n"],
+        "clean": fast["clean"],
+        "vra_fast": fast["vra"],
+        "rejection_fast": fast["rejection"],
+        "vra_sound": sound["vra"],
+        "rejection_sound": sound["rejection"],
+    }
+
+
+def validation_indices(n: int, size: int, seed: int) -> torch.Tensor:
+    """The sorted indices of the ``size`` images held out of a training split of ``n``: the
+    first ``size`` of a permutation drawn by a generator seeded with ``seed``."""
+    if size >= n:
+        raise ConfigError(
+            f"data.val_size = {size} leaves no training images (the training split has {n}); "
+            f"lower it, or set 0 for no validation split."
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + _VAL_SEED_OFFSET))
+    return perm[:size].sort().values
+
+
+def load_splits(cfg: TrainConfig, env: ddp.DistEnv) -> Splits:
+    """The train, validation and test splits; rank 0 loads (and may download) first.
+
+    ``data.val_size`` training images (:func:`validation_indices`, seeded by ``run.seed``)
+    are held out; ``data.train_subset`` then keeps the first N of the rest.
+    """
     d = cfg.data
     if d.root and Path(d.root).expanduser().exists():  # config.toml works from any folder
         d.root = str(Path(d.root).expanduser().resolve())
@@ -206,6 +256,14 @@ def load_splits(cfg: TrainConfig, env: ddp.DistEnv):
             train_split = get_dataset(d.name, "train", d.root, download=d.download and turn)
             test_split = get_dataset(d.name, "test", d.root, download=d.download and turn)
         ddp.barrier(env)
+    val_idx = torch.empty(0, dtype=torch.long)
+    val_split = None
+    if d.val_size:
+        val_idx = validation_indices(len(train_split), d.val_size, cfg.run.seed)
+        keep = torch.ones(len(train_split), dtype=torch.bool)
+        keep[val_idx] = False
+        val_split = train_split.subset(val_idx)
+        train_split = train_split.subset(keep.nonzero().squeeze(1))
     if d.train_subset:
         train_split = train_split.subset(min(d.train_subset, len(train_split)))
-    return train_split, test_split
+    return Splits(train_split, val_split, test_split, val_idx)

@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     r = evaluate(net, split, eps, args.mode, args.batch_size)
     print(f"{path}: {split.info.name} test split ({r['n']} images), epsilon = {eps:g}, "
           f"mode = {args.mode}")  # fmt: skip
+    print(f"  weights         {net.loaded_weights.text}")
     print(f"  clean accuracy  {100 * r['clean']:.2f}%")
     print(f"  VRA             {100 * r['vra']:.2f}%")
     print(f"  rejection rate  {100 * r['rejection']:.2f}%")

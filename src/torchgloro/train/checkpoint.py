@@ -21,9 +21,10 @@ import torch
 
 from torchgloro import io
 from torchgloro._errors import CheckpointError, ConfigError
+from torchgloro._weights import TRAIN_KEY as _META_KEY
 from torchgloro.gloro import GloroNet
 from torchgloro.train.build import absolute_npz
-from torchgloro.train.config import config_to_dict, saved_run_config
+from torchgloro.train.config import RESUME_OVERRIDABLE, config_to_dict, saved_run_config
 
 __all__ = [
     "TENSORS_FILE",
@@ -38,6 +39,7 @@ __all__ = [
     "rng_tensors",
     "check_same_run",
     "arithmetic_changes",
+    "check_val_indices",
     "RESUME_OVERRIDABLE",
 ]
 
@@ -45,25 +47,9 @@ TENSORS_FILE = "checkpoint.safetensors"
 JSON_FILE = "checkpoint.json"
 NEXT_JSON_FILE = "checkpoint.json.next"  # the JSON of a pair being written (see below)
 FORMAT = "torchgloro-train/1"
-_META_KEY = "torchgloro.train"
-
-# Config keys that may change when resuming (they do not alter the trajectory of training).
-RESUME_OVERRIDABLE = {
-    "run.device",
-    "run.out",
-    "run.eval_batch_size",
-    "run.threads",
-    "run.checkpoint_every",
-    "run.compile",  # how the same math runs, not what it computes
-    "run.compile_mode",
-    "run.compile_backend",
-    "gloro.cuda_graphs",
-    "data.root",
-    "data.download",
-}
-# Of those, the keys that change how the same math is rounded (how sums are split across
-# threads, which kernels run): a resume with another value continues the same run, but not
-# bit for bit.
+# Of the keys that may change on resume (config.RESUME_OVERRIDABLE), those that change how the
+# same math is rounded (how sums are split across threads, which kernels run): a resume with
+# another value continues the same run, but not bit for bit.
 RESUME_ARITHMETIC = (
     "run.device",
     "run.threads",
@@ -167,6 +153,8 @@ def write_checkpoint(
         "step": int(info["step"]),
         "config_digest": config_digest(info["config"]),
     }
+    if "total_epochs" in info:  # for the description of the weights (torchgloro._weights)
+        marker["total_epochs"] = int(info["total_epochs"])
     meta = {
         "torchgloro": json.dumps(io.gloro_metadata(net)),
         _META_KEY: json.dumps(marker),
@@ -353,6 +341,17 @@ def rng_tensors(data_gen, aug_gen, data_epoch_start, device) -> dict[str, torch.
     if device.type == "cuda":
         out["rng.cuda"] = torch.cuda.get_rng_state(device)
     return out
+
+
+def check_val_indices(ckpt: Checkpoint, indices: torch.Tensor, run_dir: Path) -> None:
+    """Refuses to resume when the validation split drawn now is not the recorded one."""
+    recorded = ckpt.tensors.get("data.val_indices", torch.empty(0, dtype=torch.long))
+    if not torch.equal(recorded.to(indices), indices):
+        raise CheckpointError(
+            f"The validation split drawn now ({len(indices)} images) is not the one {run_dir} "
+            f"recorded ({len(recorded)} images): the training split changed (another data "
+            f"file or data.root?). Resume it with the data it was trained on."
+        )
 
 
 def check_same_run(now: dict, saved: dict, run_dir: Path) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from torchgloro._errors import CheckpointError, ConfigError
 from torchgloro.schedules import scale_schedule
-from torchgloro.train.checkpoint import RESUME_OVERRIDABLE
 from torchgloro.train.config import (
     DEFAULT_RECIPE,
+    RESUME_OVERRIDABLE,
     TrainConfig,
     apply_overrides,
     config_to_dict,

@@ -45,6 +45,7 @@ __all__ = [
     "list_recipes",
     "recipe_path",
     "DEFAULT_RECIPE",
+    "RESUME_OVERRIDABLE",
 ]
 
 DEFAULT_RECIPE = "digits-minicnn-gloro"
@@ -65,6 +66,7 @@ class RunConfig:
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no C++ compiler)
     amp: str = "off"  # off | bf16 (autocast of the backbone on CUDA; the bound stays fp32)
     threads: int = 0  # CPU threads for torch (0 = torch's default); small models like 1
+    test_every_epoch: bool = False  # also certify the test split after every epoch
 
 
 @dataclass
@@ -73,7 +75,10 @@ class DataConfig:
     root: str | None = None  # omitted from TOML when None
     download: bool = False
     augment: bool = False
-    train_subset: int = 0  # 0 = the whole training split
+    train_subset: int = 0  # 0 = the whole training split (after val_size is held out)
+    # Training images held out (seeded by run.seed) as the validation split, on which the
+    # per-epoch VRA and best.safetensors are chosen; 0 = none (the test split is used).
+    val_size: int = 300
 
 
 @dataclass
@@ -164,6 +169,7 @@ class TrainConfig:
         at_least("run.threads", r.threads, 0)
         at_least("run.checkpoint_every", r.checkpoint_every, 1)
         at_least("data.train_subset", d.train_subset, 0)
+        at_least("data.val_size", d.val_size, 0)
         if not r.name or r.name[0] in "-." or any(c in r.name for c in "/\\"):
             raise ConfigError(
                 f"run.name = {r.name!r} must name a folder inside run.out: not empty, without "
@@ -211,8 +217,28 @@ class TrainConfig:
 _SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)
 
 
+# Names people reach for, from other tools, and the key that does it here.
+_KEY_ALIASES = {
+    "data.limit": "data.train_subset",
+    "data.subset": "data.train_subset",
+    "data.n_train": "data.train_subset",
+    "data.validation_size": "data.val_size",
+    "data.val_split": "data.val_size",
+    "data.dataset": "data.name",
+    "data.data_dir": "data.root",
+    "run.lr": "optim.lr",
+    "run.batch": "run.batch_size",
+    "run.output": "run.out",
+    "gloro.epsilon": "gloro.epsilon_test",
+    "gloro.eps": "gloro.epsilon_test",
+    "optim.optimizer": "optim.name",
+    "loss.lam": "loss.lam_schedule",
+}
+
+
 def _suggest(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    alias = _KEY_ALIASES.get(word)
+    close = [alias] if alias else difflib.get_close_matches(word, options, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -252,7 +278,24 @@ def config_from_dict(data: dict[str, Any], base: TrainConfig | None = None) -> T
 
 # Keys added after runs were saved, with the value such runs were trained with: in a saved
 # run's config a missing key means this, not today's default.
-_PREDATES = {"loss": {"trades_robust": "kl"}}
+_PREDATES = {"loss": {"trades_robust": "kl"}, "data": {"val_size": 0}}
+
+
+# Config keys that may change when resuming (they do not alter the trajectory of training).
+RESUME_OVERRIDABLE = {
+    "run.device",
+    "run.out",
+    "run.eval_batch_size",
+    "run.threads",
+    "run.checkpoint_every",
+    "run.test_every_epoch",  # which splits are certified after an epoch, not the training
+    "run.compile",  # how the same math runs, not what it computes
+    "run.compile_mode",
+    "run.compile_backend",
+    "gloro.cuda_graphs",
+    "data.root",
+    "data.download",
+}
 
 
 def saved_run_config(saved: dict[str, Any]) -> TrainConfig:

@@ -31,10 +31,13 @@ METRICS = (
     "epoch",
     "train_loss",
     "train_clean_acc",
-    "train_vra",  # with the training (power-iteration) bound; NaN in CE epochs
-    "test_clean_acc",
-    "test_vra",  # mode="fast", at gloro.epsilon_test
-    "test_rejection",  # fraction of test points on which the GloRo net predicts ⊥
+    "train_vra",  # on the training batches at ε_train, training bound; NaN in CE epochs
+    "val_clean_acc",  # the validation split (data.val_size); NaN without one
+    "val_vra",  # mode="fast", at gloro.epsilon_test
+    "val_rejection",  # fraction of points on which the GloRo net predicts ⊥
+    "test_clean_acc",  # the test split: NaN unless data.val_size = 0 or run.test_every_epoch
+    "test_vra",
+    "test_rejection",
     "epsilon",  # ε_train at the end of the epoch
     "lam",
     "lr",
@@ -75,7 +78,10 @@ class MetricsLog:
 
 
 def _fmt(row: dict[str, Any]) -> dict[str, str]:
-    return {k: (str(int(row[k])) if k == "epoch" else f"{row[k]:.6g}") for k in METRICS}
+    """A row as text; a column an older file lacks is NaN."""
+    return {
+        k: (str(int(row[k])) if k == "epoch" else f"{row.get(k, math.nan):.6g}") for k in METRICS
+    }
 
 
 def read_metrics(path: str | Path, partial_last: bool = False) -> list[dict[str, float]]:
@@ -110,14 +116,26 @@ def read_metrics(path: str | Path, partial_last: bool = False) -> list[dict[str,
     return rows
 
 
-def epoch_line(row: dict[str, float], total: int) -> str:
-    """One human-readable log line per epoch."""
-    lam = "" if math.isnan(row["lam"]) else f"lam {row['lam']:.3g}  "
+def _held_out(row: dict[str, float], epsilon_test: float) -> str:
+    """The validation and test figures of an epoch's row, each named with its split and ε."""
+    parts = [
+        f"{split} acc {row[f'{split}_clean_acc']:.3f}  "
+        f"{split} VRA@{epsilon_test:g} {row[f'{split}_vra']:.3f}  "
+        f"{split} rej {row[f'{split}_rejection']:.3f}  "
+        for split in ("val", "test")
+        if not math.isnan(row.get(f"{split}_vra", math.nan))
+    ]
+    return "".join(parts)
+
+
+def epoch_line(row: dict[str, float], total: int, epsilon_test: float) -> str:
+    """One human-readable log line per epoch; every figure names its split and ε."""
+    lam = "" if math.isnan(row["lam"]) else f"λ {row['lam']:.3g}  "
+    train_vra = "-" if math.isnan(row["train_vra"]) else f"{row['train_vra']:.3f}"
     return (
         f"epoch {int(row['epoch']):>{len(str(total))}}/{total}  loss {row['train_loss']:.4f}  "
-        f"train acc {row['train_clean_acc']:.3f}  test acc {row['test_clean_acc']:.3f}  "
-        f"VRA {row['test_vra']:.3f}  rej {row['test_rejection']:.3f}  "
-        f"eps {row['epsilon']:.4g}  {lam}lr {row['lr']:.2e}  "
+        f"train acc {row['train_clean_acc']:.3f}  train VRA@ε_t {train_vra}  "
+        f"ε_t {row['epsilon']:.4g}  {_held_out(row, epsilon_test)}{lam}lr {row['lr']:.2e}  "
         f"K {row['lipschitz']:.4g}  {row['seconds']:.1f}s  "
         f"{row['peak_mem_mb_per_sample']:.3g} MB/sample"
     )
@@ -126,7 +144,8 @@ def epoch_line(row: dict[str, float], total: int) -> str:
 def summary_text(final: dict[str, Any], run_dir: Path | None) -> str:
     """The end-of-training summary (also embedded in ``report.md``)."""
     lines = [
-        f"Test split ({final['n_test']} images), epsilon = {final['epsilon']:g}:",
+        f"Final weights (checkpoint.safetensors), test split ({final['n_test']} images), "
+        f"epsilon = {final['epsilon']:g}:",
         f"  clean accuracy   {100 * final['clean']:.2f}%",
         f"  VRA (fast)       {100 * final['vra_fast']:.2f}%   "
         f"rejection {100 * final['rejection_fast']:.2f}%",
@@ -136,12 +155,20 @@ def summary_text(final: dict[str, Any], run_dir: Path | None) -> str:
             f"  VRA (sound)      {100 * final['vra_sound']:.2f}%   "
             f"rejection {100 * final['rejection_sound']:.2f}%"
         )
+    if final.get("best_epoch"):
+        lines.append(
+            f"best.safetensors: epoch {final['best_epoch']}, the best VRA on the "
+            f"{final.get('best_split', 'test')} split"
+        )
     if run_dir is not None:
         lines.append(f"Run folder: {run_dir}")
     return "\n".join(lines)
 
 
-def _plot(rows: Sequence[dict[str, float]], keys, labels, title, path, ylabel, log=False) -> None:
+def _plot(
+    rows: Sequence[dict[str, float]], keys, labels, title, path, ylabel, log=False, mark=None
+) -> None:
+    """Plots the columns ``keys`` per epoch; ``mark`` = (epoch, label) draws a vertical line."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -166,6 +193,8 @@ def _plot(rows: Sequence[dict[str, float]], keys, labels, title, path, ylabel, l
         lo, hi = ax.get_ylim()
         # Within a decade only minor ticks fall in range: label them; wider, majors suffice.
         ax.yaxis.set_minor_formatter(plain if hi < 10 * lo else matplotlib.ticker.NullFormatter())
+    if mark is not None and mark[0]:
+        ax.axvline(mark[0], color="grey", linestyle="--", linewidth=1, label=mark[1])
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -190,29 +219,37 @@ def write_report(
     config_text: str,
     final: dict | None,
     epsilon_test: float | None = None,
+    best: dict[str, Any] | None = None,
 ) -> None:
     """Writes ``report.md`` and its PNG plots (loss, accuracy/VRA at ``epsilon_test``,
-    Lipschitz bound)."""
+    Lipschitz bound), marking ``best``'s epoch (``best.safetensors``)."""
     run_dir = Path(run_dir)
     if rows:
         at = f" at ε = {epsilon_test:g}" if epsilon_test is not None else ""
-        _plot(rows, ["train_loss"], ["train loss"], "Training loss", run_dir / "loss.png", "loss")
+        mark = None
+        if best:
+            mark = (best["epoch"], f"best.safetensors (best {best.get('split', 'test')} VRA)")
+        _plot(rows, ["train_loss"], ["train loss"], "Training loss", run_dir / "loss.png", "loss",
+              mark=mark)  # fmt: skip
         _plot(
             rows,
-            ["train_clean_acc", "test_clean_acc", "test_vra"],
-            ["train clean accuracy", "test clean accuracy", f"test VRA (fast){at}"],
+            ["train_clean_acc", "val_clean_acc", "val_vra", "test_clean_acc", "test_vra"],
+            ["train clean accuracy", "validation clean accuracy", f"validation VRA (fast){at}",
+             "test clean accuracy", f"test VRA (fast){at}"],
             f"Clean accuracy and VRA{at}",
             run_dir / "accuracy.png",
             "fraction of points",
-        )
+            mark=mark,
+        )  # fmt: skip
         _plot(
             rows,
             ["lipschitz"],
-            ["max K (converged bound)"],
-            "Lipschitz bound",
+            ["max K: power-iteration estimate, converged after the epoch"],
+            "Lipschitz bound (fast mode's K; the sound bound is at the end)",
             run_dir / "lipschitz.png",
             "max over class pairs of K_ij",
             log=True,
+            mark=mark,
         )
     parts = [f"# Training report: {run_dir.name}", ""]
     if final is not None:
@@ -231,13 +268,17 @@ def write_report(
             "",
             "## Metrics per epoch",
             "",
-            "| epoch | loss | train acc | test acc | VRA | rejection | eps | lr | K | s |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            f"VRA at ε_test{at}, fast mode; train VRA on the training batches at ε_t.",
+            "",
+            "| epoch | loss | train acc | train VRA@ε_t | ε_t | val acc | val VRA | val rej | "
+            "test acc | test VRA | test rej | lr | K | s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         parts += [
             f"| {int(r['epoch'])} | {r['train_loss']:.4f} | {r['train_clean_acc']:.4f} | "
-            f"{r['test_clean_acc']:.4f} | {r['test_vra']:.4f} | {r['test_rejection']:.4f} | "
-            f"{r['epsilon']:.4g} | {r['lr']:.3g} | {r['lipschitz']:.4g} | {r['seconds']:.1f} |"
+            f"{r['train_vra']:.4f} | {r['epsilon']:.4g} | "
+            + " | ".join(f"{r.get(k, math.nan):.4f}" for k in METRICS[4:10])
+            + f" | {r['lr']:.3g} | {r['lipschitz']:.4g} | {r['seconds']:.1f} |"
             for r in rows
         ]
         parts.append("")

@@ -1,0 +1,49 @@
+"""`gloro --help` stays fast: the CLI and the packages import torch only when a command
+runs (the 0.5 s target is measured, not asserted; this checks what makes it possible)."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+_NO_TORCH = """
+import sys
+import torchgloro.cli
+for argv in {argvs!r}:
+    try:
+        torchgloro.cli.main(argv)
+    except SystemExit:
+        pass
+heavy = sorted(m for m in ("torch", "numpy", "matplotlib", "sklearn") if m in sys.modules)
+print("imported:", heavy)
+"""
+
+
+@pytest.mark.parametrize(
+    "argvs",
+    [
+        [["--help"]],
+        [["train", "--help"], ["evaluate", "--help"], ["certify", "--help"], ["compare", "--help"]],
+    ],  # fmt: skip
+    ids=["gloro", "subcommands"],
+)
+def test_help_imports_no_torch(argvs):
+    out = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH.format(argvs=argvs)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "usage: gloro" in out
+    assert out.strip().endswith("imported: []"), out[-300:]
+
+
+@pytest.mark.parametrize("package", ["torchgloro", "torchgloro.train", "torchgloro.evaluate"])
+def test_every_lazy_public_name_resolves(package):
+    mod = importlib.import_module(package)
+    for name in mod.__all__:
+        assert getattr(mod, name) is not None, name
+        assert name in dir(mod), name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        mod.nope  # noqa: B018
