@@ -1,0 +1,292 @@
+"""The Lipschitz bound of a traced graph: composition multiplies, adds add, concatenations
+add in squares.
+
+:func:`plan_graph` turns a GraphModule into :class:`~torchgloro.bounds.ops.Step` s and their
+layer bounds; :class:`GraphBound` composes them, as one :class:`LayerBound` for everything
+before the head, in the three ways a :class:`GloroNet` needs: the differentiable
+power-iteration estimate (training), the proven bound (certification) and the float64
+round-off model (:mod:`torchgloro.bounds.roundoff`). For a value v = Σ_k g_k(u_k) of
+branches, ‖v(x) − v(x')‖ ≤ Σ_k L_k‖x − x'‖; for v = cat(u_1, ..., u_m),
+‖v(x) − v(x')‖² = Σ_k ‖u_k(x) − u_k(x')‖² ≤ (Σ_k L_k²)‖x − x'‖².
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import fx, nn
+
+from torchgloro._certify import eval_mode
+from torchgloro._errors import UnsupportedLayerError
+from torchgloro.bounds import roundoff
+from torchgloro.bounds.ops import (
+    ADDS, CATS, SCALES, STATIC, Step, function_bound, refuse, scalar_bound,
+)  # fmt: skip
+from torchgloro.lipschitz import ConstantBound, LayerBound
+from torchgloro.margins import UNDERFLOW_F64, UNIT_ROUNDOFF_F64, product_upper, round_up
+
+__all__ = ["GraphBound", "plan_graph", "head_node"]
+
+Make = Callable[[nn.Module, tuple[int, ...]], LayerBound]
+
+
+def head_node(gm: fx.GraphModule) -> fx.Node:
+    """The node giving the class logits: the graph must return an ``nn.Linear``'s output."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    node = out.args[0]
+    mod = gm.get_submodule(node.target) if getattr(node, "op", None) == "call_module" else None
+    if mod is None or not (type(mod) is nn.Linear or hasattr(mod, "effective_weight")):
+        raise UnsupportedLayerError(
+            "The model's forward must return the output of an nn.Linear layer (the class "
+            "logits: the margin bounds use its rows), got "
+            f"{getattr(node, 'target', node)!r}. End the forward with `return self.fc(h)`."
+        )
+    if len(node.users) != 1:
+        raise UnsupportedLayerError("The logits' nn.Linear output must only be returned.")
+    return node
+
+
+@torch.no_grad()
+def _record(gm: fx.GraphModule, in_shape: tuple[int, ...], batch: int) -> dict[fx.Node, object]:
+    """Every node's value on a random batch (eval mode, so BatchNorm statistics stay put)."""
+    p = next(iter(gm.parameters()), None)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, *in_shape), generator=gen)
+    x = x.to(p) if p is not None else x
+    values: dict[fx.Node, object] = {}
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            values[n] = out = super().run_node(n)
+            return out
+
+    with eval_mode(gm):
+        _Recorder(gm).run(x)
+    return values
+
+
+def _per_sample(node: fx.Node, a: object, b: object) -> tuple[int, ...]:
+    """The per-sample shape of a data node's value, checked on batches of 2 and 3."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        raise refuse(node, f"it returns a {type(a).__name__}, not a tensor",
+                     "Return one tensor per step (index tuples in the forward).")  # fmt: skip
+    if a.dim() == 0 or a.shape[0] != 2 or b.shape[0] != 3 or a.shape[1:] != b.shape[1:]:
+        raise refuse(node, f"it does not keep one output per input along dimension 0 (batches "
+                     f"of 2 and 3 gave {tuple(a.shape)} and {tuple(b.shape)})", "Keep the "
+                     "batch dimension first and whole, e.g. x.view(x.size(0), -1).")  # fmt: skip
+    return tuple(a.shape[1:])
+
+
+def plan_graph(
+    gm: fx.GraphModule, in_shape: tuple[int, ...], make: Make
+) -> tuple[list[Step], list[LayerBound], int]:
+    """Steps and layer bounds of ``gm`` up to its head's input (whose value index is returned).
+
+    Raises:
+        UnsupportedLayerError: a node without a global bound, with its line in the code.
+    """
+    head = head_node(gm)
+    va, vb = _record(gm, in_shape, 2), _record(gm, in_shape, 3)
+    index: dict[fx.Node, int] = {}  # data node -> value index
+    steps: list[Step] = []
+    bounds: list[LayerBound] = []
+    shapes: dict[int, tuple[int, ...]] = {}
+
+    def const(a: object) -> object:  # a static argument's value
+        if isinstance(a, fx.Node):
+            return va[a]
+        if isinstance(a, (list, tuple)):
+            return type(a)(const(x) for x in a)
+        return a
+
+    def add_layer(src: int, b: LayerBound) -> None:
+        steps.append(Step("layer", (src,), len(bounds)))
+        bounds.append(b)
+
+    for node in gm.graph.nodes:
+        if node is head:
+            break
+        if node.op == "placeholder":
+            if index:
+                raise refuse(node, "the forward takes a second input", "Take one tensor x.")
+            index[node] = 0
+            shapes[0] = tuple(in_shape)
+            continue
+        data = [a for a in node.all_input_nodes if a in index]
+        if node.op in ("get_attr", "output") or not data or node.target in STATIC:
+            continue
+        _check_in_place(gm, node)
+        shape = shapes[index[data[0]]]
+        out_shape = _per_sample(node, va[node], vb[node])
+        kind = _dispatch(gm, node, data, index, shape, out_shape, make, const, add_layer)
+        if kind is not None:
+            steps.append(kind)
+        index[node] = len(steps)
+        shapes[len(steps)] = out_shape
+    src = head.args[0]
+    if src not in index or len(shapes[index[src]]) != 1:
+        raise UnsupportedLayerError(
+            f"The logits' nn.Linear must get flat per-sample features computed from the input, "
+            f"got shape {shapes.get(index.get(src, -1))}. Flatten before it "
+            f"(torch.flatten(h, 1))."
+        )
+    return steps, bounds, index[src]
+
+
+def _dispatch(gm, node, data, index, shape, out_shape, make, const, add_layer) -> Step | None:
+    """The step of one data node (a layer step is appended through ``add_layer``)."""
+    t = node.target
+    first = node.args[0] if node.args else None
+    if node.op == "call_module":
+        if len(data) != 1 or first is not data[0]:
+            raise refuse(node, "a module called on several data inputs", "Call it on one tensor.")
+        add_layer(index[data[0]], make(gm.get_submodule(t), shape))
+        return None
+    if t in CATS:
+        dim = const(node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0))
+        parts = node.args[0]
+        if any(not (isinstance(p, fx.Node) and p in index) for p in parts) or dim % (
+            len(out_shape) + 1
+        ) == 0:
+            raise refuse(node, "a concatenation along the batch, or with constant parts",
+                         "Concatenate data tensors along a feature dimension (dim=1).")  # fmt: skip
+        return Step("cat", tuple(index[p] for p in parts))
+    if t in ADDS and len(data) == 2 and all(isinstance(a, fx.Node) for a in node.args[:2]):
+        if node.kwargs.get("alpha", 1) != 1 or shapes_differ(node, out_shape, data, const):
+            raise refuse(node, "a sum whose terms broadcast or are scaled by alpha",
+                         "Add tensors of the same shape; scale a term before adding.")  # fmt: skip
+        return Step("add", (index[node.args[0]], index[node.args[1]]))
+    if (t in ADDS or t in SCALES) and len(data) == 1:
+        others = [a for a in (*node.args, *node.kwargs.values()) if a is not data[0]]
+        scalar = const(others[0]) if len(others) == 1 else None
+        if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
+            raise refuse(node, f"combining the data with {scalar!r} (a tensor, or several "
+                         "operands) has no bound here", "Use a Python number, or an nn "
+                         "module with a registered bound.")  # fmt: skip
+        d = math.prod(out_shape)
+        add_layer(index[data[0]], scalar_bound(node, float(scalar), node.args[0] is data[0], d))
+        return None
+    if t in SCALES:
+        raise refuse(node, "the product or quotient of two data-dependent values has no "
+                     "global Lipschitz bound", "Multiply or divide by constants only (gating "
+                     "x·σ(x) as a whole: use nn.SiLU).")  # fmt: skip
+    if len(data) == 1 and first is data[0]:
+        b = function_bound(node, const(tuple(node.args[1:])), const(dict(node.kwargs)), shape,
+                           out_shape, make)  # fmt: skip
+        if b is not None:
+            add_layer(index[data[0]], b)
+            return None
+    raise refuse(node, "no Lipschitz bound is known for this op", "Use a supported op "
+                 "(docs/bounds.md lists them), or wrap it in an nn.Module with a bound "
+                 "registered by torchgloro.register_bound.")  # fmt: skip
+
+
+def shapes_differ(node, out_shape, data, const) -> bool:
+    """Whether the two terms of a sum have other shapes than the sum (broadcasting)."""
+    return any(tuple(const(a).shape[1:]) != tuple(out_shape) for a in node.args[:2])
+
+
+def _check_in_place(gm: fx.GraphModule, node: fx.Node) -> None:
+    """An op that overwrites its input must be that input's only user."""
+    t = node.target
+    mod = gm.get_submodule(t) if node.op == "call_module" else None
+    in_place = (
+        bool(getattr(mod, "inplace", False))
+        or bool(node.kwargs.get("inplace", False))
+        or (isinstance(t, str) and t.endswith("_") and not t.startswith("_"))
+    )
+    src = node.args[0] if node.args else None
+    if in_place and isinstance(src, fx.Node) and len(src.users) > 1:
+        raise refuse(node, "it overwrites its input in place, which other ops also read",
+                     "Use the out-of-place form (inplace=False).")  # fmt: skip
+
+
+class GraphBound(LayerBound):
+    """Everything a traced graph computes before its head, as one bound.
+
+    Args:
+        gm: The traced model.
+        in_shape: Its per-sample input shape.
+        make: Builds a module's bound (``(module, in_shape) -> LayerBound``).
+    """
+
+    fp_terms_precision_free = False  # the model folds float64's unit round-off in
+
+    def __init__(self, gm: fx.GraphModule, in_shape: tuple[int, ...], make: Make) -> None:
+        super().__init__()
+        steps, bounds, out = plan_graph(gm, tuple(in_shape), make)
+        self.steps = tuple(steps)
+        self.out = out
+        self.nodes = nn.ModuleList(bounds)
+
+    def _compose(self, layer_value, add, cat, one):
+        """Runs the steps on per-value bounds with the given combinators."""
+        values = [one]
+        for s in self.steps:
+            ins = [values[i] for i in s.inputs]
+            if s.kind == "layer":
+                values.append(layer_value(ins[0], self.nodes[s.bound]))
+            elif s.kind == "add":
+                values.append(add(ins))
+            else:
+                values.append(cat(ins))
+        return values[self.out]
+
+    def estimate(self, n_iter: int = 0, differentiable: bool = False) -> torch.Tensor:
+        def layer(v, b):
+            if isinstance(b, ConstantBound) and b.value == 1.0:
+                return v  # reshapes, ReLU, ...: skip the op (and its grad)
+            e = b.estimate(n_iter=n_iter, differentiable=differentiable)
+            return e if v is None else v * e
+
+        def fill(v):
+            return v if v is not None else torch.ones(())
+
+        k = self._compose(
+            layer,
+            lambda vs: sum(fill(v) for v in vs),
+            lambda vs: torch.sqrt(sum(fill(v) ** 2 for v in vs)),
+            None,
+        )
+        return fill(k)
+
+    def iterate(self, n_iter: int) -> None:
+        for b in self.nodes:
+            b.iterate(n_iter)
+
+    @torch.no_grad()
+    def converge(self, tol: float = 1e-5, max_iter: int = 1_000) -> torch.Tensor:
+        for b in self.nodes:
+            b.converge(tol=tol, max_iter=max_iter)
+        return self.estimate()
+
+    def sound(self) -> float:
+        return self._compose(
+            lambda v, b: product_upper((v, b.sound())),
+            lambda vs: round_up(sum(vs), len(vs) + 1),
+            lambda vs: round_up(math.sqrt(round_up(sum(v * v for v in vs), len(vs) + 2)), 2),
+            1.0,
+        )
+
+    def _roundoff(self, unit_roundoff: float) -> roundoff.ValueBounds:
+        low = UNDERFLOW_F64
+        return self._compose(
+            lambda v, b: roundoff.through_layer(
+                v, b.sound(), b.fp_terms(), b.peak_terms, unit_roundoff, low
+            ),
+            lambda vs: roundoff.added(vs, unit_roundoff),
+            roundoff.concatenated,
+            roundoff.graph_input(),
+        )
+
+    def fp_terms(self) -> tuple[int, float, float]:
+        return roundoff.as_layer_terms(self._roundoff(UNIT_ROUNDOFF_F64), UNIT_ROUNDOFF_F64)
+
+    def peak_terms(self, unit_roundoff: float) -> tuple[float, float]:
+        return self._roundoff(unit_roundoff).peak
+
+    def extra_repr(self) -> str:
+        kinds = [s.kind for s in self.steps]
+        return f"{len(kinds)} steps: {kinds.count('add')} adds, {kinds.count('cat')} cats"
