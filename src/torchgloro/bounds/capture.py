@@ -11,8 +11,14 @@ from torch.nn.utils import parametrize
 from torchgloro._certify import eval_mode
 from torchgloro._errors import GloroInputError, InputShapeError, UnsupportedLayerError
 from torchgloro.bounds.graph import GraphBound, head_node
-from torchgloro.bounds.trace import has_bound, trace
-from torchgloro.lipschitz import _REGISTRY, LayerBound, bound_for, flatten_layers, trace_input_shapes
+from torchgloro.bounds.trace import trace
+from torchgloro.lipschitz import (
+    _REGISTRY,
+    LayerBound,
+    bound_for,
+    flatten_layers,
+    trace_input_shapes,
+)
 
 __all__ = ["capture", "build_bounds", "resolve_in_shape", "PendingBound", "make_bound"]
 

@@ -22,10 +22,17 @@ from torchgloro._certify import eval_mode
 from torchgloro._errors import UnsupportedLayerError
 from torchgloro.bounds import roundoff
 from torchgloro.bounds.ops import (
-    ADDS, CATS, SCALES, STATIC, Step, function_bound, refuse, scalar_bound,
+    ADDS,
+    CATS,
+    SCALES,
+    STATIC,
+    Step,
+    function_bound,
+    refuse,
+    scalar_bound,
 )  # fmt: skip
 from torchgloro.lipschitz import ConstantBound, LayerBound
-from torchgloro.margins import UNDERFLOW_F64, UNIT_ROUNDOFF_F64, product_upper, round_up
+from torchgloro.margins import UNDERFLOW_F32, UNDERFLOW_F64, UNIT_ROUNDOFF_F64, round_up
 
 __all__ = ["GraphBound", "plan_graph", "head_node"]
 
@@ -147,9 +154,10 @@ def _dispatch(gm, node, data, index, shape, out_shape, make, const, add_layer) -
     if t in CATS:
         dim = const(node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0))
         parts = node.args[0]
-        if any(not (isinstance(p, fx.Node) and p in index) for p in parts) or dim % (
-            len(out_shape) + 1
-        ) == 0:
+        if (
+            any(not (isinstance(p, fx.Node) and p in index) for p in parts)
+            or dim % (len(out_shape) + 1) == 0
+        ):
             raise refuse(node, "a concatenation along the batch, or with constant parts",
                          "Concatenate data tensors along a feature dimension (dim=1).")  # fmt: skip
         return Step("cat", tuple(index[p] for p in parts))
@@ -201,6 +209,14 @@ def _check_in_place(gm: fx.GraphModule, node: fx.Node) -> None:
     if in_place and isinstance(src, fx.Node) and len(src.users) > 1:
         raise refuse(node, "it overwrites its input in place, which other ops also read",
                      "Use the out-of-place form (inplace=False).")  # fmt: skip
+
+
+def _times_up(a: float, b: float) -> float:
+    """``a·b`` rounded up, as :func:`torchgloro.margins.product_upper` does per factor (a
+    traced chain gets the very bound of the same ``nn.Sequential``)."""
+    if not (b >= 0 and math.isfinite(b)):
+        raise ValueError(f"a layer bound must be finite and >= 0, got {b}")
+    return 0.0 if (a == 0.0 or b == 0.0) else math.nextafter(a * b, math.inf)
 
 
 class GraphBound(LayerBound):
@@ -264,14 +280,14 @@ class GraphBound(LayerBound):
 
     def sound(self) -> float:
         return self._compose(
-            lambda v, b: product_upper((v, b.sound())),
+            lambda v, b: _times_up(v, b.sound()),
             lambda vs: round_up(sum(vs), len(vs) + 1),
             lambda vs: round_up(math.sqrt(round_up(sum(v * v for v in vs), len(vs) + 2)), 2),
             1.0,
         )
 
     def _roundoff(self, unit_roundoff: float) -> roundoff.ValueBounds:
-        low = UNDERFLOW_F64
+        low = UNDERFLOW_F64 if unit_roundoff == UNIT_ROUNDOFF_F64 else UNDERFLOW_F32
         return self._compose(
             lambda v, b: roundoff.through_layer(
                 v, b.sound(), b.fp_terms(), b.peak_terms, unit_roundoff, low

@@ -81,7 +81,7 @@ class BatchNormBound(LayerBound):
     def fp_terms(self) -> tuple[int, float, float]:
         layer = self.layer
         a = self._alpha64()
-        shift = (layer.running_mean.detach().double().abs() * a)
+        shift = layer.running_mean.detach().double().abs() * a
         if layer.bias is not None:
             shift = shift + layer.bias.detach().double().abs()
         b = (shift.norm().item() * (1 + 8 * U64) + NORM_UNDERFLOW_F64) * math.sqrt(self.positions)
@@ -177,8 +177,8 @@ class Conv1dBound(PowerIterationBound):
     def fp_terms(self) -> tuple[int, float, float]:
         w = self._weight().detach()
         n_out = self._op(self.u, w).shape[2]
-        return linear_fp_terms(w, self.layer.bias, positions=n_out,
-                               abs_norm_upper=self._norm_upper(w.abs(), method="circular"))  # fmt: skip
+        abs_norm = self._norm_upper(w.abs(), method="circular")
+        return linear_fp_terms(w, self.layer.bias, positions=n_out, abs_norm_upper=abs_norm)
 
 
 register_bound(nn.Conv1d)(Conv1dBound)

@@ -100,15 +100,27 @@ _FUNCTIONS: dict[Any, tuple[Any, list[str], dict]] = {
     F.relu6: (lambda a: nn.ReLU6(), ["inplace"], {}),
     F.adaptive_avg_pool2d: (lambda a: nn.AdaptiveAvgPool2d(a["output_size"]), ["output_size"], {}),
     F.avg_pool2d: (
-        lambda a: nn.AvgPool2d(a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
-                               a["count_include_pad"], a["divisor_override"]),  # fmt: skip
+        lambda a: nn.AvgPool2d(
+            a["kernel_size"],
+            a["stride"],
+            a["padding"],
+            a["ceil_mode"],
+            a["count_include_pad"],
+            a["divisor_override"],
+        ),  # fmt: skip
         ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"],
-        {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True,
-         "divisor_override": None},  # fmt: skip
+        {
+            "stride": None,
+            "padding": 0,
+            "ceil_mode": False,
+            "count_include_pad": True,
+            "divisor_override": None,
+        },  # fmt: skip
     ),
     F.max_pool2d: (
-        lambda a: nn.MaxPool2d(a["kernel_size"], a["stride"], a["padding"], a["dilation"],
-                               ceil_mode=a["ceil_mode"]),  # fmt: skip
+        lambda a: nn.MaxPool2d(
+            a["kernel_size"], a["stride"], a["padding"], a["dilation"], ceil_mode=a["ceil_mode"]
+        ),  # fmt: skip
         ["kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"],
         {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False},
     ),
@@ -185,8 +197,11 @@ def _mean(node: fx.Node, args: tuple, kwargs: dict, shape: tuple[int, ...]) -> L
     dims = a["dim"]
     dims = (dims,) if isinstance(dims, int) else dims
     if dims is None or a.get("dtype") is not None or any(d % (len(shape) + 1) == 0 for d in dims):
-        raise refuse(node, "a mean over the batch dimension (or with a dtype) mixes inputs",
-                     "Average over the per-sample dimensions only, e.g. x.mean((2, 3)).")
+        raise refuse(
+            node,
+            "a mean over the batch dimension (or with a dtype) mixes inputs",
+            "Average over the per-sample dimensions only, e.g. x.mean((2, 3)).",
+        )
     n = math.prod(shape[d % (len(shape) + 1) - 1] for d in dims)
     value = round_up(1 / math.sqrt(n), 2)
     # As an average pool: sums of n entries, then one division; partial sums ≤ √n·‖h‖.

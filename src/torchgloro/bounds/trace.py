@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import traceback
 
-import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
