@@ -113,7 +113,16 @@ def _margin_lipschitz_lower(f: nn.Module, shape, j: int, i: int, steps: int = 15
         (step,) = torch.autograd.grad(norms.sum(), x, allow_unused=True)
         if step is None:  # piecewise-linear: the gradient is locally constant
             break
-        x = (x + 0.5 * step / step.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * len(shape))).detach().requires_grad_(True)  # noqa: E501
+        x = (
+            (
+                x
+                + 0.5
+                * step
+                / step.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * len(shape))
+            )
+            .detach()
+            .requires_grad_(True)
+        )  # noqa: E501
     return best
 
 
