@@ -207,3 +207,32 @@ def test_bounds_before_the_shape_is_known_raise_clearly():
     assert net.in_shape == (1, 8, 8)
     with pytest.raises(tg.GloroInputError, match=r"Expected input of shape \(B, 1, 8, 8\)"):
         net(torch.zeros(2, 1, 6, 6))
+
+
+# ---- a graph net is a GloroNet like any other --------------------------------------------------
+
+
+def test_graph_net_deploys_saves_loads_and_copies(tmp_path):
+    import copy
+    import pickle
+
+    torch.manual_seed(3)
+    net = tg.GloroNet(SmallResNet(), 0.1, in_shape=(1, 8, 8)).eval()
+    x = torch.randn(8, 1, 8, 8)
+    cert = net.certify(x)
+    deployed = tg.deploy(net)
+    assert torch.allclose(deployed(x)[:, :3], net(x)[:, :3])
+    net.save(tmp_path / "net")
+    loaded = tg.load(tmp_path / "net", backbone=SmallResNet())
+    assert torch.equal(loaded.certify(x).radius, cert.radius)
+    for other in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
+        assert torch.equal(other.certify(x).radius, cert.radius)
+    with pytest.raises(tg.UnsupportedLayerError, match="fallback='local'"):
+        net.certify(x, fallback="local")
+
+
+def test_graph_net_refuses_a_changed_layer():
+    net = tg.GloroNet(SmallResNet(), 0.1, in_shape=(1, 8, 8))
+    net.backbone.c1.padding = (0, 0)
+    with pytest.raises(tg.GloroInputError, match="changed after this GloroNet was built"):
+        net.certify(torch.randn(2, 1, 8, 8))
