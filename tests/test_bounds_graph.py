@@ -85,6 +85,13 @@ def test_composition_rules_and_tightness(body, out, expected):
     assert float(b.converge()) == pytest.approx(bound, rel=1e-3)
 
 
+def test_per_sample_sizes_are_constants():
+    net = _net(lambda m, x: m.w(x) * x.shape[1])
+    assert _graph_bound(net, (6,)).sound() == pytest.approx(
+        6 * sound.dense_norm_upper(net.w.weight), rel=1e-9
+    )
+
+
 def test_branch_bounds_compose_in_a_dag():
     """h = relu(w x); out = cat(h + v h, h): (1 + ‖V‖)‖W‖ and ‖W‖ in squares."""
     net = _net(lambda m, x: torch.cat([F.relu(m.w(x)) + m.v(F.relu(m.w(x))), m.w(x)], 1), 12)
@@ -206,6 +213,8 @@ def test_data_dependent_control_flow_is_refused_with_its_line():
         (lambda m, x: torch.softmax(m.w(x), 1), "no Lipschitz bound is known for this op"),
         (lambda m, x: m.w(x).mean(0, keepdim=True).expand(x.size(0), 6), "batch"),
         (lambda m, x: m.w(x).view(2, -1)[:, :6], "dimension 0"),
+        (lambda m, x: m.w(x) * x.size(0), "depends on the batch size"),
+        (lambda m, x: m.w(x).mT.mT, "no Lipschitz bound is known"),
     ],
 )
 def test_ops_without_a_global_bound_are_refused(body, match):

@@ -52,7 +52,7 @@ RESHAPES: set[Any] = {
 # Sums of two values: x + y, x - y.
 ADDS: set[Any] = {operator.add, operator.sub, torch.add, torch.sub, "add", "sub"}
 # Calls whose results are shapes, not data.
-STATIC: set[Any] = {"size", "dim", getattr}
+STATIC: set[Any] = {"size", "dim"}  # and getattr of shape, ndim, dtype, device
 SCALES: set[Any] = {operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div"}
 NEGS: set[Any] = {operator.neg, torch.neg, "neg"}
 CATS: set[Any] = {torch.cat, torch.concat}
@@ -142,8 +142,6 @@ def function_bound(
     a module's bound (the registry).
     """
     t = node.target
-    if t in RESHAPES:
-        return ConstantBound(1.0, str(getattr(t, "__name__", t)))
     if t in NEGS:
         return ConstantBound(1.0, "neg")  # exact
     if t is operator.getitem:
@@ -153,9 +151,12 @@ def function_bound(
     if t is F.dropout or t is torch.dropout:
         a = _bind(args, kwargs, ["p", "training", "inplace"], {"training": True})
         if a["training"]:
-            raise refuse(node, "F.dropout(training=True) drops entries in every forward, "
-                         "including certification's", "Use an nn.Dropout module, which is the "
-                         "identity in eval mode.")  # fmt: skip
+            raise refuse(
+                node,
+                "F.dropout(training=True) drops entries in every forward, "
+                "including certification's",
+                "Use an nn.Dropout module, which is the identity in eval mode.",
+            )
         return ConstantBound(1.0, "dropout")
     if t in _FUNCTIONS:
         factory, names, defaults = _FUNCTIONS[t]
@@ -171,8 +172,11 @@ def scalar_bound(node: fx.Node, scalar: float, data_first: bool, d: int) -> Laye
         return ConstantBound(1.0, f"{getattr(t, '__name__', t)} {scalar:g}", fp_terms=(1, 1.0, b))
     if t in (operator.truediv, torch.div, "div"):
         if not data_first:
-            raise refuse(node, "dividing by a data-dependent value has no global Lipschitz "
-                         "bound", "Divide by a constant, or drop the division.")  # fmt: skip
+            raise refuse(
+                node,
+                "dividing by a data-dependent value has no global Lipschitz bound",
+                "Divide by a constant, or drop the division.",
+            )
         if scalar == 0:
             raise refuse(node, "division by zero", "Divide by a nonzero constant.")
         scalar = 1.0 / scalar
@@ -186,9 +190,11 @@ def _getitem(node: fx.Node, index: Any) -> LayerBound:
     ok = idx and (idx[0] == slice(None) or idx[0] is Ellipsis)
     ok = ok and all(isinstance(i, (slice, int, type(None), type(Ellipsis))) for i in idx)
     if not ok:
-        raise refuse(node, f"indexing with {index!r} may select across the batch or repeat "
-                     f"entries", "Index with slices that keep dimension 0 whole, e.g. "
-                     "x[:, :k].")  # fmt: skip
+        raise refuse(
+            node,
+            f"indexing with {index!r} may select across the batch or repeat entries",
+            "Index with slices that keep dimension 0 whole, e.g. x[:, :k].",
+        )
     return ConstantBound(1.0, "getitem")  # selects entries: Lipschitz ≤ 1, exact
 
 
