@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrizations
 
+import torchgloro as tg
 from torchgloro.bounds.capture import make_bound
 from torchgloro.bounds.elementwise import gelu_max_slope, silu_max_slope
 
@@ -121,3 +122,40 @@ def test_parametrized_layers(param):
     assert bound.sound() == sound  # the proof reads the eval-mode weight ...
     after = layer.state_dict()  # ... and leaves spectral_norm's own iteration alone
     assert all(torch.equal(v, after[k]) for k, v in state.items())
+
+
+class _Scale(nn.Module):
+    def __init__(self, c: float) -> None:
+        super().__init__()
+        self.c = c
+
+    def forward(self, x):
+        return self.c * x
+
+
+@pytest.fixture
+def registered_scale():
+    """Registers a user's bound for ``_Scale`` for one test (exactness claimed by a flag)."""
+    from torchgloro.lipschitz import _REGISTRY, ConstantBound
+
+    claim = {"exact": True}
+
+    @tg.register_bound(_Scale)
+    def _bound(module, in_shape):
+        c = abs(module.c)
+        return ConstantBound(c, "Scale", fp_terms=None if claim["exact"] else (1, c, 0.0))
+
+    yield claim
+    del _REGISTRY[_Scale]
+
+
+def test_a_users_bound_that_claims_exact_arithmetic_is_checked(registered_scale):
+    def net(c):
+        return tg.GloroNet(nn.Sequential(nn.Linear(3, 3), _Scale(c), nn.Linear(3, 2)), 0.1)
+
+    net(2.0)  # ×2 is exact in floating point: the claim holds
+    with pytest.raises(tg.UnsupportedLayerError, match="claims exact arithmetic"):
+        net(3.0)  # ×3 rounds
+    registered_scale["exact"] = False  # with its round-off terms it is accepted
+    k = net(3.0).lipschitz_constant()
+    assert torch.isfinite(k).all()

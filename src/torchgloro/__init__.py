@@ -5,7 +5,7 @@ non-⊥ prediction is certified robust on the whole ℓ2 ball of radius ε (Lein
 Fredrikson, ICML 2021).
 """
 
-from torchgloro import data, layers, liresnet, losses, models, schedules
+from torchgloro import bounds, data, layers, liresnet, losses, models, schedules
 from torchgloro._errors import (
     CheckpointError,
     ConfigError,
@@ -20,7 +20,7 @@ from torchgloro.deploy import DeployedGloroNet, deploy
 from torchgloro.gloro import Certificate, GloroNet
 from torchgloro.io import load
 from torchgloro.layers import LiResBlock, LLNLinear, Residual
-from torchgloro.lipschitz import register_bound, supported_layers
+from torchgloro.lipschitz import ConstantBound, LayerBound, register_bound, supported_layers
 from torchgloro.losses import LOSSES, GloroCrossEntropy, GloroEMMA, GloroHinge, GloroTrades
 from torchgloro.models import create_model, list_models
 
@@ -46,6 +46,8 @@ __all__ = [
     "GroupSort",
     "register_bound",
     "supported_layers",
+    "LayerBound",
+    "ConstantBound",
     "GloroError",
     "GloroInputError",
     "UnsupportedLayerError",
@@ -53,6 +55,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "UnsoundBoundError",
+    "bounds",
     "data",
     "layers",
     "liresnet",

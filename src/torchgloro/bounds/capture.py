@@ -4,6 +4,8 @@ traced graph, the logits' head, and the per-sample input shape when the model st
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
@@ -25,10 +27,49 @@ __all__ = ["capture", "build_bounds", "resolve_in_shape", "PendingBound", "make_
 
 def make_bound(module: nn.Module, in_shape: tuple[int, ...]) -> LayerBound:
     """``bound_for``, plus modules under ``torch.nn.utils.parametrize`` (orthogonal,
-    spectral_norm, ...): the base type's bound on the parametrized weight."""
+    spectral_norm, ...): the base type's bound on the parametrized weight. A bound
+    registered outside torchgloro has its round-off claim checked (:func:`check_exact_claim`).
+    """
     if parametrize.is_parametrized(module) and type(module).__bases__[0] in _REGISTRY:
         return ParametrizedBound(_REGISTRY[type(module).__bases__[0]](module, in_shape))
-    return bound_for(module, in_shape)
+    bound = bound_for(module, in_shape)
+    if not _REGISTRY[type(module)].__module__.startswith("torchgloro."):
+        check_exact_claim(module, bound, in_shape)
+    return bound
+
+
+@torch.no_grad()
+def check_exact_claim(module: nn.Module, bound: LayerBound, in_shape: tuple[int, ...]) -> None:
+    """Refuses a bound whose ``fp_terms()`` is None (exact arithmetic) for a layer that rounds.
+
+    An exact layer (a selection, max, sign flip, zero padding) outputs entries of its input
+    or 0, so on float32 inputs its float32 and float64 outputs are equal; a layer that
+    rounds gives different ones.
+
+    Raises:
+        UnsupportedLayerError: the claim fails, or ``fp_terms`` is not implemented.
+    """
+    name = type(module).__name__
+    try:
+        terms = bound.fp_terms()
+    except NotImplementedError:
+        raise UnsupportedLayerError(
+            f"The bound registered for {name} does not implement fp_terms(), which sound "
+            f"certification needs: return None if {name} computes exactly, else (n, ‖|A|‖₂, "
+            f"‖b‖₂) (docs/bounds.md, 'Your own layer')."
+        ) from None
+    if terms is not None:
+        return
+    x = torch.randn((4, *in_shape), generator=torch.Generator().manual_seed(0)) * 3
+    m64 = copy.deepcopy(module).double()
+    with eval_mode(module), eval_mode(m64):
+        y32, y64 = module(x.to(next(module.parameters(), x))), m64(x.double())
+    if not torch.equal(y32.double().cpu(), y64.cpu()):
+        raise UnsupportedLayerError(
+            f"The bound registered for {name} claims exact arithmetic (fp_terms() returns "
+            f"None), but {name} rounds: its float32 and float64 outputs differ. Return its "
+            f"round-off terms (n, ‖|A|‖₂, ‖b‖₂) from fp_terms() (docs/bounds.md)."
+        )
 
 
 class ParametrizedBound(LayerBound):
@@ -146,7 +187,7 @@ def build_bounds(backbone: nn.Module, in_shape: tuple[int, ...]) -> list[LayerBo
             f"flat features to give one row of class logits per input. Put nn.Flatten() "
             f"before it."
         )
-    return [bound_for(m, s) for m, s in zip(layers[:-1], shapes[:-1])]
+    return [make_bound(m, s) for m, s in zip(layers[:-1], shapes[:-1])]
 
 
 def _shape_error(in_shape: tuple[int, ...], e: Exception) -> InputShapeError:
