@@ -20,6 +20,7 @@ from torch import fx, nn
 
 from torchgloro._certify import eval_mode
 from torchgloro._errors import UnsupportedLayerError
+from torchgloro._weight_cache import WeightsGeneration
 from torchgloro.bounds import roundoff
 from torchgloro.bounds.ops import (
     ADDS,
@@ -271,6 +272,22 @@ def _check_in_place(gm: fx.GraphModule, node: fx.Node) -> None:
         )
 
 
+def _layer_tensors(bounds) -> list[torch.Tensor] | None:
+    """The tensors of every bound's layer (what its proofs read), or None when a bound
+    other than a constant does not name its layer (then nothing is cached)."""
+    out: list[torch.Tensor] = []
+    for b in bounds:
+        layer = getattr(b, "layer", None)
+        if layer is None and isinstance(getattr(b, "inner", None), LayerBound):
+            layer = getattr(b.inner, "layer", None)  # a parametrized layer's bound
+        if layer is None:
+            if not isinstance(b, ConstantBound):
+                return None
+            continue
+        out += [*layer.parameters(), *layer.buffers()]
+    return out
+
+
 def _times_up(a: float, b: float) -> float:
     """``a·b`` rounded up, as :func:`torchgloro.margins.product_upper` does per factor (a
     traced chain gets the very bound of the same ``nn.Sequential``)."""
@@ -296,14 +313,17 @@ class GraphBound(LayerBound):
         self.steps = tuple(steps)
         self.out = out
         self.nodes = nn.ModuleList(bounds)
+        self._weights = WeightsGeneration()
+        self._cache: dict = {}
 
     def _compose(self, layer_value, add, cat, one):
-        """Runs the steps on per-value bounds with the given combinators."""
+        """Runs the steps on per-value bounds with the given combinators; ``layer_value``
+        gets the value and the index of the layer's bound."""
         values = [one]
         for s in self.steps:
             ins = [values[i] for i in s.inputs]
             if s.kind == "layer":
-                values.append(layer_value(ins[0], self.nodes[s.bound]))
+                values.append(layer_value(ins[0], s.bound))
             elif s.kind == "add":
                 values.append(add(ins))
             else:
@@ -311,7 +331,8 @@ class GraphBound(LayerBound):
         return values[self.out]
 
     def estimate(self, n_iter: int = 0, differentiable: bool = False) -> torch.Tensor:
-        def layer(v, b):
+        def layer(v, i):
+            b = self.nodes[i]
             if isinstance(b, ConstantBound) and b.value == 1.0:
                 return v  # reshapes, ReLU, ...: skip the op (and its grad)
             e = b.estimate(n_iter=n_iter, differentiable=differentiable)
@@ -338,9 +359,25 @@ class GraphBound(LayerBound):
             b.converge(tol=tol, max_iter=max_iter)
         return self.estimate()
 
+    def _proofs(self, unit_roundoff: float) -> tuple[list, list, list]:
+        """Every node's ``sound()``, ``fp_terms()`` and ``peak_terms(u)``, computed once per
+        value of the layers' tensors (a certification reads them several times)."""
+        tensors = _layer_tensors(self.nodes)
+        generation = None if tensors is None else self._weights.update(tensors)
+        if generation is None or self._cache.get("generation") != generation:
+            self._cache = {"generation": generation}
+        if unit_roundoff not in self._cache:
+            self._cache[unit_roundoff] = (
+                [b.sound() for b in self.nodes],
+                [b.fp_terms() for b in self.nodes],
+                [b.peak_terms(unit_roundoff) for b in self.nodes],
+            )
+        return self._cache[unit_roundoff]
+
     def sound(self) -> float:
+        norms = self._proofs(UNIT_ROUNDOFF_F64)[0]
         return self._compose(
-            lambda v, b: _times_up(v, b.sound()),
+            lambda v, i: _times_up(v, norms[i]),
             lambda vs: round_up(sum(vs), len(vs) + 1),
             lambda vs: round_up(math.sqrt(round_up(sum(v * v for v in vs), len(vs) + 2)), 2),
             1.0,
@@ -348,9 +385,10 @@ class GraphBound(LayerBound):
 
     def _roundoff(self, unit_roundoff: float) -> roundoff.ValueBounds:
         low = UNDERFLOW_F64 if unit_roundoff == UNIT_ROUNDOFF_F64 else UNDERFLOW_F32
+        norms, terms, peaks = self._proofs(unit_roundoff)
         return self._compose(
-            lambda v, b: roundoff.through_layer(
-                v, b.sound(), b.fp_terms(), b.peak_terms, unit_roundoff, low
+            lambda v, i: roundoff.through_layer(
+                v, norms[i], terms[i], lambda u, p=peaks[i]: p, unit_roundoff, low
             ),
             lambda vs: roundoff.added(vs, unit_roundoff),
             roundoff.concatenated,
