@@ -232,3 +232,13 @@ def test_forward_must_return_a_linear():
 
     with pytest.raises(tg.UnsupportedLayerError, match="return the output of an nn.Linear"):
         tg.GloroNet(NoHead(), 0.1)
+
+
+def test_cached_proofs_follow_the_weights_values():
+    """A write through .data (no version bump) must not leave a stale proven bound."""
+    net = _net(lambda m, x: m.w(x) + m.v(x))
+    b = _graph_bound(net, (6,))
+    before = b.sound()
+    assert b.sound() == before and b.fp_terms() == b.fp_terms()
+    net.w.weight.data.mul_(2.0)
+    assert b.sound() > before * 1.2
