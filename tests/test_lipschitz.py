@@ -113,11 +113,11 @@ def test_conv_power_iteration_matches_explicit_svd(
 
 
 def test_unsupported_layer_raises_with_names():
-    with pytest.raises(tg.UnsupportedLayerError, match="BatchNorm2d.*Supported layers"):
-        bound_for(nn.BatchNorm2d(3), (3, 4, 4))
-    with pytest.raises(tg.UnsupportedLayerError, match="Tanh"):
+    with pytest.raises(tg.UnsupportedLayerError, match="LayerNorm.*Supported layers"):
+        bound_for(nn.LayerNorm(3), (3,))
+    with pytest.raises(tg.UnsupportedLayerError, match="Softmax"):
         tg.GloroNet(
-            nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)),
+            nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.Softmax(1), nn.Linear(4, 2)),
             0.1,
             in_shape=(1, 2, 2),
         )

@@ -24,6 +24,7 @@ __getattr__, __dir__ = lazy_attributes(
             m: f"torchgloro.{m}"
             for m in (
                 "activations",
+                "bounds",
                 "data",
                 "evaluate",
                 "gloro",
@@ -50,6 +51,8 @@ __getattr__, __dir__ = lazy_attributes(
         "LiResBlock": "torchgloro.layers",
         "LLNLinear": "torchgloro.layers",
         "Residual": "torchgloro.layers",
+        "ConstantBound": "torchgloro.lipschitz",
+        "LayerBound": "torchgloro.lipschitz",
         "register_bound": "torchgloro.lipschitz",
         "supported_layers": "torchgloro.lipschitz",
         "LOSSES": "torchgloro.losses",
@@ -84,6 +87,8 @@ __all__ = [
     "GroupSort",
     "register_bound",
     "supported_layers",
+    "LayerBound",
+    "ConstantBound",
     "GloroError",
     "GloroInputError",
     "UnsupportedLayerError",
@@ -91,6 +96,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "UnsoundBoundError",
+    "bounds",
     "data",
     "layers",
     "liresnet",

@@ -58,13 +58,13 @@ class _Settings:
                 kinds[_kind(d[k])].append(k)
         p, c, o, t = (tuple(kinds[x]) for x in ("plain", "container", "other", "tensor"))
         return cls(
-            type(m), tuple(d), names, p, tuple(d[k] for k in p), c,
+            _cls(m), tuple(d), names, p, tuple(d[k] for k in p), c,
             tuple(copy.deepcopy(d[k]) for k in c), o, tuple(d[k] for k in o), t, _shapes(m),
         )  # fmt: skip
 
     def matches(self, m: nn.Module) -> bool:
         d = vars(m)
-        if type(m) is not self.cls:
+        if _cls(m) is not self.cls:
             return False
         # The same keys (private ones may come and go: torch.compile in place adds one).
         if tuple(d) != self.all_keys and tuple(k for k in d if k[0] != "_") != self.names:
@@ -141,7 +141,7 @@ def check_structure(backbone: nn.Module, built: Structure) -> list[nn.Module]:
         )
     for m, settings in zip(modules, built.settings):
         if not settings.matches(m):
-            changed = settings.changed(m) if type(m) is settings.cls else []
+            changed = settings.changed(m) if _cls(m) is settings.cls else []
             raise GloroInputError(
                 f"A {settings.cls.__name__} layer of the backbone changed after this GloroNet "
                 f"was built ({', '.join(changed) or 'its class'}), so its Lipschitz bound "
@@ -181,6 +181,15 @@ def refuse_hooks(modules: Sequence[nn.Module]) -> None:
 
 
 _SCALARS = (bool, int, float, str, type(None))
+
+
+def _cls(m: nn.Module) -> type:
+    """``type(m)``; for a ``torch.fx.GraphModule``, the class below the one-off subclass it
+    makes per instance (a copy gets another), whose forward is compiled from ``m.graph``."""
+    cls = type(m)
+    while cls.__qualname__.endswith("GraphModuleImpl"):
+        cls = cls.__bases__[0]
+    return cls
 
 
 def _walk(m: nn.Module, out: list[nn.Module]) -> list[nn.Module]:

@@ -16,17 +16,13 @@ from torchgloro._certify import (
     sound_logits,
 )
 from torchgloro._cuda_graph import GraphedIterations, graphs_usable
-from torchgloro._errors import GloroError, GloroInputError, InputShapeError, UnsupportedLayerError
+from torchgloro._errors import GloroError, GloroInputError
 from torchgloro._inputs import check_epsilon, check_input, epsilon_tensor, unshared
 from torchgloro._net_attributes import apply_keeping_dtypes, fixed_setting
 from torchgloro._structure import check_structure, refuse_hooks, state_tensors, structure_of
 from torchgloro._weight_cache import SoundState, WeightsGeneration, build_sound_state
-from torchgloro.lipschitz import (
-    ConstantBound,
-    bound_for,
-    flatten_layers,
-    trace_input_shapes,
-)
+from torchgloro.bounds.capture import PendingBound, build_bounds, capture, resolve_in_shape
+from torchgloro.lipschitz import ConstantBound
 
 __all__ = ["GloroNet", "Certificate"]
 
@@ -47,71 +43,48 @@ class GloroNet(nn.Module):
     proven per-layer upper bounds and float64 logits with a proven round-off allowance.
 
     Args:
-        backbone: An ``nn.Sequential`` of supported layers ending in ``nn.Linear``.
+        backbone: Any model whose forward is a static graph ending in an ``nn.Linear`` (the
+            class logits). An ``nn.Sequential`` of supported layers runs as it is; any other
+            model is traced with ``torch.fx`` and its graph runs (sharing its parameters).
         epsilon: The ℓ2 radius ε > 0.
-        in_shape: Per-sample input shape, e.g. ``(1, 28, 28)``; defaults to
-            ``backbone.in_shape`` (set by :func:`torchgloro.models.create_model`).
+        in_shape: Per-sample input shape, e.g. ``(1, 28, 28)`` (an int for 1-D inputs);
+            defaults to ``backbone.in_shape``, a first ``nn.Linear``'s ``in_features``,
+            ``example_input``'s, or else the first batch's, as lazy modules do.
         power_iterations: Power iterations per training step (the paper used 1–10).
         lipschitz: ``"margin"`` (Appendix A.2, default) or ``"basic"`` (K_i + K_j).
         cuda_graphs: On CUDA, replay each training step's power iterations from one
             captured CUDA graph (checked against eager on first capture; eager on failure).
+        example_input: A batch ``(B, *in_shape)`` that fixes the input shape.
     """
 
     def __init__(
         self,
         backbone: nn.Module,
         epsilon: float,
-        in_shape: tuple[int, ...] | None = None,
+        in_shape: tuple[int, ...] | int | None = None,
         power_iterations: int = 10,
         lipschitz: Variant = "margin",
         cuda_graphs: bool = True,
+        example_input: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        in_shape = in_shape if in_shape is not None else getattr(backbone, "in_shape", None)
-        if in_shape is None:
-            raise GloroInputError(
-                "GloroNet needs the per-sample input shape: pass in_shape=(C, H, W), or build "
-                "the backbone with torchgloro.models.create_model."
-            )
         if lipschitz not in ("margin", "basic"):
             raise GloroInputError(f"lipschitz must be 'margin' or 'basic', got {lipschitz!r}.")
         if power_iterations < 0:
             raise GloroInputError(f"power_iterations must be >= 0, got {power_iterations}.")
-        self.backbone = backbone
-        self._in_shape = tuple(int(s) for s in in_shape)
+        self.backbone, head = capture(backbone)  # the Sequential, or its traced graph
         self.power_iterations = int(power_iterations)
         self._lipschitz = lipschitz
         self.cuda_graphs = bool(cuda_graphs)
         self._graphed = GraphedIterations()
 
-        layers = flatten_layers(backbone)
-        if not layers:
-            raise UnsupportedLayerError(
-                "The backbone has no layers; it must end in nn.Linear (the class logits)."
-            )
-        head = layers[-1]
-        if type(head) is not nn.Linear and not hasattr(head, "effective_weight"):
-            raise UnsupportedLayerError(
-                f"The backbone's last layer must be nn.Linear (the class logits), got "
-                f"{head.__class__.__name__}; end the backbone with an nn.Linear layer."
-            )
         object.__setattr__(self, "_head", head)
-        try:
-            shapes = trace_input_shapes(layers, self.in_shape)
-        except RuntimeError as e:  # shapes that do not chain (UnsupportedLayerError passes)
-            raise InputShapeError(
-                f"The backbone cannot run on inputs of shape in_shape={tuple(self.in_shape)} "
-                f"(per sample, without the batch dimension): {e}. Pass the in_shape the "
-                f"backbone was built for."
-            ) from None
-        if len(shapes[-1]) != 1:
-            raise UnsupportedLayerError(
-                f"The last nn.Linear gets inputs of shape {shapes[-1]} per sample; it must get "
-                f"flat features to give one row of class logits per input. Put nn.Flatten() "
-                f"before it."
-            )
-        self.bounds = nn.ModuleList(bound_for(m, s) for m, s in zip(layers[:-1], shapes[:-1]))
-        self._structure = structure_of(backbone)  # what the bounds describe (_structure.py)
+        self._in_shape = resolve_in_shape(in_shape, example_input, backbone, self.backbone)
+        shaped = self._in_shape is not None
+        self.bounds = nn.ModuleList(
+            build_bounds(self.backbone, self._in_shape) if shaped else [PendingBound()]
+        )
+        self._structure = structure_of(self.backbone)  # what the bounds describe (_structure.py)
         self.num_classes = int(self._head_weight().shape[0])
         self.register_buffer("_epsilon", epsilon_tensor(epsilon))
         # Converged power-iteration value of the penultimate bound, for eval-mode forward.
@@ -326,6 +299,9 @@ class GloroNet(nn.Module):
     # ---- forward -----------------------------------------------------------------------------
 
     def _check_input(self, x: torch.Tensor, check_finite: bool) -> None:
+        if self._in_shape is None and isinstance(x, torch.Tensor) and x.dim() > 0:
+            self.bounds = nn.ModuleList(build_bounds(self.backbone, tuple(x.shape[1:])))
+            self._in_shape = tuple(x.shape[1:])  # fixed by the first batch, as lazy modules do
         check_input(x, self.in_shape, check_finite)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from torch import nn
 
 from torchgloro import margins, sound
 from torchgloro._certify import cudnn_off, float64_safe, ieee_arithmetic, norm_upper64
-from torchgloro._errors import GloroInputError
+from torchgloro._errors import GloroInputError, UnsupportedLayerError
 from torchgloro._inputs import check_epsilon, unshared
 from torchgloro._sound_conv import explicit_matrix
 from torchgloro._sound_linalg import gamma, sigma_max_upper
@@ -255,6 +255,11 @@ def _local_one(plan: _Plan, x1: torch.Tensor, eps: float):
 def _check(net, x: torch.Tensor, epsilon: float) -> tuple[float, torch.Tensor]:
     """ε and ``x`` checked; ``x`` copied where a layer writes its input in place."""
     eps = check_epsilon(epsilon)
+    if not isinstance(net.backbone, nn.Sequential):
+        raise UnsupportedLayerError(
+            f"The local fallback handles nn.Sequential backbones only; this GloroNet runs a "
+            f"traced {type(net.backbone).__name__} graph. Certify without fallback='local'."
+        )
     net._check_input(x, check_finite=True)
     return eps, unshared(x, net.backbone)
 

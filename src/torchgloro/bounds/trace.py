@@ -1,0 +1,85 @@
+"""Graph capture: a model's forward as a ``torch.fx`` graph, with errors that point at code.
+
+``torch.fx`` symbolic tracing (not ``torch.export``): it keeps every layer with a registered
+bound as one ``call_module`` node (a Conv2d stays a Conv2d whose bound runs power iteration
+on its own weight), works on the model as written without example inputs or shape guards,
+and refuses data-dependent control flow at trace time. The traced ``GraphModule`` (sharing
+the model's parameters) is what a :class:`~torchgloro.GloroNet` then runs, so the function
+that is certified is exactly the graph that was bounded.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+from torch import fx, nn
+from torch.nn.utils import parametrize
+
+from torchgloro._errors import UnsupportedLayerError
+from torchgloro.lipschitz import _REGISTRY
+
+__all__ = ["trace", "node_location", "has_bound"]
+
+
+def has_bound(module: nn.Module) -> bool:
+    """Whether a bound is registered for ``module``'s type (or, parametrized, its base type)."""
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        cls = cls.__bases__[0]
+    return cls in _REGISTRY
+
+
+class _Tracer(fx.Tracer):
+    """Stops at every module with a registered bound; records where each node comes from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.record_stack_traces = True
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return has_bound(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``model``'s forward as a GraphModule that shares its parameters.
+
+    Raises:
+        UnsupportedLayerError: the forward cannot be traced (data-dependent control flow,
+            a call that needs concrete values), naming the line of the model's code.
+    """
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # noqa: BLE001 - any tracing failure becomes one clear error
+        where = _user_frame(e)
+        raise UnsupportedLayerError(
+            f"Cannot trace the forward of {type(model).__name__}{where}: {e}. A GloroNet "
+            f"bounds a static graph: control flow that depends on the input's values (an "
+            f"`if` on a tensor, a loop over its entries) has no global Lipschitz bound. Make "
+            f"the forward the same computation for every input, or move that branch out."
+        ) from None
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _user_frame(e: BaseException) -> str:
+    """`` at file:line (`code`)`` for the innermost frame outside torch, or ``""``."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename]
+    frames = [f for f in frames if "/torchgloro/bounds/" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {f.filename}:{f.lineno} (`{(f.line or '').strip()}`)"
+
+
+def node_location(node: fx.Node) -> str:
+    """`` at file:line (`code`)``: where ``node`` comes from in the user's code, or ``""``."""
+    lines = (node.stack_trace or "").strip().splitlines()
+    frames = [
+        (lines[i].strip()[5:], lines[i + 1].strip() if i + 1 < len(lines) else "")
+        for i in range(len(lines))
+        if lines[i].strip().startswith("File ") and "/torch/" not in lines[i]
+    ]
+    if not frames:
+        return ""
+    where, code = frames[-1]
+    return f" at {where}" + (f" (`{code}`)" if code else "")

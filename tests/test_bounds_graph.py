@@ -1,0 +1,244 @@
+"""Graph composition (#27): the rules, their tightness, the regression against the Sequential
+path, the float round-off model through adds and concatenations, and the refusals."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchgloro as tg
+from torchgloro import sound
+from torchgloro.bounds import GraphBound
+from torchgloro.bounds.capture import capture, make_bound
+
+
+def _graph_bound(model: nn.Module, in_shape) -> GraphBound:
+    gm, _ = capture(model)
+    return GraphBound(gm, in_shape, make_bound)
+
+
+def _net(body, out: int = 6) -> nn.Module:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Linear(6, 6, bias=False)
+            self.v = nn.Linear(6, 6, bias=False)
+            self.fc = nn.Linear(out, 3)
+
+        def forward(self, x):
+            return self.fc(body(self, x))
+
+    torch.manual_seed(0)
+    return Net()
+
+
+def _exact_norm(f, shape) -> float:
+    """The exact operator norm of a linear f (dense float64 Jacobian)."""
+    x = torch.zeros(1, *shape, dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(lambda z: f(z).flatten(1), x).reshape(-1, x.numel())
+    return float(torch.linalg.matrix_norm(J, 2))
+
+
+@pytest.mark.parametrize(
+    "body, out, expected",
+    [
+        # adding two branches adds their bounds: exact for h + 2h
+        (lambda m, x: m.w(x) + 2 * m.w(x), 6, lambda m: 3 * sound.dense_norm_upper(m.w.weight)),
+        (
+            lambda m, x: m.w(x) - m.v(x),
+            6,
+            lambda m: sound.dense_norm_upper(m.w.weight) + sound.dense_norm_upper(m.v.weight),
+        ),
+        # concatenation: root of the sum of squares (exact for [W; W])
+        (
+            lambda m, x: torch.cat([m.w(x), m.w(x)], 1),
+            12,
+            lambda m: math.sqrt(2) * sound.dense_norm_upper(m.w.weight),
+        ),
+        # reshapes are 1; constants scale; x / c is 1/c
+        (
+            lambda m, x: m.w(x).view(-1, 2, 3).permute(0, 2, 1).reshape(x.size(0), -1) / 4,
+            6,
+            lambda m: sound.dense_norm_upper(m.w.weight) / 4,
+        ),
+        (
+            lambda m, x: -m.w(x)[:, :4] * 3 + 1.0,
+            4,
+            lambda m: 3 * sound.dense_norm_upper(m.w.weight),
+        ),  # a selection is ≤ 1
+    ],
+)
+def test_composition_rules_and_tightness(body, out, expected):
+    net = _net(body, out)
+    b = _graph_bound(net, (6,))
+    with torch.no_grad():
+        exact = _exact_norm(lambda z: body(net.double(), z), (6,))
+    net.float()
+    bound = b.sound()
+    assert bound >= exact * (1 - 1e-12)
+    assert bound == pytest.approx(expected(net), rel=1e-9)
+    # the power-iteration estimate converges to the same composition
+    assert float(b.converge()) == pytest.approx(bound, rel=1e-3)
+
+
+def test_per_sample_sizes_are_constants():
+    net = _net(lambda m, x: m.w(x) * x.shape[1])
+    assert _graph_bound(net, (6,)).sound() == pytest.approx(
+        6 * sound.dense_norm_upper(net.w.weight), rel=1e-9
+    )
+
+
+def test_branch_bounds_compose_in_a_dag():
+    """h = relu(w x); out = cat(h + v h, h): (1 + ‖V‖)‖W‖ and ‖W‖ in squares."""
+    net = _net(lambda m, x: torch.cat([F.relu(m.w(x)) + m.v(F.relu(m.w(x))), m.w(x)], 1), 12)
+    w, v = sound.dense_norm_upper(net.w.weight), sound.dense_norm_upper(net.v.weight)
+    expected = math.sqrt((w * (1 + v)) ** 2 + w**2)
+    assert _graph_bound(net, (6,)).sound() == pytest.approx(expected, rel=1e-9)
+
+
+def test_sequential_and_graph_paths_agree_on_a_registered_model():
+    """The paper's architectures: the same K and the same certified points either way."""
+    torch.manual_seed(3)
+    seq = tg.create_model("2c2f", (1, 12, 12), 10)
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seq = seq
+
+        def forward(self, x):
+            return self.seq(x)
+
+    fast = tg.GloroNet(seq, 0.1, in_shape=(1, 12, 12)).eval()
+    graph = tg.GloroNet(Wrapped(), 0.1, in_shape=(1, 12, 12)).eval()
+    assert isinstance(graph.bounds[0], GraphBound) and not isinstance(fast.bounds[0], GraphBound)
+    k_fast, k_graph = fast.lipschitz_constant("sound"), graph.lipschitz_constant("sound")
+    assert torch.allclose(k_fast, k_graph, rtol=1e-15, atol=0)  # (one more ulp at most)
+    x = torch.rand(200, 1, 12, 12)
+    eps = float(fast.certify(x).radius.median())
+    a, b = fast.certify(x, epsilon=eps), graph.certify(x, epsilon=eps)
+    assert 0 < int(a.certified.sum()) < 200
+    assert torch.equal(a.certified, b.certified) and torch.equal(a.pred, b.pred)
+    ra, rb = fast.certified_radius(x), graph.certified_radius(x)  # both float64
+    assert torch.allclose(ra, rb, rtol=1e-9)
+
+
+class _Mixed(nn.Module):
+    """Convolutions, adds, a concatenation, a scale, pooling: everything the model covers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.c3 = nn.Conv2d(2, 4, 1)
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(8 * 4 * 4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        h = h + 0.7 * self.c2(h) - self.c3(x)
+        z = torch.cat([h, F.relu(self.c3(x))], 1)
+        return self.fc(self.pool(z).flatten(1))
+
+
+def test_roundoff_model_covers_float32_through_adds_and_concatenations():
+    """The graph model instantiated for float32 bounds ‖features_f32 − features_f64‖."""
+    torch.manual_seed(5)
+    model = _Mixed()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)  # gains above 1: errors grow through the graph
+    b = _graph_bound(model, (2, 8, 8))
+    p, q = b._roundoff(2.0**-24).err
+    # The proven chain terms the GloroNet uses carry the same model (float64).
+    n, A, bias = b.fp_terms()
+    assert n == 1 and A > 0 and bias >= 0
+    feats = {}
+    model.fc.register_forward_hook(lambda m, i, o: feats.__setitem__(i[0].dtype, i[0]))
+    x = torch.randn(32, 2, 8, 8) * 10
+    model(x)
+    model.double()(x.double())
+    err = (feats[torch.float32].double() - feats[torch.float64]).flatten(1).norm(dim=1)
+    allowed = p * x.double().flatten(1).norm(dim=1) + q
+    assert (err <= allowed).all()
+    assert (err >= allowed / 1e4).any()  # the model is not vacuous
+
+
+def test_graph_nets_certify_on_the_float64_path():
+    net = tg.GloroNet(_Mixed(), 0.01, in_shape=(2, 8, 8)).eval()
+    cert = net.certify(torch.randn(8, 2, 8, 8))
+    assert cert.precision == "float64"
+
+
+# ---- refusals ------------------------------------------------------------------------------
+
+
+def _refused(body, match):
+    with pytest.raises(tg.UnsupportedLayerError, match=match) as e:
+        tg.GloroNet(_net(body), 0.1, in_shape=(6,))
+    return str(e.value)
+
+
+def test_product_of_activations_is_refused_with_its_line():
+    msg = _refused(lambda m, x: m.w(x) * m.v(x), "product or quotient of two data-dependent")
+    assert "test_bounds_graph.py" in msg and "m.w(x) * m.v(x)" in msg
+
+
+def test_division_by_data_is_refused():
+    _refused(lambda m, x: m.w(x) / m.w(x).norm(dim=1, keepdim=True), "norm|quotient|divid")
+    _refused(lambda m, x: 1.0 / m.w(x), "dividing by a data-dependent value")
+
+
+def test_data_dependent_control_flow_is_refused_with_its_line():
+    def body(m, x):
+        if x.sum() > 0:  # data-dependent
+            return m.w(x)
+        return m.v(x)
+
+    with pytest.raises(tg.UnsupportedLayerError, match="control flow") as e:
+        tg.GloroNet(_net(body), 0.1, in_shape=(6,))
+    assert "test_bounds_graph.py" in str(e.value) and "if x.sum() > 0" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        (lambda m, x: torch.cat([m.w(x), m.v(x)], 0), "along the batch"),
+        (lambda m, x: m.w(x) + m.v(x)[:, :1], "broadcast"),
+        (lambda m, x: F.dropout(m.w(x), 0.5, training=True), "nn.Dropout"),
+        (lambda m, x: torch.softmax(m.w(x), 1), "no Lipschitz bound is known for this op"),
+        (lambda m, x: m.w(x).mean(0, keepdim=True).expand(x.size(0), 6), "batch"),
+        (lambda m, x: m.w(x).view(2, -1)[:, :6], "dimension 0"),
+        (lambda m, x: m.w(x) * x.size(0), "depends on the batch size"),
+        (lambda m, x: m.w(x).mT.mT, "Cannot bound `getattr`"),
+    ],
+)
+def test_ops_without_a_global_bound_are_refused(body, match):
+    _refused(body, match)
+
+
+def test_forward_must_return_a_linear():
+    class NoHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return F.relu(self.fc(x))
+
+    with pytest.raises(tg.UnsupportedLayerError, match="return the output of an nn.Linear"):
+        tg.GloroNet(NoHead(), 0.1)
+
+
+def test_cached_proofs_follow_the_weights_values():
+    """A write through .data (no version bump) must not leave a stale proven bound."""
+    net = _net(lambda m, x: m.w(x) + m.v(x))
+    b = _graph_bound(net, (6,))
+    before = b.sound()
+    assert b.sound() == before and b.fp_terms() == b.fp_terms()
+    net.w.weight.data.mul_(2.0)
+    assert b.sound() > before * 1.2

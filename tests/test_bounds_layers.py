@@ -1,0 +1,161 @@
+"""The bounds of #27's layers against the exact operator norm or the exact maximum slope."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations
+
+import torchgloro as tg
+from torchgloro.bounds.capture import make_bound
+from torchgloro.bounds.elementwise import gelu_max_slope, silu_max_slope
+
+
+def _jacobian_norm(layer: nn.Module, shape) -> float:
+    """The exact ℓ2 operator norm of the layer's linear part (dense float64 Jacobian)."""
+    layer = layer.double().eval()
+    x = torch.zeros(1, *shape, dtype=torch.float64)
+    with torch.no_grad():
+        J = torch.autograd.functional.jacobian(lambda z: layer(z).flatten(1), x)
+    return float(torch.linalg.matrix_norm(J.reshape(-1, x.numel()), 2))
+
+
+def _batchnorm(cls, c):
+    bn = cls(c)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.1, 3)
+        bn.weight.uniform_(-2, 2)
+        bn.bias.uniform_(-1, 1)
+    return bn.eval()
+
+
+@pytest.mark.parametrize(
+    "make, shape, tight",
+    [
+        (lambda: _batchnorm(nn.BatchNorm2d, 3), (3, 4, 4), 1e-12),
+        (lambda: _batchnorm(nn.BatchNorm1d, 5), (5,), 1e-12),
+        (lambda: _batchnorm(nn.BatchNorm1d, 5), (5, 7), 1e-12),
+        (lambda: nn.AdaptiveAvgPool2d(1), (2, 5, 5), 1e-9),
+        (lambda: nn.AdaptiveAvgPool2d((3, 2)), (2, 7, 5), 1e-9),  # overlapping windows
+        (lambda: nn.AdaptiveAvgPool2d((None, 3)), (1, 4, 8), 1e-9),
+        (lambda: nn.AvgPool2d(3, 2, padding=1), (1, 7, 7), 1e-2),
+        (lambda: nn.AvgPool2d(3, 1, padding=1, count_include_pad=False), (1, 6, 6), 1e-9),
+        (lambda: nn.Conv1d(3, 4, 3, padding=1), (3, 10), 1e-2),
+        (lambda: nn.Conv1d(2, 4, 4, stride=2, dilation=2, padding="valid"), (2, 15), 1e-2),
+        (lambda: nn.Conv1d(4, 4, 3, padding="same", groups=2), (4, 9), 1e-2),
+    ],
+)
+def test_linear_layers_against_the_dense_jacobian(make, shape, tight):
+    torch.manual_seed(0)
+    layer = make()
+    bound = make_bound(layer, shape)
+    sound = bound.sound()
+    exact = _jacobian_norm(layer, shape)
+    assert exact * (1 - 1e-12) <= sound <= exact * (1 + tight)
+    layer.float()
+    if hasattr(bound, "u"):  # power iteration converges to the exact norm from below
+        assert float(bound.converge()) == pytest.approx(exact, rel=1e-3)
+    n, abs_norm, b = bound.fp_terms()
+    assert n >= 1 and abs_norm >= exact * (1 - 1e-12) * (0.0 if "Conv" in str(layer) else 1)
+
+
+def test_batchnorm_bound_is_differentiable_and_refuses_batch_statistics():
+    bn = _batchnorm(nn.BatchNorm2d, 3)
+    est = make_bound(bn, (3, 2, 2)).estimate(differentiable=True)
+    est.backward()
+    assert bn.weight.grad.abs().sum() > 0
+    with pytest.raises(TypeError, match="track_running_stats"):
+        make_bound(nn.BatchNorm2d(3, track_running_stats=False), (3, 2, 2))
+
+
+def _max_slope(f, lo=-30.0, hi=30.0, n=3_000_001) -> float:
+    z = torch.linspace(lo, hi, n, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(f(z).sum(), z)
+    return float(g.abs().max())
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.Tanh(), nn.Sigmoid(), nn.GELU(), nn.SiLU(), nn.ELU(), nn.ELU(alpha=1.7),
+        nn.LeakyReLU(0.1), nn.LeakyReLU(-1.5), nn.Softplus(), nn.Softplus(beta=3.0),
+        nn.Hardtanh(), nn.ReLU6(), nn.Dropout(0.3),
+    ],
+)  # fmt: skip
+def test_activation_bound_is_the_exact_max_slope(layer):
+    bound = make_bound(layer, (4,)).sound()
+    slope = _max_slope(layer.eval())
+    assert slope <= bound <= slope + 1e-6
+
+
+def test_gelu_and_silu_closed_forms():
+    assert gelu_max_slope() == pytest.approx(1.1289, abs=1e-4)
+    assert gelu_max_slope() >= 0.5 * (1 + math.erf(1)) + 1 / (math.e * math.sqrt(math.pi))
+    assert silu_max_slope() == pytest.approx(1.0998, abs=1e-4)
+
+
+def test_smooth_activations_send_certification_to_float64():
+    assert not make_bound(nn.GELU(), (4,)).fp_terms_precision_free
+    assert make_bound(nn.Hardtanh(), (4,)).fp_terms() is None  # exact
+    with pytest.raises(TypeError, match="approximate"):
+        make_bound(nn.GELU(approximate="tanh"), (4,))
+
+
+@pytest.mark.parametrize("param", ["orthogonal", "spectral_norm"])
+def test_parametrized_layers(param):
+    torch.manual_seed(1)
+    layer = getattr(parametrizations, param)(nn.Linear(6, 5))
+    bound = make_bound(layer, (6,))
+    for _ in range(3):  # spectral_norm: the parametrization's own iteration runs in training
+        layer.train()(torch.randn(2, 6))
+    sound = bound.sound()
+    with torch.no_grad():
+        exact = float(torch.linalg.matrix_norm(layer.eval().weight.double(), 2))
+    assert exact * (1 - 1e-12) <= sound <= exact * (1 + 1e-9)
+    assert sound == pytest.approx(1.0, rel=1e-2)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.train()
+    assert bound.sound() == sound  # the proof reads the eval-mode weight ...
+    after = layer.state_dict()  # ... and leaves spectral_norm's own iteration alone
+    assert all(torch.equal(v, after[k]) for k, v in state.items())
+
+
+class _Scale(nn.Module):
+    def __init__(self, c: float) -> None:
+        super().__init__()
+        self.c = c
+
+    def forward(self, x):
+        return self.c * x
+
+
+@pytest.fixture
+def registered_scale():
+    """Registers a user's bound for ``_Scale`` for one test (exactness claimed by a flag)."""
+    from torchgloro.lipschitz import _REGISTRY, ConstantBound
+
+    claim = {"exact": True}
+
+    @tg.register_bound(_Scale)
+    def _bound(module, in_shape):
+        c = abs(module.c)
+        return ConstantBound(c, "Scale", fp_terms=None if claim["exact"] else (1, c, 0.0))
+
+    yield claim
+    del _REGISTRY[_Scale]
+
+
+def test_a_users_bound_that_claims_exact_arithmetic_is_checked(registered_scale):
+    def net(c):
+        return tg.GloroNet(nn.Sequential(nn.Linear(3, 3), _Scale(c), nn.Linear(3, 2)), 0.1)
+
+    net(2.0)  # ×2 is exact in floating point: the claim holds
+    with pytest.raises(tg.UnsupportedLayerError, match="claims exact arithmetic"):
+        net(3.0)  # ×3 rounds
+    registered_scale["exact"] = False  # with its round-off terms it is accepted
+    k = net(3.0).lipschitz_constant()
+    assert torch.isfinite(k).all()
