@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from torchgloro._errors import CheckpointError, GloroInputError
-from torchgloro.lipschitz import flatten_layers, trace_input_shapes
 from torchgloro.models import create_model
 
 __all__ = [
@@ -135,24 +134,41 @@ def build_backbone(settings: Settings, tensors: dict[str, torch.Tensor], prefix:
 
 
 def check_sizes(backbone: nn.Module, in_shape: tuple[int, ...], path) -> None:
-    """Raises unless every layer's output has at most :data:`MAX_VALUES` values per sample
-    (a dry run on a ``meta`` copy of ``backbone``: nothing is allocated)."""
+    """Raises unless the input and every layer's output have at most :data:`MAX_VALUES`
+    values per sample (a dry run on a ``meta`` copy of ``backbone``: nothing is allocated;
+    any model, a chain of layers or a user's own forward)."""
+    if math.prod(in_shape) > MAX_VALUES:
+        _too_big(math.prod(in_shape), in_shape, path)
     probe = backbone if _on_meta(backbone) else copy.deepcopy(backbone).to("meta")
+    sizes: list[int] = []
+
+    def record(module, args, out) -> None:
+        if isinstance(out, torch.Tensor) and out.dim() > 0:
+            sizes.append(math.prod(out.shape[1:]))
+
+    leaves = [m for m in probe.modules() if next(m.children(), None) is None]
+    handles = [m.register_forward_hook(record) for m in leaves]
     try:
-        layers = flatten_layers(probe)
-        shapes = trace_input_shapes([*layers, nn.Identity()], in_shape)
-    except (GloroInputError, RuntimeError) as e:
+        probe(torch.empty((2, *in_shape), device="meta"))
+    except (GloroInputError, RuntimeError, TypeError, ValueError) as e:
         raise CheckpointError(
             f"{path} does not match this architecture: the backbone fails on the saved input "
             f"shape {in_shape} ({e}). Load it with the architecture it was trained with."
         ) from e
-    big = max(math.prod(s) for s in shapes)
+    finally:
+        for h in handles:
+            h.remove()
+    big = max(sizes, default=0)
     if big > MAX_VALUES:
-        raise CheckpointError(
-            f"{path} asks for layer outputs of {big:,} values per sample (in_shape "
-            f"{in_shape}), more than the {MAX_VALUES:,} a model file may ask for: the file is "
-            f"damaged or was modified. Restore it, or retrain."
-        )
+        _too_big(big, in_shape, path)
+
+
+def _too_big(values: int, in_shape: tuple[int, ...], path) -> None:
+    raise CheckpointError(
+        f"{path} asks for layer outputs of {values:,} values per sample (in_shape "
+        f"{in_shape}), more than the {MAX_VALUES:,} a model file may ask for: the file is "
+        f"damaged or was modified. Restore it, or retrain."
+    )
 
 
 def verify_frozen_bound(net, path) -> None:
