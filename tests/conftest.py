@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from _numeric_guard import numeric_state_guard  # noqa: F401 - autouse: guards e
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 MNIST_DIR = SHARED / "mnist"
-CIFAR_NPZ = SHARED / "cifar10" / "cifar10-train50k-test1k.npz"
+CIFAR_DIR = SHARED / "cifar10"
 
 
 def pytest_terminal_summary(terminalreporter, config):
@@ -26,6 +28,25 @@ def pytest_terminal_summary(terminalreporter, config):
 def pytest_configure(config):
     # The suite is many small ops: one thread per process is fastest and stable on 2 cores.
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir(tmp_path_factory) -> Path:
+    """A folder holding the complete CIFAR-10 as ``cifar10.npz`` (50,000 train and the full
+    10,000 test images): the shared one if present, else written by the shared folder's
+    ``assemble.py`` into a temporary folder. Skips when the shared data is absent."""
+    if (CIFAR_DIR / "cifar10.npz").is_file():
+        return CIFAR_DIR
+    needed = [CIFAR_DIR / f for f in ("assemble.py", "cifar10-train50k-test1k.npz",
+                                      "cifar10-test10k.npz")]  # fmt: skip
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        pytest.skip(f"real CIFAR-10 not found: {', '.join(missing)}")
+    out = tmp_path_factory.mktemp("cifar10")
+    subprocess.run(
+        [sys.executable, str(needed[0]), str(out / "cifar10.npz")], check=True, capture_output=True
+    )
+    return out
 
 
 @pytest.fixture(autouse=True)

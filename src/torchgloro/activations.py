@@ -53,7 +53,7 @@ def _min_max(x: torch.Tensor, pairs: tuple[int, ...], pair_dim: int):
     """MinMax of ``x`` written straight into the output: ``(out, a, b)`` with ``a, b`` the
     first and second member of each pair (views of ``x``)."""
     a, b = x.reshape(pairs).unbind(pair_dim)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty_like(x)  # x's memory format (channels-last stays channels-last)
     lo, hi = out.view(pairs).unbind(pair_dim)
     torch.minimum(a, b, out=lo)
     torch.maximum(a, b, out=hi)
@@ -87,7 +87,7 @@ class _MinMax(torch.autograd.Function):
         if torch.is_grad_enabled():  # double backward: out= is not differentiable
             gx = torch.stack((torch.lerp(g_lo, g_hi, w), torch.lerp(g_hi, g_lo, w)), ctx.pair_dim)
             return gx.reshape(grad.shape), None, None
-        gx = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+        gx = torch.empty_like(grad)
         g_a, g_b = gx.view(ctx.pairs).unbind(ctx.pair_dim)
         torch.lerp(g_lo, g_hi, w, out=g_a)
         torch.lerp(g_hi, g_lo, w, out=g_b)

@@ -106,6 +106,57 @@ def test_cifar_missing_names_paths(tmp_path):
     msg = str(ei.value)
     assert str(tmp_path / "cifar10" / "cifar-10-python.tar.gz") in msg
     assert "download=True" in msg
+    # The npz route and its flag, for a user who holds the images as arrays.
+    assert "DIR/cifar10.npz" in msg and "--data-dir DIR" in msg and "numpy.savez" in msg
+
+
+def save_npz(path: Path, n_train: int = 6, hw: int = 32, top_label: int = 9) -> dict:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train_x": rng.integers(0, 256, (n_train, hw, hw, 3), dtype=np.uint8),
+        "train_y": np.arange(n_train) % (top_label + 1),
+        "test_x": rng.integers(0, 256, (4, hw, hw, 3), dtype=np.uint8),
+        "test_y": np.array([3, 1, top_label, 0]),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return arrays
+
+
+@pytest.mark.parametrize("where", ["cifar10/cifar10.npz", "cifar10.npz"])
+def test_cifar10_npz_in_data_root(tmp_path, where):
+    arrays = save_npz(tmp_path / where)
+    for split in ("train", "test"):
+        s = get_dataset("cifar10", split, root=tmp_path)
+        want = arrays[f"{split}_x"].transpose(0, 3, 1, 2).astype(np.float32) / 255
+        np.testing.assert_allclose(s.x.numpy(), want)
+        np.testing.assert_array_equal(s.y.numpy(), arrays[f"{split}_y"])
+        assert s.info == _cifar.CIFAR10  # CIFAR-10's classes, ε and augmentation default
+
+
+def test_cifar10_data_root_may_be_the_npz_itself(tmp_path):
+    arrays = save_npz(tmp_path / "mine.npz", n_train=7)
+    tr = get_dataset("cifar10", "train", root=tmp_path / "mine.npz")
+    assert len(tr) == 7 and tr.info.name == "cifar10"
+    np.testing.assert_array_equal(tr.y.numpy(), arrays["train_y"])
+
+
+def test_cifar10_npz_of_other_data_is_refused(tmp_path):
+    save_npz(tmp_path / "small" / "cifar10.npz", hw=28)
+    with pytest.raises(DatasetError, match=r"\(3, 28, 28\).*does not hold cifar10"):
+        get_dataset("cifar10", "train", root=tmp_path / "small")
+    save_npz(tmp_path / "c100" / "cifar10.npz", top_label=99)
+    with pytest.raises(DatasetError, match="labels up to 99.*10 classes"):
+        get_dataset("cifar10", "test", root=tmp_path / "c100")
+    # cifar100 takes 100 classes from its own cifar100.npz.
+    save_npz(tmp_path / "c100" / "cifar100.npz", top_label=99)
+    assert get_dataset("cifar100", "test", root=tmp_path / "c100").info.num_classes == 100
+
+
+def test_cifar10_data_root_file_must_be_npz(tmp_path):
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"x")
+    with pytest.raises(DatasetError, match="is a file but not an .npz; pass the folder"):
+        get_dataset("cifar10", "train", root=tmp_path / "cifar-10-python.tar.gz")
 
 
 def test_cifar_bad_content(tmp_path):

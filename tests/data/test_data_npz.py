@@ -1,4 +1,4 @@
-"""User data in .npz form, and the real CIFAR-10 npz when present."""
+"""User data in .npz form, and the real CIFAR-10 npz (the full test set) when present."""
 
 from __future__ import annotations
 
@@ -10,15 +10,6 @@ import torch
 
 from torchgloro._errors import DatasetError, GloroInputError
 from torchgloro.data import get_dataset
-
-REAL_CIFAR = (
-    Path(__file__).resolve().parents[2]
-    / ".."
-    / "shared"
-    / "data"
-    / "cifar10"
-    / "cifar10-train50k-test1k.npz"
-).resolve()
 
 
 def save(path: Path, **arrays) -> str:
@@ -131,22 +122,32 @@ def test_npz_bad_path_and_pickles(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def real_cifar():
-    if not REAL_CIFAR.is_file():
-        pytest.skip(f"real CIFAR-10 npz not found at {REAL_CIFAR}")
-    name = f"npz:{REAL_CIFAR}"
+def real_cifar(cifar10_dir):
+    name = f"npz:{cifar10_dir / 'cifar10.npz'}"
     return get_dataset(name, "train"), get_dataset(name, "test")
 
 
 def test_real_cifar_npz(real_cifar):
     tr, te = real_cifar
-    assert tr.x.shape == (50000, 3, 32, 32) and te.x.shape == (1000, 3, 32, 32)
+    assert tr.x.shape == (50000, 3, 32, 32) and te.x.shape == (10000, 3, 32, 32)
     mean = tr.x.mean(dim=(0, 2, 3)).tolist()
     assert mean == pytest.approx([0.4914, 0.4822, 0.4465], abs=1e-3)
+    assert te.x.mean(dim=(0, 2, 3)).tolist() == pytest.approx([0.4942, 0.4851, 0.4504], abs=1e-3)
     assert torch.bincount(tr.y).tolist() == [5000] * 10
+    assert torch.bincount(te.y).tolist() == [1000] * 10
     assert tr.y[:10].tolist() == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]
     assert te.y[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
     assert tr.info.num_classes == 10 and tr.info.default_epsilon == pytest.approx(36 / 255)
+
+
+def test_real_cifar_by_name_from_data_dir(real_cifar, cifar10_dir):
+    # get_dataset("cifar10", root=DIR) (CLI: --data-dir DIR) reads DIR/cifar10.npz: the same
+    # pixels as npz:PATH, with CIFAR-10's own class names and augmentation default.
+    _, te = real_cifar
+    by_name = get_dataset("cifar10", "test", root=cifar10_dir)
+    assert torch.equal(by_name.x, te.x) and torch.equal(by_name.y, te.y)
+    assert by_name.info.name == "cifar10" and by_name.info.classes[0] == "airplane"
+    assert by_name.info.augment_by_default
 
 
 @pytest.mark.parametrize("stray", [100_000, 10**6, 10**9])

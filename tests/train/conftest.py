@@ -9,7 +9,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
-CIFAR_NPZ = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-train50k-test1k.npz"
 
 # A 4-epoch run of 4 steps per epoch: fast enough to train several times per test.
 TINY = [

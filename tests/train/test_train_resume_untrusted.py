@@ -69,8 +69,21 @@ def test_temp_files_of_a_killed_write_are_removed_on_resume(stopped):
     assert not any(p.exists() for p in stale) and keep.read_text() == "mine"
 
 
-def test_resuming_with_another_thread_count_says_what_it_changes(stopped, capsys):
+@pytest.mark.parametrize("change", ["run.threads=2", "run.channels_last=true"])
+def test_resuming_with_another_arithmetic_says_what_it_changes(stopped, capsys, change):
     capsys.readouterr()
-    train(resume_config(stopped, ["run.threads=2"]), resume=stopped, progress=False)
+    train(resume_config(stopped, [change]), resume=stopped, progress=False)
     out = capsys.readouterr().out
-    assert "run.threads" in out and "will not match an uninterrupted run" in out
+    assert change.split("=")[0] in out and "will not match an uninterrupted run" in out
+
+
+def test_a_key_an_older_run_lacks_is_no_arithmetic_change(stopped):
+    from torchgloro.train.checkpoint import arithmetic_changes
+    from torchgloro.train.config import config_to_dict
+
+    saved = json.loads((stopped / "checkpoint.json").read_text())["config"]
+    now = config_to_dict(resume_config(stopped, []))
+    del saved["run"]["channels_last"]  # a run from before run.channels_last existed
+    assert arithmetic_changes(now, saved) == []
+    now["run"]["channels_last"] = True
+    assert arithmetic_changes(now, saved) == ["run.channels_last"]

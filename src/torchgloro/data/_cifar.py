@@ -1,4 +1,6 @@
-"""CIFAR-10 / CIFAR-100 from the official "python version" tarball or extracted folder.
+"""CIFAR-10 / CIFAR-100 from the official "python version" tarball or extracted folder,
+or from an npz of the same images (``cifar10.npz``: ``train_x``, ``train_y``, ``test_x``,
+``test_y``, see :mod:`torchgloro.data._npz`).
 
 The batches are pickles. They are read with :class:`RestrictedUnpickler`, which only
 resolves the handful of NumPy globals the format needs, so a tampered file cannot run
@@ -21,6 +23,7 @@ import torch
 from torchgloro._errors import DatasetError
 
 from ._download import Resource, locate, verify_md5
+from ._npz import load_npz
 from ._types import DatasetInfo, Split
 
 __all__ = ["RestrictedUnpickler", "restricted_loads", "load_cifar", "RESOURCES", "CIFAR10"]
@@ -193,11 +196,61 @@ def _read_from_tar(tar_path: Path, v: _Variant, members: tuple[str, ...]) -> dic
     return found
 
 
+def _find_npz(root: Path, name: str) -> Path | None:
+    """``root`` itself when it is an ``.npz`` file, else the first ``<name>.npz`` in
+    ``root/name``, ``root``."""
+    if root.is_file():
+        if root.suffix == ".npz":
+            return root
+        raise DatasetError(
+            f"{root}: the data root (--data-dir) is a file but not an .npz; pass the folder "
+            f"that holds {name}.npz, the official tarball or its extracted folder, or an .npz"
+        )
+    for p in (root / name / f"{name}.npz", root / f"{name}.npz"):
+        if p.is_file():
+            return p
+    return None
+
+
+def _load_npz(path: Path, v: _Variant, split: str) -> Split:
+    """``split`` of the npz at ``path``, checked to be ``v``'s image shape and classes."""
+    s = load_npz(str(path), None, split, False)
+    info = v.info
+    if tuple(s.x.shape[1:]) != info.in_shape:
+        raise DatasetError(
+            f"{path}: images of shape {tuple(s.x.shape[1:])} (C,H,W), but {info.name} has "
+            f"{info.in_shape}: this npz does not hold {info.name}"
+        )
+    if s.info.num_classes > info.num_classes:
+        raise DatasetError(
+            f"{path}: labels up to {s.info.num_classes - 1}, but {info.name} has "
+            f"{info.num_classes} classes (0..{info.num_classes - 1}): this npz does not hold "
+            f"{info.name}"
+        )
+    return Split(s.x, s.y, info)
+
+
+def _missing_message(e: DatasetError, root: Path, name: str, v: _Variant) -> str:
+    return (
+        f"{e} (or the extracted folder {root / name / v.folder}). If you hold {name} as an "
+        f"npz (train_x, train_y, test_x, test_y; uint8 images, e.g. assembled with "
+        f"numpy.savez), put it at DIR/{name}.npz and pass --data-dir DIR (Python: "
+        f"root=DIR), or pass --data-dir PATH/TO/{name}.npz"
+    )
+
+
 def load_cifar(name: str, root: Path, split: str, download: bool) -> Split:
-    """Load ``split`` of ``cifar10``/``cifar100`` (extracted folder preferred, else tarball)."""
+    """Load ``split`` of ``cifar10``/``cifar100``.
+
+    Looked up in order: the extracted folder, ``<name>.npz`` (or ``root`` itself when it is a
+    file), then the tarball (downloaded when ``download``).
+    """
     v = RESOURCES[name]
     members = v.train if split == "train" else v.test
     folder = _find_folder(root, name, v)
+    npz = None if folder is not None else _find_npz(root, name)
+    if npz is not None:
+        return _load_npz(npz, v, split)
     if folder is not None:
         blobs = {}
         for m in members:
@@ -210,7 +263,7 @@ def load_cifar(name: str, root: Path, split: str, download: bool) -> Split:
         try:
             tar_path = locate(v.resource, [root / name, root], download, check_md5=False)
         except DatasetError as e:
-            raise DatasetError(f"{e} (or the extracted folder {root / name / v.folder})") from None
+            raise DatasetError(_missing_message(e, root, name, v)) from None
         verify_md5(tar_path, v.resource.md5)
         blobs = _read_from_tar(tar_path, v, members)
         sources = {m: f"{tar_path}:{v.folder}/{m}" for m in members}

@@ -53,6 +53,7 @@ FORMAT = "torchgloro-train/1"
 RESUME_ARITHMETIC = (
     "run.device",
     "run.threads",
+    "run.channels_last",
     "run.compile",
     "run.compile_mode",
     "run.compile_backend",
@@ -298,7 +299,9 @@ def _check_tensors(tensors: dict[str, torch.Tensor], info: dict, path: Path) -> 
 
 
 def arithmetic_changes(now: dict, saved: dict) -> list[str]:
-    """The keys of :data:`RESUME_ARITHMETIC` whose values differ between two configs."""
+    """The keys of :data:`RESUME_ARITHMETIC` whose values differ between two configs (a key
+    the saved config lacks counts as the value runs of that version had)."""
+    saved = config_to_dict(saved_run_config(saved))
     return [
         key
         for key in RESUME_ARITHMETIC

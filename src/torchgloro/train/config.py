@@ -67,6 +67,7 @@ class RunConfig:
     amp: str = "off"  # off | bf16 (autocast of the backbone on CUDA; the bound stays fp32)
     threads: int = 0  # CPU threads for torch (0 = torch's default); small models like 1
     test_every_epoch: bool = False  # also certify the test split after every epoch
+    channels_last: bool = False  # 4-d weights channels-last (NHWC): faster convs on CPUs
 
 
 @dataclass
@@ -287,6 +288,7 @@ RESUME_OVERRIDABLE = {
     "run.out",
     "run.eval_batch_size",
     "run.threads",
+    "run.channels_last",  # a memory layout: the same math, rounded by other kernels
     "run.checkpoint_every",
     "run.test_every_epoch",  # which splits are certified after an epoch, not the training
     "run.compile",  # how the same math runs, not what it computes
