@@ -4,6 +4,7 @@ before anything is built or trusted."""
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
@@ -100,13 +101,23 @@ def test_a_huge_input_shape_is_refused_before_allocating(saved, tmp_path, monkey
     assert time.perf_counter() - start < 10
 
 
-def test_a_huge_model_option_is_refused_before_allocating(saved, tmp_path):
-    """A width the file's tensors do not have is found on the meta device, not by building."""
+def test_a_huge_model_option_is_refused_before_allocating(saved, tmp_path, monkeypatch):
+    """A width the file's tensors do not have is found on the meta device, not by building:
+    the 4 GB head that ``num_classes = 10**7`` asks for is never allocated."""
 
     def wide(info):
-        info["model"]["num_classes"] = 10**7  # 4 GB of head weights if built
+        info["model"]["num_classes"] = 10**7
+
+    real_empty = torch.empty
+
+    def guarded_empty(*size, **kwargs):
+        shape = size[0] if len(size) == 1 and not isinstance(size[0], int) else size
+        device = torch.device(kwargs.get("device") or torch.get_default_device())
+        assert device.type == "meta" or math.prod(shape) < 10**8, f"allocated {shape}"
+        return real_empty(*size, **kwargs)
 
     bad = _rewrite(saved, tmp_path / "w.safetensors", edit_meta=wide)
+    monkeypatch.setattr(torch, "empty", guarded_empty)
     with pytest.raises(tg.CheckpointError, match="does not match"):
         tg.load(bad)
 

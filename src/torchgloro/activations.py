@@ -44,9 +44,14 @@ def group_sort(x: torch.Tensor, group_size: int = 2, dim: int = 1) -> torch.Tens
     return x.reshape(shape).sort(dim=dim + 1).values.reshape(x.shape)
 
 
-# Whether a tensor is wrapped by a torch.func transform, where _MinMax's out= writes and its
-# autograd.Function (no setup_context) do not work.
-_transformed = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+_is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+
+
+def _transformed(x: torch.Tensor) -> bool:
+    """Whether ``x`` is wrapped by a torch.func transform, where _MinMax's out= writes and
+    its autograd.Function (no setup_context) do not work. Never while torch.compile traces:
+    it cannot trace the probe (a graph break), and compiles _MinMax itself."""
+    return not torch.compiler.is_compiling() and _is_wrapped(x)
 
 
 def _min_max(x: torch.Tensor, pairs: tuple[int, ...], pair_dim: int):

@@ -306,13 +306,15 @@ class GloroNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Returns ``(B, C+1)`` logits: f(x), then ⊥. ``x`` is cast to the weights' dtype;
-        NaN/Inf raise (in training only on the CPU: elsewhere the check would sync)."""
+        NaN/Inf raise (in training only on the CPU and not under torch.compile: elsewhere the
+        check would sync or break the graph)."""
         if torch.jit.is_tracing() or _is_exporting():
             raise GloroError(
                 "torch.jit and torch.export cannot trace a GloroNet (its checks depend on the "
                 "data). Trace torchgloro.deploy(net) instead: the backbone with K fixed."
             )
-        self._check_input(x, check_finite=not self.training or x.device.type == "cpu")
+        cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
+        self._check_input(x, check_finite=not self.training or cpu)
         return self._with_bottom(self.backbone(x.to(self._head.weight.dtype)))
 
     def _with_bottom(self, y: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,14 @@ def test_a_broken_checkpoint_json_is_a_clear_error(stopped, key, value):
         train(cfg, resume=stopped, progress=False)
 
 
+@pytest.mark.parametrize("config", [5, [1], {"gloro": 5}, {"run": [1, 2]}])
+def test_a_checkpoint_json_config_of_the_wrong_shape_is_a_clear_error(stopped, config):
+    """A config that is not a table of tables raised a raw AttributeError or TypeError."""
+    _edit_json(stopped, lambda info: info.__setitem__("config", config))
+    with pytest.raises(tg.CheckpointError, match="config"):
+        resume_config(stopped, [])
+
+
 @pytest.mark.parametrize("name", ["rng.torch_cpu", "rng.data_epoch_start", "rng.augment"])
 def test_a_missing_rng_tensor_is_a_clear_error(stopped, name):
     path = stopped / "checkpoint.safetensors"

@@ -89,12 +89,12 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> TrainConfig:
     if not Path(run_dir).is_dir():
         raise CheckpointError(f"Cannot resume: {run_dir} is not a run folder.")
     try:
-        saved = json.loads(path.read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        cfg = saved_run_config(json.loads(path.read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
         raise CheckpointError(
-            f"Cannot resume from {run_dir}: {path.name} is missing or corrupt ({e})."
+            f"Cannot resume from {run_dir}: {path.name} is missing or corrupt, or its config "
+            f"is not a training config ({e})."
         ) from e
-    cfg = saved_run_config(saved)
     for item in overrides:
         key = item.partition("=")[0].strip()
         if key not in RESUME_OVERRIDABLE and _changes(cfg, item):

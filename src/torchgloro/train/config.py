@@ -301,7 +301,13 @@ RESUME_OVERRIDABLE = {
 
 
 def saved_run_config(saved: dict[str, Any]) -> TrainConfig:
-    """The config a saved run (its checkpoint's ``config``) was trained with."""
+    """The config a saved run (its checkpoint's ``config``) was trained with.
+
+    Raises:
+        ConfigError: ``saved`` is not a table of tables, or holds unknown or mistyped keys.
+    """
+    if not isinstance(saved, dict) or not all(isinstance(t, dict) for t in saved.values()):
+        raise ConfigError(f"a saved config must be a table of tables, got {saved!r:.80}.")
     data = {section: dict(table) for section, table in saved.items()}
     for section, keys in _PREDATES.items():
         for key, value in keys.items():
