@@ -95,3 +95,18 @@ def test_a_key_an_older_run_lacks_is_no_arithmetic_change(stopped):
     assert arithmetic_changes(now, saved) == []
     now["run"]["channels_last"] = True
     assert arithmetic_changes(now, saved) == ["run.channels_last"]
+
+
+def test_the_config_digest_survives_a_newer_version_with_more_keys(stopped, monkeypatch):
+    """A later torchgloro fills the keys an older config lacks with defaults; the digest is
+    of the config as saved, so the run still resumes (a digest of the filled config was
+    refused as 'edited' as soon as one key was added)."""
+    import torchgloro.train.checkpoint as ckpt
+
+    real = ckpt.config_to_dict
+
+    def newer(cfg):  # as if this version had one more config key
+        return {**real(cfg), "run": {**real(cfg)["run"], "a_newer_key": 1}}
+
+    monkeypatch.setattr(ckpt, "config_to_dict", newer)
+    assert ckpt.read_checkpoint(stopped) is not None

@@ -233,7 +233,8 @@ def read_checkpoint(run_dir: str | Path, settle: bool = False) -> Checkpoint:
             f"interrupted while writing its checkpoint, so it cannot be resumed exactly."
         )
     digest = marker.get("config_digest")  # absent in checkpoints of older versions
-    if digest is not None and digest != config_digest(info["config"]):
+    config = info["config"]
+    if digest is not None and digest not in (config_digest(config), _filled_digest(config)):
         raise CheckpointError(
             f"The config in {j_path} is not the one {t_path.name} was written with: it was "
             f"edited, or the files come from different runs (another architecture or "
@@ -246,12 +247,21 @@ def read_checkpoint(run_dir: str | Path, settle: bool = False) -> Checkpoint:
 
 
 def config_digest(config: dict[str, Any]) -> str:
-    """SHA-256 of a saved config, with the defaults of keys it lacks filled in (a config of
-    an older version, without newer keys, has the digest of the config it resumes as)."""
+    """SHA-256 of a config exactly as saved (canonical JSON): a later version of torchgloro,
+    which fills keys an older config lacks with their defaults, still computes the digest the
+    checkpoint was written with."""
+    if not isinstance(config, dict):
+        raise ValueError(f"its 'config' is not a training config: {type(config).__name__}")
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def _filled_digest(config: dict[str, Any]) -> str | None:
+    """The digest checkpoints written on 2026-12-07 stored: of the config with the defaults of
+    the version reading it filled in (unstable once a key is added), accepted on resume."""
     try:
         full = config_to_dict(saved_run_config(config))
-    except (ConfigError, AttributeError, TypeError, ValueError) as e:
-        raise ValueError(f"its 'config' is not a training config: {e}") from e
+    except (ConfigError, AttributeError, TypeError, ValueError):
+        return None
     return hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()
 
 
