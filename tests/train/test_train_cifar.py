@@ -106,6 +106,9 @@ def test_channels_last_trains_the_same_net(fake_cifar10, tmp_path):
 def test_cifar10_6c2f_gloro_recipe_on_real_pixels(cifar10_dir, tmp_path):
     sets = [
         f"data.root={cifar10_dir}",
+        # The first 4,096 training images, as measured: with the recipe's 5,000 held out
+        # (another subset and order) these 128 constant-LR steps collapsed to all-⊥.
+        "data.val_size=0",
         "data.train_subset=4096",
         "run.epochs=1",
         "run.batch_size=32",
@@ -119,8 +122,8 @@ def test_cifar10_6c2f_gloro_recipe_on_real_pixels(cifar10_dir, tmp_path):
     final = result.final
     assert result.epochs_done == 1
     assert final["n_test"] == 10000  # the full official test set
-    assert final["clean"] >= 0.18, final  # 10 classes: chance is 0.10
-    assert final["vra_sound"] >= 0.05, final
+    assert final["clean"] >= 0.18, final  # 10 classes: chance is 0.10; measured 0.231
+    assert final["vra_sound"] >= 0.05, final  # measured 0.132 (0.133 fast)
     # Sound VRA at the recipe's ε = 36/255: a count of whole images, never above the fast
     # VRA (proven bounds are looser) nor the clean accuracy.
     assert math.isclose(final["vra_sound"] * 10000, round(final["vra_sound"] * 10000))
