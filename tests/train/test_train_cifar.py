@@ -61,7 +61,7 @@ def test_cifar_recipe_trains_from_data_dir(fake_cifar10, tmp_path, capsys, as_fi
     assert _train_cli(data_dir, tmp_path) == 0
     out = capsys.readouterr().out
     assert "on cifar10 (64 train / 16 validation / 8 test)" in out  # the npz's splits
-    assert "eps_test 0.141" in out  # CIFAR-10's ε, not npz:PATH's
+    assert "test split (8 images), epsilon = 0.141" in out  # the npz's test split, CIFAR's ε
     (run_dir,) = list(tmp_path.iterdir())
     cfg = tomllib.loads((run_dir / "config.toml").read_text())
     assert cfg["data"]["root"] == str(data_dir) and cfg["data"]["name"] == "cifar10"

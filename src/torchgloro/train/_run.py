@@ -112,6 +112,7 @@ class Run:
         self.epoch_t0 = 0.0  # when this process started the current epoch
         self.carried_seconds = 0.0  # the current epoch's time before a resume
         self.lock: RunLock | None = None
+        self.log: MetricsLog | None = None
 
     # -- run folder / resume --
 
@@ -136,13 +137,7 @@ class Run:
             self.start_epoch, self.start_step = ck.epoch, ck.step
             ckpt_io.check_val_indices(ck, self.splits.val_indices, run_dir)
             self.selection, self.last_good = Selection(self.splits, ck.info["best"]), ck.epoch
-            torch.set_rng_state(ck.tensors["rng.torch_cpu"])
-            if device.type == "cuda" and "rng.cuda" in ck.tensors:
-                torch.cuda.set_rng_state(ck.tensors["rng.cuda"], device)
-            self.data_gen.set_state(ck.tensors["rng.data_epoch_start"])
-            own = "rng.augment" if env.rank == 0 else f"rng.augment.r{env.rank}"
-            if own in ck.tensors:  # a rank the checkpoint did not have keeps its fresh seed
-                self.aug_gen.set_state(ck.tensors[own])
+            ckpt_io.restore_rng(ck, self.data_gen, self.aug_gen, env.rank, device)
             if self.start_step and env.is_main:  # partial-epoch sums (all ranks') live on rank 0
                 self.acc.copy_(ck.tensors["state.acc"].to(self.acc))
             if self.start_step:
@@ -167,7 +162,9 @@ class Run:
             self.run_dir = new_run_dir(cfg)
             self.lock = RunLock(self.run_dir)
             (self.run_dir / "config.toml").write_text(dump_config(cfg))
-        self.log = MetricsLog(self.run_dir, keep_epochs=self.start_epoch) if env.is_main else None
+        self.log = (
+            MetricsLog(self.run_dir, self.start_epoch, cfg.run.tensorboard) if env.is_main else None
+        )
         self.history = list(self.log.rows) if self.log else []
         g, val = cfg.gloro, self.splits.val
         self.say(
