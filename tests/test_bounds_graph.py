@@ -214,6 +214,7 @@ def test_data_dependent_control_flow_is_refused_with_its_line():
         (lambda m, x: m.w(x).mean(0, keepdim=True).expand(x.size(0), 6), "batch"),
         (lambda m, x: m.w(x).view(2, -1)[:, :6], "dimension 0"),
         (lambda m, x: m.w(x) * x.size(0), "depends on the batch size"),
+        (lambda m, x: m.w(x) * m.w(x), "product or quotient"),
         (lambda m, x: m.w(x).mT.mT, "Cannot bound `getattr`"),
     ],
 )

@@ -187,7 +187,15 @@ class _Planner:
                     "Concatenate data tensors along a feature dimension (dim=1).",
                 )
             return Step("cat", tuple(index[p] for p in parts))
-        if t in ADDS and len(data) == 2 and all(a in index for a in node.args[:2]):
+        pair = [a for a in node.args[:2] if isinstance(a, fx.Node) and a in index]
+        if t in SCALES and len(pair) == 2:
+            raise refuse(
+                node,
+                "the product or quotient of two data-dependent values has no global "
+                "Lipschitz bound",
+                "Multiply or divide by constants only (gating x·σ(x) as a whole: use nn.SiLU).",
+            )
+        if t in ADDS and len(pair) == 2:  # (x + x too: one input node, used twice)
             broadcast = any(self.shapes[index[a]] != out_shape for a in node.args[:2])
             if node.kwargs.get("alpha", 1) != 1 or broadcast:
                 raise refuse(
@@ -209,13 +217,6 @@ class _Planner:
             d = math.prod(out_shape)
             self.layer(data[0], scalar_bound(node, float(scalar), first is data[0], d))
             return None
-        if t in SCALES:
-            raise refuse(
-                node,
-                "the product or quotient of two data-dependent values has no "
-                "global Lipschitz bound",
-                "Multiply or divide by constants only (gating x·σ(x) as a whole: use nn.SiLU).",
-            )
         if t in RESHAPES and first is data[0]:  # the sizes may come from x.size(0): not read
             self.layer(first, ConstantBound(1.0, str(getattr(t, "__name__", t))))
             return None
