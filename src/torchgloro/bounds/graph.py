@@ -222,7 +222,7 @@ class _Planner:
             return None
         if len(data) == 1 and first is data[0]:
             args, kwargs = self.const(tuple(node.args[1:])), self.const(dict(node.kwargs))
-            b = function_bound(node, args, kwargs, shape, out_shape, self.make)
+            b = function_bound(node, args, kwargs, shape, self.make)
             if b is not None:
                 self.layer(first, b)
                 return None
