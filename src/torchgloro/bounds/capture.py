@@ -166,7 +166,8 @@ def _known_in_shape(backbone: nn.Module, runs: nn.Module) -> tuple[int, ...] | N
             users[0].op == "call_module") else None  # fmt: skip
     else:
         mod = flatten_layers(runs)[0]
-    return (mod.in_features,) if isinstance(mod, nn.Linear) else None  # (parametrized too)
+    known = isinstance(mod, nn.Linear) and mod.in_features > 0  # (not a LazyLinear)
+    return (mod.in_features,) if known else None  # (parametrized too)
 
 
 def build_bounds(backbone: nn.Module, in_shape: tuple[int, ...]) -> list[LayerBound]:
