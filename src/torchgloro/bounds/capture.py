@@ -12,7 +12,8 @@ from torch.nn.utils import parametrize
 
 from torchgloro._certify import eval_mode
 from torchgloro._errors import GloroInputError, InputShapeError, UnsupportedLayerError
-from torchgloro.bounds.graph import GraphBound, head_node
+from torchgloro.bounds.graph import GraphBound
+from torchgloro.bounds.plan import head_node
 from torchgloro.bounds.trace import trace
 from torchgloro.lipschitz import (
     _REGISTRY,
