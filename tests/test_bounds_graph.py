@@ -313,3 +313,16 @@ def test_division_by_a_model_tensor():
 
     with pytest.raises(tg.UnsupportedLayerError, match="dividing by a data-dependent value"):
         tg.GloroNet(Inverse(), 0.1, in_shape=3)
+
+
+def test_model_tensors_follow_the_net_through_to_and_copies():
+    """``.to()`` replaces buffers: the bound must read the net's current one."""
+    import copy
+
+    torch.manual_seed(8)
+    net = tg.GloroNet(_LayerScale(), 0.1, in_shape=(3, 4, 4)).double()
+    for other in (net, copy.deepcopy(net)):
+        with torch.no_grad():
+            other.backbone.pos.mul_(10)  # in place, after the buffer was replaced by .double()
+        terms = other.bounds[0].nodes[2].fp_terms()
+        assert terms[2] == pytest.approx(float(other.backbone.pos.norm()), rel=1e-9)

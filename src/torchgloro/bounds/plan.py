@@ -158,9 +158,9 @@ class _Planner:
     def tensor_operand(self, node: fx.Node, attr: fx.Node, shape, out_shape) -> LayerBound:
         """The bound of ``x * t``, ``x / t``, ``x ± t`` or ``t ± x`` for a tensor ``t`` of the
         model (a parameter, buffer or constant)."""
-        tensor = self.gm
-        for part in attr.target.split("."):
-            tensor = getattr(tensor, part)
+        path, _, name = attr.target.rpartition(".")
+        owner = self.gm.get_submodule(path)
+        tensor = getattr(owner, name)
         t = node.target
         if not tensor_operand_ok(tensor, shape) or out_shape != shape:
             raise refuse(
@@ -176,8 +176,8 @@ class _Planner:
                     "dividing by a data-dependent value has no global Lipschitz bound",
                     "Divide by the model's tensor, not by the data.",
                 )
-            return TensorOperandBound("div", tensor, shape)
-        return TensorOperandBound("mul" if t in SCALES else "add", tensor, shape)
+            return TensorOperandBound("div", owner, name, shape)
+        return TensorOperandBound("mul" if t in SCALES else "add", owner, name, shape)
 
     def layer(self, src: fx.Node, b: LayerBound) -> None:
         """Appends a layer step on the data node ``src``."""

@@ -20,27 +20,25 @@ __all__ = ["TensorOperandBound", "tensor_operand_ok"]
 
 
 class TensorOperandBound(LayerBound):
-    """``z * t``, ``z / t`` or ``z ± t`` for a parameter or buffer ``t`` of the model.
+    """``z * t``, ``z / t`` or ``z ± t`` for a parameter, buffer or constant ``t`` of the model.
 
     Args:
         kind: ``"mul"``, ``"div"`` or ``"add"``.
-        tensor: ``t``, read afresh at every use (it may be learned).
+        owner: The module that holds ``t`` (``owner.<name>``), read afresh at every use: a
+            learned ``t`` changes, and ``.to()`` replaces buffers.
+        name: Its attribute name.
         shape: The data's per-sample shape (``t`` broadcasts to it).
     """
 
-    def __init__(self, kind: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    def __init__(self, kind: str, owner: nn.Module, name: str, shape: tuple[int, ...]) -> None:
         super().__init__()
         self.kind = kind
+        self.name = name
         self.shape = tuple(shape)
-        holder = nn.Module()  # what the proofs read, for GraphBound's cache
-        if isinstance(tensor, nn.Parameter):
-            holder.register_parameter("t", tensor)
-        else:
-            holder.register_buffer("t", tensor)
-        object.__setattr__(self, "layer", holder)
+        object.__setattr__(self, "layer", owner)  # not a submodule: owned by the model
 
     def _t(self) -> torch.Tensor:
-        return self.layer.t
+        return getattr(self.layer, self.name)
 
     def estimate(self, n_iter: int = 0, differentiable: bool = False) -> torch.Tensor:
         t = self._t() if differentiable and torch.is_grad_enabled() else self._t().detach()
