@@ -214,6 +214,7 @@ def test_data_dependent_control_flow_is_refused_with_its_line():
         (lambda m, x: m.w(x).mean(0, keepdim=True).expand(x.size(0), 6), "batch"),
         (lambda m, x: m.w(x).view(2, -1)[:, :6], "dimension 0"),
         (lambda m, x: m.w(x) * x.size(0), "depends on the batch size"),
+        (lambda m, x: m.w(x) * m.w(x), "product or quotient"),
         (lambda m, x: m.w(x).mT.mT, "Cannot bound `getattr`"),
     ],
 )
@@ -242,3 +243,86 @@ def test_cached_proofs_follow_the_weights_values():
     assert b.sound() == before and b.fp_terms() == b.fp_terms()
     net.w.weight.data.mul_(2.0)
     assert b.sound() > before * 1.2
+
+
+class _LayerScale(nn.Module):
+    """A learned per-channel scale and a fixed shift: ``h + γ ⊙ conv(h) + pos``."""
+
+    def __init__(self, gamma_shape=(3, 1, 1)) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.gamma = nn.Parameter(torch.rand(gamma_shape) + 0.5)
+        self.register_buffer("pos", torch.randn(3, 4, 4))
+        self.fc = nn.Linear(48, 2)
+
+    def forward(self, x):
+        h = x + self.gamma * self.conv(x) + self.pos
+        return self.fc(h.flatten(1))
+
+
+def test_model_tensors_scale_and_shift():
+    torch.manual_seed(7)
+    model = _LayerScale()
+    b = _graph_bound(model, (3, 4, 4))
+    conv = sound.conv2d_norm_upper(model.conv.weight, (4, 4), padding=(1, 1))
+    expected = 1 + float(model.gamma.detach().abs().max()) * conv
+    assert b.sound() == pytest.approx(expected, rel=1e-9)
+    with torch.no_grad():
+        exact = _exact_norm(lambda z: z + model.double().gamma * model.conv(z), (3, 4, 4))
+    model.float()
+    assert b.sound() >= exact * (1 - 1e-12)
+    est = b.estimate(differentiable=True)
+    est.backward()
+    assert model.gamma.grad.abs().sum() > 0  # the training bound reaches the scale
+    with torch.no_grad():
+        model.gamma.mul_(3)
+    assert b.sound() == pytest.approx(1 + 3 * (expected - 1), rel=1e-6)  # read afresh
+
+
+def test_model_tensors_must_not_enlarge_a_sample():
+    class Outer(nn.Module):  # (B, 1, 4) * (3, 1): each entry copied 3 times, norm √3·max|t|
+        def __init__(self) -> None:
+            super().__init__()
+            self.t = nn.Parameter(torch.ones(3, 1))
+            self.fc = nn.Linear(12, 2)
+
+        def forward(self, x):
+            return self.fc((x * self.t).flatten(1))
+
+    with pytest.raises(tg.UnsupportedLayerError, match="enlarges the data"):
+        tg.GloroNet(Outer(), 0.1, in_shape=(1, 4))
+    with pytest.raises(tg.GloroInputError, match="cannot run"):  # (2, 3, 1, 1): not per sample
+        tg.GloroNet(_LayerScale(gamma_shape=(2, 3, 1, 1)), 0.1, in_shape=(3, 4, 4))
+
+
+def test_division_by_a_model_tensor():
+    class Div(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.s = nn.Parameter(torch.tensor([2.0, 4.0, 0.5]))
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x / self.s)
+
+    assert _graph_bound(Div(), (3,)).sound() == pytest.approx(2.0)
+
+    class Inverse(Div):
+        def forward(self, x):
+            return self.fc(self.s / x)
+
+    with pytest.raises(tg.UnsupportedLayerError, match="dividing by a data-dependent value"):
+        tg.GloroNet(Inverse(), 0.1, in_shape=3)
+
+
+def test_model_tensors_follow_the_net_through_to_and_copies():
+    """``.to()`` replaces buffers: the bound must read the net's current one."""
+    import copy
+
+    torch.manual_seed(8)
+    net = tg.GloroNet(_LayerScale(), 0.1, in_shape=(3, 4, 4)).double()
+    for other in (net, copy.deepcopy(net)):
+        with torch.no_grad():
+            other.backbone.pos.mul_(10)  # in place, after the buffer was replaced by .double()
+        terms = other.bounds[0].nodes[2].fp_terms()
+        assert terms[2] == pytest.approx(float(other.backbone.pos.norm()), rel=1e-9)

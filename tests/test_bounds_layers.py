@@ -47,6 +47,13 @@ def _batchnorm(cls, c):
         (lambda: nn.Conv1d(3, 4, 3, padding=1), (3, 10), 1e-2),
         (lambda: nn.Conv1d(2, 4, 4, stride=2, dilation=2, padding="valid"), (2, 15), 1e-2),
         (lambda: nn.Conv1d(4, 4, 3, padding="same", groups=2), (4, 9), 1e-2),
+        (
+            lambda: nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1),
+            (3, 4, 4),
+            1e-2,
+        ),
+        (lambda: nn.ConvTranspose2d(4, 4, 2, stride=2, groups=2), (4, 3, 3), 1e-2),
+        (lambda: nn.ConvTranspose2d(2, 3, 3, dilation=2), (2, 5, 4), 1e-2),
     ],
 )
 def test_linear_layers_against_the_dense_jacobian(make, shape, tight):

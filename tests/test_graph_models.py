@@ -236,3 +236,49 @@ def test_graph_net_refuses_a_changed_layer():
     net.backbone.c1.padding = (0, 0)
     with pytest.raises(tg.GloroInputError, match="changed after this GloroNet was built"):
         net.certify(torch.randn(2, 1, 8, 8))
+
+
+def test_sequential_with_smooth_activations_certifies_on_float64():
+    torch.manual_seed(4)
+    net = tg.GloroNet(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)), 0.1).eval()
+    assert not isinstance(net.backbone, torch.fx.GraphModule)  # the fast path
+    assert net.certify(torch.randn(5, 4)).precision == "float64"
+    relu = tg.GloroNet(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), 0.1).eval()
+    assert relu.certify(torch.randn(5, 4)).precision == "float32"
+
+
+def test_sequential_with_a_custom_module_is_traced():
+    class Double(nn.Module):
+        def forward(self, x):
+            return x + x
+
+    net = tg.GloroNet(nn.Sequential(nn.Linear(4, 4), Double(), nn.Linear(4, 3)), 0.1)
+    assert isinstance(net.backbone, torch.fx.GraphModule)
+    gm = net.backbone
+    plain = tg.GloroNet(nn.Sequential(gm.get_submodule("0"), gm.get_submodule("2")), 0.1)
+    # x + x: bounds add, so the margins' K doubles
+    ratio = net.lipschitz_constant() / plain.lipschitz_constant()
+    off = ~torch.eye(3, dtype=torch.bool)
+    assert torch.allclose(ratio[off], torch.full_like(ratio[off], 2.0), rtol=1e-12)
+
+
+def test_parametrized_layers_end_to_end():
+    from torch.nn.utils import parametrizations as P
+
+    torch.manual_seed(6)
+    model = nn.Sequential(
+        P.orthogonal(nn.Linear(4, 8)), nn.ReLU(), P.spectral_norm(nn.Linear(8, 8)), nn.ELU(),
+        nn.Linear(8, 3),
+    )  # fmt: skip
+    net = tg.GloroNet(model, 0.1)
+    assert net.in_shape == (4,)  # from the parametrized first Linear
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    net.train()
+    tg.GloroCrossEntropy()(net(x), y).backward()
+    net.eval()
+    K = net.lipschitz_constant()
+    w = net.backbone.get_submodule("4").weight.detach().double()
+    # orthogonal: 1; spectral_norm: about 1; ELU: 1; so K_ji ≈ ‖w_j − w_i‖
+    assert torch.allclose(K[0, 1], (w[0] - w[1]).norm(), rtol=0.05)
+    cert = net.certify(x, epsilon=1e-3)
+    assert cert.certified.any()

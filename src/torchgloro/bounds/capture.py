@@ -12,7 +12,8 @@ from torch.nn.utils import parametrize
 
 from torchgloro._certify import eval_mode
 from torchgloro._errors import GloroInputError, InputShapeError, UnsupportedLayerError
-from torchgloro.bounds.graph import GraphBound, head_node
+from torchgloro.bounds.graph import GraphBound
+from torchgloro.bounds.plan import head_node
 from torchgloro.bounds.trace import trace
 from torchgloro.lipschitz import (
     _REGISTRY,
@@ -170,7 +171,8 @@ def _known_in_shape(backbone: nn.Module, runs: nn.Module) -> tuple[int, ...] | N
             users[0].op == "call_module") else None  # fmt: skip
     else:
         mod = flatten_layers(runs)[0]
-    return (mod.in_features,) if type(mod) is nn.Linear else None
+    known = isinstance(mod, nn.Linear) and mod.in_features > 0  # (not a LazyLinear)
+    return (mod.in_features,) if known else None  # (parametrized too)
 
 
 def build_bounds(backbone: nn.Module, in_shape: tuple[int, ...]) -> list[LayerBound]:

@@ -1,5 +1,5 @@
 """Bounds of linear layers beyond the built-ins: BatchNorm (eval), adaptive average pooling,
-Conv1d.
+Conv1d, ConvTranspose2d.
 
 Each is a proven upper bound on the operator norm of the layer's linear part, checked in
 tests/test_bounds_layers.py against the dense Jacobian's norm in float64.
@@ -25,7 +25,7 @@ from torchgloro.lipschitz import (
 )
 from torchgloro.margins import NORM_UNDERFLOW_F64, round_up
 
-__all__ = ["BatchNormBound", "Conv1dBound", "adaptive_pool_norm"]
+__all__ = ["BatchNormBound", "Conv1dBound", "ConvTranspose2dBound", "adaptive_pool_norm"]
 
 
 class BatchNormBound(LayerBound):
@@ -182,3 +182,50 @@ class Conv1dBound(PowerIterationBound):
 
 
 register_bound(nn.Conv1d)(Conv1dBound)
+
+
+class ConvTranspose2dBound(PowerIterationBound):
+    """``nn.ConvTranspose2d`` (zero padding): the adjoint of the convolution with the same
+    weight, stride, padding, dilation and groups on the transposed layer's output size, so
+    its norm is that convolution's (‖Aᵀ‖ = ‖A‖), bounded by ``conv2d_norm_upper``."""
+
+    def __init__(self, layer: nn.ConvTranspose2d, in_shape: tuple[int, ...]) -> None:
+        if layer.padding_mode != "zeros":
+            raise UnsupportedLayerError(
+                f"ConvTranspose2d with padding_mode={layer.padding_mode!r} is not supported; "
+                f"use padding_mode='zeros'."
+            )
+        super().__init__(layer, (1, *in_shape))
+        with torch.no_grad():
+            self.out_hw = tuple(self._op(self.u, layer.weight).shape[2:])
+
+    def _op(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        m = self.layer
+        return F.conv_transpose2d(u, weight, None, m.stride, m.padding, m.output_padding,
+                                  m.groups, m.dilation)  # fmt: skip
+
+    def _op_adjoint(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        m = self.layer
+        return F.conv2d(v, weight, None, m.stride, m.padding, m.dilation, m.groups)
+
+    def _norm_upper(self, kernel: torch.Tensor, method: str = "auto") -> float:
+        m = self.layer
+        return sound.conv2d_norm_upper(
+            kernel, self.out_hw, m.stride, m.padding, m.dilation, m.groups, method=method
+        )
+
+    def sound(self) -> float:
+        return self._norm_upper(self._weight().detach())
+
+    def fp_terms(self) -> tuple[int, float, float]:
+        # ‖|Aᵀ|‖ = ‖|A|‖: the terms of the convolution A, except that each output of Aᵀ sums
+        # at most (in_channels/groups)·kh·kw products (plus the bias).
+        m, w = self.layer, self._weight().detach()
+        circular = self._norm_upper(w.abs(), method="circular")
+        positions = math.prod(self.out_hw)
+        _, abs_norm, b = linear_fp_terms(w, m.bias, positions, abs_norm_upper=circular)
+        n = w.shape[0] // m.groups * math.prod(w.shape[2:]) + (m.bias is not None)
+        return n, abs_norm, b
+
+
+register_bound(nn.ConvTranspose2d)(ConvTranspose2dBound)

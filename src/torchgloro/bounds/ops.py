@@ -23,7 +23,7 @@ from torchgloro.bounds.trace import node_location
 from torchgloro.lipschitz import ConstantBound, LayerBound
 from torchgloro.margins import round_up
 
-__all__ = ["Step", "refuse", "function_bound", "RESHAPES", "ADDS", "STATIC"]
+__all__ = ["Step", "refuse", "function_bound", "scalar_bound"]
 
 
 @dataclass(frozen=True)
@@ -132,14 +132,13 @@ def function_bound(
     args: tuple,
     kwargs: dict,
     shape: tuple[int, ...],
-    out_shape: tuple[int, ...],
     make: Any,
 ) -> LayerBound | None:
     """The bound of a one-input function node ``f(x, *args, **kwargs)``, or None if unknown.
 
     ``args``/``kwargs`` are the node's arguments after the data input, with static values
-    resolved; ``shape``/``out_shape`` its per-sample input and output shapes; ``make`` builds
-    a module's bound (the registry).
+    resolved; ``shape`` its per-sample input shape; ``make`` builds a module's bound (the
+    registry).
     """
     t = node.target
     if t in NEGS:
