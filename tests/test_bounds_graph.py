@@ -221,6 +221,72 @@ def test_ops_without_a_global_bound_are_refused(body, match):
     _refused(body, match)
 
 
+def _leaky_in_place(h):
+    F.leaky_relu(h, 5.0, inplace=True)  # writes 5·h into h's negative entries
+
+
+def _aliased_iadd(m, x):
+    h = m.w(x)
+    g = h
+    g += m.v(x)  # in place in PyTorch: h changes too
+    return h + g
+
+
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        # an in-place op on a view of h overwrites h, which the head then reads
+        (lambda m, x: [h := m.w(x), _leaky_in_place(h.view(x.size(0), -1)), h][2], "overwrites"),
+        (lambda m, x: [h := m.w(x), _leaky_in_place(h[:, :]), h][2], "overwrites"),
+        (lambda m, x: [h := m.w(x), _leaky_in_place(h.contiguous()), h][2], "overwrites"),
+        (lambda m, x: [h := m.w(x), _leaky_in_place(F.dropout(h, 0.5, False)), h][2], "overwrites"),
+        (lambda m, x: [h := m.w(x), torch.mul(h, 5.0, out=h), h][2], "out="),
+        (lambda m, x: [h := m.w(x), torch.cat([m.v(x)[:, :3]] * 2, 1, out=h), h][2], "out="),
+        (_aliased_iadd, "overwrites"),
+    ],
+)
+def test_writes_through_an_alias_are_refused(body, match):
+    """Each wrote into memory that another branch reads, past the bound: K was 2-5x too small."""
+    with pytest.raises(tg.UnsupportedLayerError, match=match):
+        tg.GloroNet(_net(body), 0.1, in_shape=(6,))
+
+
+def test_augmented_assignment_runs_as_the_model_does():
+    """``h += y`` stays in place in the graph (fx turned it into ``h = h + y``)."""
+
+    def body(m, x):
+        h = m.w(x)
+        h += m.v(x)
+        h *= 2.0
+        h -= 1.0
+        h /= 4.0
+        return h
+
+    model = _net(body).eval()
+    net = tg.GloroNet(model, 0.1, in_shape=(6,))
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(net.backbone(x), model(x))
+    w, v = sound.dense_norm_upper(model.w.weight), sound.dense_norm_upper(model.v.weight)
+    assert net.bounds[0].sound() == pytest.approx((w + v) / 2, rel=1e-9)
+    assert "add_" in net.backbone.code and "mul_" in net.backbone.code
+
+
+def test_an_add_with_a_keyword_operand():
+    net = _net(lambda m, x: torch.add(m.w(x), other=m.v(x)))
+    w, v = sound.dense_norm_upper(net.w.weight), sound.dense_norm_upper(net.v.weight)
+    assert _graph_bound(net, (6,)).sound() == pytest.approx(w + v, rel=1e-9)
+
+
+def test_certify_leaves_the_input_of_an_in_place_graph_alone():
+    model = _net(lambda m, x: m.w(F.leaky_relu(x, 5.0, inplace=True)))
+    net = tg.GloroNet(model, 0.1, in_shape=(6,))
+    x = -torch.rand(4, 6)
+    x0 = x.clone()
+    for mode in ("fast", "sound"):
+        net.certify(x, mode=mode)
+        assert torch.equal(x, x0), mode
+
+
 def test_forward_must_return_a_linear():
     class NoHead(nn.Module):
         def __init__(self) -> None:

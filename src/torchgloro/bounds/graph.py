@@ -33,6 +33,7 @@ from torchgloro.bounds.ops import (
     refuse,
     scalar_bound,
 )
+from torchgloro.bounds.trace import writes_in_place
 from torchgloro.lipschitz import ConstantBound, LayerBound
 from torchgloro.margins import UNDERFLOW_F32, UNDERFLOW_F64, UNIT_ROUNDOFF_F64, round_up
 
@@ -129,7 +130,7 @@ class _Planner:
             data = [a for a in node.all_input_nodes if a in self.index]
             if node.op in ("get_attr", "output") or not data or _is_static(node):
                 continue
-            _check_in_place(self.gm, node)
+            _check_in_place(node, writes_in_place(self.gm, node), self.va)
             out_shape = _per_sample(node, self.va[node], self.vb[node])
             step = self.dispatch(node, data, out_shape)
             if step is not None:
@@ -187,15 +188,16 @@ class _Planner:
                     "Concatenate data tensors along a feature dimension (dim=1).",
                 )
             return Step("cat", tuple(index[p] for p in parts))
-        if t in ADDS and len(data) == 2 and all(a in index for a in node.args[:2]):
-            broadcast = any(self.shapes[index[a]] != out_shape for a in node.args[:2])
+        terms = [*node.args[:2], *(node.kwargs[k] for k in ("input", "other") if k in node.kwargs)]
+        if t in ADDS and len(data) == 2 and len(terms) == 2 and all(a in index for a in terms):
+            broadcast = any(self.shapes[index[a]] != out_shape for a in terms)
             if node.kwargs.get("alpha", 1) != 1 or broadcast:
                 raise refuse(
                     node,
                     "a sum whose terms broadcast or are scaled by alpha",
                     "Add tensors of the same shape; scale a term before adding.",
                 )
-            return Step("add", (index[node.args[0]], index[node.args[1]]))
+            return Step("add", (index[terms[0]], index[terms[1]]))
         if (t in ADDS or t in SCALES) and len(data) == 1:
             others = [a for a in (*node.args, *node.kwargs.values()) if a is not data[0]]
             scalar = self.const(others[0]) if len(others) == 1 else None
@@ -254,22 +256,41 @@ def _is_static(node: fx.Node) -> bool:
     return node.target in STATIC
 
 
-def _check_in_place(gm: fx.GraphModule, node: fx.Node) -> None:
-    """An op that overwrites its input must be that input's only user."""
-    t = node.target
-    mod = gm.get_submodule(t) if node.op == "call_module" else None
-    in_place = (
-        bool(getattr(mod, "inplace", False))
-        or bool(node.kwargs.get("inplace", False))
-        or (isinstance(t, str) and t.endswith("_") and not t.startswith("_"))
-    )
-    src = node.args[0] if node.args else None
-    if in_place and isinstance(src, fx.Node) and len(src.users) > 1:
+def _check_in_place(node: fx.Node, writes: bool, values: dict[fx.Node, object]) -> None:
+    """An op that writes into a tensor must be the only reader of that memory.
+
+    ``out=`` is refused. An op that overwrites its input (``writes``) must be the only user
+    of it and of every value it is a view of (``h.view(...)``, ``h[:, :k]``, ``nn.Identity``,
+    eval-mode dropout: found by shared storage on the recorded batch), else another branch
+    would read the overwritten values through an alias that its bound does not describe.
+    """
+    if "out" in node.kwargs:
         raise refuse(
             node,
-            "it overwrites its input in place, which other ops also read",
-            "Use the out-of-place form (inplace=False).",
+            "it writes its result into an existing tensor (out=), which other ops may read",
+            "Use the returned value instead of out=.",
         )
+    src = node.args[0] if writes and node.args else None
+    pending = [src] if isinstance(src, fx.Node) else []
+    while pending:
+        n = pending.pop()
+        if len(n.users) > 1:
+            raise refuse(
+                node,
+                f"it overwrites its input in place, and that memory is also read by other "
+                f"ops (through `{n.name}`)",
+                "Use the out-of-place form (inplace=False, or h.relu() for h.relu_()).",
+            )
+        pending += [a for a in n.all_input_nodes if _shares_memory(values.get(n), values.get(a))]
+
+
+def _shares_memory(a: object, b: object) -> bool:
+    """Whether two recorded values are tensors on the same storage (one views the other)."""
+    return (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    )
 
 
 def _layer_tensors(bounds) -> list[torch.Tensor] | None:

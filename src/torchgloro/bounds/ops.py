@@ -50,10 +50,12 @@ RESHAPES: set[Any] = {
     "contiguous", "unsqueeze", "squeeze", "clone",
 }  # fmt: skip
 # Sums of two values: x + y, x - y.
-ADDS: set[Any] = {operator.add, operator.sub, torch.add, torch.sub, "add", "sub"}
+# (In-place forms: the graph checks that nothing else reads the overwritten input.)
+ADDS: set[Any] = {operator.add, operator.sub, torch.add, torch.sub, "add", "sub", "add_", "sub_"}
 # Calls whose results are shapes, not data.
 STATIC: set[Any] = {"size", "dim"}  # and getattr of shape, ndim, dtype, device
-SCALES: set[Any] = {operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div"}
+DIVS: set[Any] = {operator.truediv, torch.div, "div", "div_"}
+SCALES: set[Any] = {operator.mul, torch.mul, "mul", "mul_", *DIVS}
 NEGS: set[Any] = {operator.neg, torch.neg, "neg"}
 CATS: set[Any] = {torch.cat, torch.concat}
 MEANS: set[Any] = {torch.mean, "mean"}
@@ -170,7 +172,7 @@ def scalar_bound(node: fx.Node, scalar: float, data_first: bool, d: int) -> Laye
     if t in ADDS:  # a shift: one rounding, |err| ≤ u(|z| + |c|), and ‖f(0)‖ = |c|·sqrt(d)
         b = round_up(abs(scalar) * math.sqrt(d) * (1 + 1e-12), 4)
         return ConstantBound(1.0, f"{getattr(t, '__name__', t)} {scalar:g}", fp_terms=(1, 1.0, b))
-    if t in (operator.truediv, torch.div, "div"):
+    if t in DIVS:
         if not data_first:
             raise refuse(
                 node,
