@@ -287,6 +287,27 @@ def test_certify_leaves_the_input_of_an_in_place_graph_alone():
         assert torch.equal(x, x0), mode
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        lambda m, x: m.w(x) * m.v.weight.abs().max().item(),
+        lambda m, x: F.leaky_relu(m.w(x), m.v.weight[0, 0].item()),
+        lambda m, x: m.w(x) / m.v.weight[0].tolist()[0],
+    ],
+)
+def test_constants_read_from_the_models_tensors_are_refused(body):
+    """Read once at build, such a constant went stale when training moved the tensor: K
+    stayed at the old scale (x * p.item() with p 1 -> 10: K 10x too small)."""
+    _refused(body, r"parameters or buffers \(`.item\(\)`")
+
+
+def test_shapes_of_the_models_tensors_are_constants():
+    net = _net(lambda m, x: m.w(x) * m.v.weight.shape[0])
+    assert _graph_bound(net, (6,)).sound() == pytest.approx(
+        6 * sound.dense_norm_upper(net.w.weight), rel=1e-9
+    )
+
+
 def test_forward_must_return_a_linear():
     class NoHead(nn.Module):
         def __init__(self) -> None:

@@ -149,6 +149,15 @@ class _Planner:
     def const(self, a: object) -> object:
         """A static argument's value, which must be the same for any batch."""
         if isinstance(a, fx.Node):
+            if _reads_model_tensors(a):
+                raise refuse(
+                    a,
+                    "its value is read from the model's parameters or buffers (`.item()`, "
+                    "`.tolist()`) once, when the bound is built, so the bound would not follow "
+                    "when they change",
+                    "Use a Python constant, or a module with a registered bound for a "
+                    "learned scale.",
+                )
             if not _same(self.va[a], self.vb[a]):
                 raise refuse(
                     a,
@@ -159,6 +168,8 @@ class _Planner:
             return self.va[a]
         if isinstance(a, (list, tuple)):
             return type(a)(self.const(x) for x in a)
+        if isinstance(a, dict):
+            return {k: self.const(v) for k, v in a.items()}
         return a
 
     def layer(self, src: fx.Node, b: LayerBound) -> None:
@@ -247,6 +258,21 @@ def _same(a: object, b: object) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     return type(a) is type(b) and a == b
+
+
+def _reads_model_tensors(node: fx.Node) -> bool:
+    """Whether a static value is computed from the model's parameters or buffers (a shape
+    query on them aside: shapes are fixed, :mod:`torchgloro._structure`)."""
+    seen, pending = set(), [node]
+    while pending:
+        n = pending.pop()
+        if n.op == "get_attr":
+            return True
+        if n in seen or _is_static(n):
+            continue
+        seen.add(n)
+        pending += n.all_input_nodes
+    return False
 
 
 def _is_static(node: fx.Node) -> bool:
