@@ -152,11 +152,11 @@ class _Planner:
             if _reads_model_tensors(a):
                 raise refuse(
                     a,
-                    "its value is read from the model's parameters or buffers (`.item()`, "
-                    "`.tolist()`) once, when the bound is built, so the bound would not follow "
+                    "its value comes from the model's parameters or buffers (a weight passed "
+                    "to a function, `p.item()`), which a bound built once would not follow "
                     "when they change",
-                    "Use a Python constant, or a module with a registered bound for a "
-                    "learned scale.",
+                    "Call the module (self.fc(h), not F.linear(h, self.fc.weight)), or use a "
+                    "Python constant.",
                 )
             if not _same(self.va[a], self.vb[a]):
                 raise refuse(
