@@ -215,6 +215,11 @@ def test_data_dependent_control_flow_is_refused_with_its_line():
         (lambda m, x: m.w(x).view(2, -1)[:, :6], "dimension 0"),
         (lambda m, x: m.w(x) * x.size(0), "depends on the batch size"),
         (lambda m, x: m.w(x).mT.mT, "Cannot bound `getattr`"),
+        # bits reinterpreted: was a 1-Lipschitz reshape (fast mode certified on it)
+        (lambda m, x: m.w(x).view(torch.int32) * 1.0, "reinterprets the bits"),
+        # drops the batch dimension of a batch of 1 (the check runs batches of 2 and 3)
+        (lambda m, x: m.w(x).unsqueeze(1).squeeze(), "squeeze without dims"),
+        (lambda m, x: torch.squeeze(m.w(x).unsqueeze(1), 0).squeeze(1), "squeeze without dims"),
     ],
 )
 def test_ops_without_a_global_bound_are_refused(body, match):

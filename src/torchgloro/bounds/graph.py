@@ -177,6 +177,28 @@ class _Planner:
         self.steps.append(Step("layer", (self.index[src],), len(self.bounds)))
         self.bounds.append(b)
 
+    def check_reshape(self, node: fx.Node, ndim: int) -> None:
+        """Refuses the reshapes that are not one per input on every batch: a view as another
+        dtype (``h.view(torch.int32)`` reinterprets bits), and a squeeze that may drop the
+        batch dimension (``h.squeeze()`` on a batch of 1)."""
+        args = (*node.args[1:], *node.kwargs.values())
+        if any(isinstance(a, torch.dtype) for a in args):
+            raise refuse(
+                node,
+                "a view as another dtype reinterprets the bits, which has no Lipschitz bound",
+                "Convert values with a supported op, or drop the view.",
+            )
+        if node.target in (torch.squeeze, "squeeze"):
+            dims = self.const(args[0]) if args else None
+            dims = (dims,) if isinstance(dims, int) else dims
+            if dims is None or any(d % ndim == 0 for d in dims):
+                raise refuse(
+                    node,
+                    "a squeeze without dims (or of dim 0) also drops the batch dimension of "
+                    "a batch of one input",
+                    "Name the per-sample dims to squeeze, e.g. h.squeeze(2).",
+                )
+
     def dispatch(self, node: fx.Node, data: list[fx.Node], out_shape) -> Step | None:
         """The step of one data node (a layer step is appended through :meth:`layer`)."""
         t, index = node.target, self.index
@@ -230,6 +252,7 @@ class _Planner:
                 "Multiply or divide by constants only (gating x·σ(x) as a whole: use nn.SiLU).",
             )
         if t in RESHAPES and first is data[0]:  # the sizes may come from x.size(0): not read
+            self.check_reshape(node, len(shape) + 1)
             self.layer(first, ConstantBound(1.0, str(getattr(t, "__name__", t))))
             return None
         if len(data) == 1 and first is data[0]:
