@@ -314,6 +314,33 @@ def test_shapes_of_the_models_tensors_are_constants():
     )
 
 
+def _scales_its_weight(m, x):
+    m.w.weight.mul_(3.0)  # under certify's no_grad: each forward triples the weight
+    return m.w(x)
+
+
+def _scales_its_weight_data(m, x):
+    m.w.weight.data.mul_(3.0)
+    return m.w(x)
+
+
+def _writes_its_weight_out(m, x):
+    torch.mul(m.w.weight, 3.0, out=m.w.weight)
+    return m.w(x)
+
+
+@pytest.mark.parametrize(
+    "body", [_scales_its_weight, _scales_its_weight_data, _writes_its_weight_out]
+)
+def test_a_forward_that_writes_the_models_tensors_is_refused(body):
+    """K came from the weights before the forward, the logits from 3x them."""
+    model = _net(body)
+    w = model.w.weight.detach().clone()
+    with pytest.raises(tg.UnsupportedLayerError, match="writes into the model's parameters"):
+        tg.GloroNet(model, 0.1, in_shape=(6,))
+    assert torch.equal(model.w.weight, w)  # refused before the graph ran
+
+
 def test_forward_must_return_a_linear():
     class NoHead(nn.Module):
         def __init__(self) -> None:

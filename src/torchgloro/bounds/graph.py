@@ -111,6 +111,8 @@ class _Planner:
 
     def __init__(self, gm: fx.GraphModule, in_shape: tuple[int, ...], make: Make) -> None:
         self.gm, self.in_shape, self.make = gm, in_shape, make
+        for node in gm.graph.nodes:  # before the graph runs on the model's tensors
+            _check_model_writes(gm, node)
         self.va, self.vb = _record(gm, in_shape, 2), _record(gm, in_shape, 3)
         self.index: dict[fx.Node, int] = {}  # data node -> value index
         self.shapes: dict[int, tuple[int, ...]] = {}  # value index -> per-sample shape
@@ -331,6 +333,23 @@ def _check_in_place(node: fx.Node, writes: bool, values: dict[fx.Node, object]) 
                 "Use the out-of-place form (inplace=False, or h.relu() for h.relu_()).",
             )
         pending += [a for a in n.all_input_nodes if _shares_memory(values.get(n), values.get(a))]
+
+
+def _check_model_writes(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Refuses a forward that writes into the model's parameters or buffers
+    (``self.fc.weight.mul_(2)``): every call would run another network than the bounded one."""
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return
+    written = node.kwargs.get("out")
+    if written is None and writes_in_place(gm, node) and node.args:
+        written = node.args[0]
+    if isinstance(written, fx.Node) and _reads_model_tensors(written):
+        raise refuse(
+            node,
+            "it writes into the model's parameters or buffers, so each forward runs a "
+            "different network than the one bounded",
+            "Change weights outside the forward (then the bounds follow them).",
+        )
 
 
 def _shares_memory(a: object, b: object) -> bool:
