@@ -147,7 +147,7 @@ def function_bound(
     if t in NEGS:
         return ConstantBound(1.0, "neg")  # exact
     if t is operator.getitem:
-        return _getitem(node, args[0])
+        return _getitem(node, args[0], len(shape))
     if t in MEANS:
         return _mean(node, args, kwargs, shape)
     if t is F.dropout or t is torch.dropout:
@@ -187,10 +187,13 @@ def scalar_bound(node: fx.Node, scalar: float, data_first: bool, d: int) -> Laye
     return ConstantBound(c, f"scale {scalar:g}", fp_terms=(1, c, 0.0))
 
 
-def _getitem(node: fx.Node, index: Any) -> LayerBound:
+def _getitem(node: fx.Node, index: Any, ndim: int) -> LayerBound:
+    """``x[index]`` on per-sample values of ``ndim`` dims: dim 0 must stay whole (``x[:, ...]``,
+    or ``x[..., ...]`` whose other entries index at most the ``ndim`` per-sample dims)."""
     idx = index if isinstance(index, tuple) else (index,)
     ok = idx and (idx[0] == slice(None) or idx[0] is Ellipsis)
     ok = ok and all(isinstance(i, (slice, int, type(None), type(Ellipsis))) for i in idx)
+    ok = ok and (idx[0] != Ellipsis or sum(isinstance(i, (slice, int)) for i in idx) <= ndim)
     if not ok:
         raise refuse(
             node,
