@@ -275,7 +275,17 @@ def test_augmented_assignment_runs_as_the_model_does():
     torch.testing.assert_close(net.backbone(x), model(x))
     w, v = sound.dense_norm_upper(model.w.weight), sound.dense_norm_upper(model.v.weight)
     assert net.bounds[0].sound() == pytest.approx((w + v) / 2, rel=1e-9)
-    assert "add_" in net.backbone.code and "mul_" in net.backbone.code
+    assert "+=" in net.backbone.code and "*=" in net.backbone.code
+
+
+def test_augmented_assignment_on_sizes_stays_a_number():
+    def body(m, x):
+        n = x.size(1)
+        n *= 1  # an int at run time: no in-place method
+        return m.w(x).view(x.size(0), n)
+
+    net = tg.GloroNet(_net(body), 0.1, in_shape=(6,))
+    assert net(torch.randn(2, 6)).shape == (2, 4)
 
 
 def test_an_add_with_a_keyword_operand():

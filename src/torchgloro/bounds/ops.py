@@ -51,11 +51,14 @@ RESHAPES: set[Any] = {
 }  # fmt: skip
 # Sums of two values: x + y, x - y.
 # (In-place forms: the graph checks that nothing else reads the overwritten input.)
-ADDS: set[Any] = {operator.add, operator.sub, torch.add, torch.sub, "add", "sub", "add_", "sub_"}
+ADDS: set[Any] = {
+    operator.add, operator.sub, torch.add, torch.sub, "add", "sub", "add_", "sub_",
+    operator.iadd, operator.isub,
+}  # fmt: skip
 # Calls whose results are shapes, not data.
 STATIC: set[Any] = {"size", "dim"}  # and getattr of shape, ndim, dtype, device
-DIVS: set[Any] = {operator.truediv, torch.div, "div", "div_"}
-SCALES: set[Any] = {operator.mul, torch.mul, "mul", "mul_", *DIVS}
+DIVS: set[Any] = {operator.truediv, torch.div, "div", "div_", operator.itruediv}
+SCALES: set[Any] = {operator.mul, torch.mul, "mul", "mul_", operator.imul, *DIVS}
 NEGS: set[Any] = {operator.neg, torch.neg, "neg"}
 CATS: set[Any] = {torch.cat, torch.concat}
 MEANS: set[Any] = {torch.mean, "mean"}

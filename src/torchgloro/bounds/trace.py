@@ -10,6 +10,7 @@ that is certified is exactly the graph that was bounded.
 
 from __future__ import annotations
 
+import operator
 import traceback
 
 from torch import fx, nn
@@ -18,7 +19,7 @@ from torch.nn.utils import parametrize
 from torchgloro._errors import UnsupportedLayerError
 from torchgloro.lipschitz import _REGISTRY
 
-__all__ = ["trace", "node_location", "has_bound", "writes_in_place"]
+__all__ = ["trace", "node_location", "has_bound", "writes_in_place", "AUGMENTED"]
 
 
 def has_bound(module: nn.Module) -> bool:
@@ -29,35 +30,41 @@ def has_bound(module: nn.Module) -> bool:
     return cls in _REGISTRY
 
 
+# ``h += y`` and co. as traced (:class:`_Proxy`): in place on tensors, plain on numbers.
+AUGMENTED = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv})
+
+
 def writes_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Whether ``node`` overwrites its input: an ``inplace=True`` module or argument, or a
-    trailing-underscore method or function (``h.add_(y)``, ``torch.relu_(h)``)."""
+    """Whether ``node`` overwrites its input: an ``inplace=True`` module or argument, a
+    trailing-underscore method or function (``h.add_(y)``, ``torch.relu_(h)``), or ``h += y``."""
     t = node.target
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return False
     if node.op == "call_module":
         return bool(getattr(gm.get_submodule(t), "inplace", False))
     name = t if isinstance(t, str) else getattr(t, "__name__", "")
     in_place = name.endswith("_") and not name.startswith("_")
-    return in_place or bool(node.kwargs.get("inplace", False))
+    return in_place or t in AUGMENTED or bool(node.kwargs.get("inplace", False))
 
 
-def _in_place(method: str):
-    """``h op= y`` as PyTorch runs it: the in-place method ``method``, on ``h`` itself."""
+def _augmented(op):
+    """``h op= y`` as Python runs it (``operator.iadd``: in place on a tensor)."""
 
-    def op(self: fx.Proxy, other: object) -> fx.Proxy:
-        return self.tracer.create_proxy("call_method", method, (self, other), {})
+    def method(self: fx.Proxy, other: object) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
 
-    return op
+    return method
 
 
 class _Proxy(fx.Proxy):
-    """A proxy whose augmented assignments stay in place. ``fx.Proxy`` has no ``__iadd__``,
+    """A proxy whose augmented assignments stay augmented. ``fx.Proxy`` has no ``__iadd__``,
     so ``g += y`` became ``g = g + y``: where ``g`` aliases ``h``, the graph then left ``h``
     unchanged while the model changes it, and the net certified another function."""
 
-    __iadd__ = _in_place("add_")
-    __isub__ = _in_place("sub_")
-    __imul__ = _in_place("mul_")
-    __itruediv__ = _in_place("div_")
+    __iadd__ = _augmented(operator.iadd)
+    __isub__ = _augmented(operator.isub)
+    __imul__ = _augmented(operator.imul)
+    __itruediv__ = _augmented(operator.itruediv)
 
 
 class _Tracer(fx.Tracer):
