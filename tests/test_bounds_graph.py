@@ -217,6 +217,7 @@ def test_data_dependent_control_flow_is_refused_with_its_line():
         (lambda m, x: m.w(x).mT.mT, "Cannot bound `getattr`"),
         # bits reinterpreted: was a 1-Lipschitz reshape (fast mode certified on it)
         (lambda m, x: m.w(x).view(torch.int32) * 1.0, "reinterprets the bits"),
+        (lambda m, x: m.w(x).view(m.v.weight.int().dtype) + 0.0, "reinterprets"),
         # drops the batch dimension of a batch of 1 (the check runs batches of 2 and 3)
         (lambda m, x: m.w(x).unsqueeze(1).squeeze(), "squeeze without dims"),
         (lambda m, x: torch.squeeze(m.w(x).unsqueeze(1), 0).squeeze(1), "squeeze without dims"),

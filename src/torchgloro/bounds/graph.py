@@ -184,7 +184,8 @@ class _Planner:
         dtype (``h.view(torch.int32)`` reinterprets bits), and a squeeze that may drop the
         batch dimension (``h.squeeze()`` on a batch of 1)."""
         args = (*node.args[1:], *node.kwargs.values())
-        if any(isinstance(a, torch.dtype) for a in args):
+        values = [self.va[a] if isinstance(a, fx.Node) else a for a in args]
+        if any(isinstance(v, torch.dtype) for v in values):
             raise refuse(
                 node,
                 "a view as another dtype reinterprets the bits, which has no Lipschitz bound",
@@ -215,7 +216,7 @@ class _Planner:
             return None
         if t in CATS:
             dim = self.const(node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0))
-            parts = node.args[0]
+            parts = node.kwargs.get("tensors", node.args[0] if node.args else ())
             if any(p not in index for p in parts) or dim % (len(out_shape) + 1) == 0:
                 raise refuse(
                     node,
