@@ -248,6 +248,8 @@ def _aliased_iadd(m, x):
         (lambda m, x: [h := m.w(x), _leaky_in_place(h[:, :]), h][2], "overwrites"),
         (lambda m, x: [h := m.w(x), _leaky_in_place(h.contiguous()), h][2], "overwrites"),
         (lambda m, x: [h := m.w(x), _leaky_in_place(F.dropout(h, 0.5, False)), h][2], "overwrites"),
+        # a copy on batches of 2 and 3, a view of h on one input (contiguous there)
+        (lambda m, x: [h := m.w(x), _leaky_in_place(h[:, :3].contiguous()), h][2], "overwrites"),
         (lambda m, x: [h := m.w(x), torch.mul(h, 5.0, out=h), h][2], "out="),
         (lambda m, x: [h := m.w(x), torch.cat([m.v(x)[:, :3]] * 2, 1, out=h), h][2], "out="),
         (_aliased_iadd, "overwrites"),

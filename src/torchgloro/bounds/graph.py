@@ -114,6 +114,7 @@ class _Planner:
         for node in gm.graph.nodes:  # before the graph runs on the model's tensors
             _check_model_writes(gm, node)
         self.va, self.vb = _record(gm, in_shape, 2), _record(gm, in_shape, 3)
+        self._v1: dict[fx.Node, object] | None = None
         self.index: dict[fx.Node, int] = {}  # data node -> value index
         self.shapes: dict[int, tuple[int, ...]] = {}  # value index -> per-sample shape
         self.steps: list[Step] = []
@@ -132,7 +133,8 @@ class _Planner:
             data = [a for a in node.all_input_nodes if a in self.index]
             if node.op in ("get_attr", "output") or not data or _is_static(node):
                 continue
-            _check_in_place(node, writes_in_place(self.gm, node), self.va)
+            if writes_in_place(self.gm, node) or "out" in node.kwargs:
+                _check_in_place(node, (self.va, self.one_input()))
             out_shape = _per_sample(node, self.va[node], self.vb[node])
             step = self.dispatch(node, data, out_shape)
             if step is not None:
@@ -147,6 +149,13 @@ class _Planner:
                 f"it (torch.flatten(h, 1))."
             )
         return self.steps, self.bounds, self.index[src]
+
+    def one_input(self) -> dict[fx.Node, object]:
+        """Every node's value on a batch of one, where aliasing may differ (``h[:, :k]`` is
+        contiguous there, so ``.contiguous()`` returns it): recorded on first need."""
+        if self._v1 is None:
+            self._v1 = _record(self.gm, self.in_shape, 1)
+        return self._v1
 
     def const(self, a: object) -> object:
         """A static argument's value, which must be the same for any batch."""
@@ -308,13 +317,14 @@ def _is_static(node: fx.Node) -> bool:
     return node.target in STATIC
 
 
-def _check_in_place(node: fx.Node, writes: bool, values: dict[fx.Node, object]) -> None:
+def _check_in_place(node: fx.Node, records: tuple[dict, ...]) -> None:
     """An op that writes into a tensor must be the only reader of that memory.
 
-    ``out=`` is refused. An op that overwrites its input (``writes``) must be the only user
+    ``out=`` is refused. An op that overwrites its input must be the only user
     of it and of every value it is a view of (``h.view(...)``, ``h[:, :k]``, ``nn.Identity``,
-    eval-mode dropout: found by shared storage on the recorded batch), else another branch
-    would read the overwritten values through an alias that its bound does not describe.
+    eval-mode dropout: found by shared storage in any of the recorded runs ``records``), else
+    another branch would read the overwritten values through an alias that its bound does
+    not describe.
     """
     if "out" in node.kwargs:
         raise refuse(
@@ -322,7 +332,7 @@ def _check_in_place(node: fx.Node, writes: bool, values: dict[fx.Node, object]) 
             "it writes its result into an existing tensor (out=), which other ops may read",
             "Use the returned value instead of out=.",
         )
-    src = node.args[0] if writes and node.args else None
+    src = node.args[0] if node.args else None
     pending = [src] if isinstance(src, fx.Node) else []
     while pending:
         n = pending.pop()
@@ -333,7 +343,9 @@ def _check_in_place(node: fx.Node, writes: bool, values: dict[fx.Node, object]) 
                 f"ops (through `{n.name}`)",
                 "Use the out-of-place form (inplace=False, or h.relu() for h.relu_()).",
             )
-        pending += [a for a in n.all_input_nodes if _shares_memory(values.get(n), values.get(a))]
+        pending += [
+            a for a in n.all_input_nodes if any(_shares_memory(v.get(n), v.get(a)) for v in records)
+        ]
 
 
 def _check_model_writes(gm: fx.GraphModule, node: fx.Node) -> None:
