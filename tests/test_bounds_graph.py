@@ -216,10 +216,145 @@ def test_data_dependent_control_flow_is_refused_with_its_line():
         (lambda m, x: m.w(x) * x.size(0), "depends on the batch size"),
         (lambda m, x: m.w(x) * m.w(x), "product or quotient"),
         (lambda m, x: m.w(x).mT.mT, "Cannot bound `getattr`"),
+        # bits reinterpreted: was a 1-Lipschitz reshape (fast mode certified on it)
+        (lambda m, x: m.w(x).view(torch.int32) * 1.0, "reinterprets the bits"),
+        (lambda m, x: m.w(x).view(m.v.weight.int().dtype) + 0.0, "reinterprets"),
+        # drops the batch dimension of a batch of 1 (the check runs batches of 2 and 3)
+        (lambda m, x: m.w(x).unsqueeze(1).squeeze(), "squeeze without dims"),
+        (lambda m, x: torch.squeeze(m.w(x).unsqueeze(1), 0).squeeze(1), "squeeze without dims"),
+        # `...` expands to nothing: `:5` sliced the batch (fast mode: 5 certificates for 8 inputs)
+        (lambda m, x: m.w(x)[..., :5, :], "may select across the batch"),
     ],
 )
 def test_ops_without_a_global_bound_are_refused(body, match):
     _refused(body, match)
+
+
+def _leaky_in_place(h):
+    F.leaky_relu(h, 5.0, inplace=True)  # writes 5·h into h's negative entries
+
+
+def _aliased_iadd(m, x):
+    h = m.w(x)
+    g = h
+    g += m.v(x)  # in place in PyTorch: h changes too
+    return h + g
+
+
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        # an in-place op on a view of h overwrites h, which the head then reads
+        (lambda m, x: [h := m.w(x), _leaky_in_place(h.view(x.size(0), -1)), h][2], "overwrites"),
+        (lambda m, x: [h := m.w(x), _leaky_in_place(h[:, :]), h][2], "overwrites"),
+        (lambda m, x: [h := m.w(x), _leaky_in_place(h.contiguous()), h][2], "overwrites"),
+        (lambda m, x: [h := m.w(x), _leaky_in_place(F.dropout(h, 0.5, False)), h][2], "overwrites"),
+        # a copy on batches of 2 and 3, a view of h on one input (contiguous there)
+        (lambda m, x: [h := m.w(x), _leaky_in_place(h[:, :3].contiguous()), h][2], "overwrites"),
+        (lambda m, x: [h := m.w(x), torch.mul(h, 5.0, out=h), h][2], "out="),
+        (lambda m, x: [h := m.w(x), torch.cat([m.v(x)[:, :3]] * 2, 1, out=h), h][2], "out="),
+        (_aliased_iadd, "overwrites"),
+    ],
+)
+def test_writes_through_an_alias_are_refused(body, match):
+    """Each wrote into memory that another branch reads, past the bound: K was 2-5x too small."""
+    with pytest.raises(tg.UnsupportedLayerError, match=match):
+        tg.GloroNet(_net(body), 0.1, in_shape=(6,))
+
+
+def test_augmented_assignment_runs_as_the_model_does():
+    """``h += y`` stays in place in the graph (fx turned it into ``h = h + y``)."""
+
+    def body(m, x):
+        h = m.w(x)
+        h += m.v(x)
+        h *= 2.0
+        h -= 1.0
+        h /= 4.0
+        return h
+
+    model = _net(body).eval()
+    net = tg.GloroNet(model, 0.1, in_shape=(6,))
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(net.backbone(x), model(x))
+    w, v = sound.dense_norm_upper(model.w.weight), sound.dense_norm_upper(model.v.weight)
+    assert net.bounds[0].sound() == pytest.approx((w + v) / 2, rel=1e-9)
+    assert "+=" in net.backbone.code and "*=" in net.backbone.code
+
+
+def test_augmented_assignment_on_sizes_stays_a_number():
+    def body(m, x):
+        n = x.size(1)
+        n *= 1  # an int at run time: no in-place method
+        return m.w(x).view(x.size(0), n)
+
+    net = tg.GloroNet(_net(body), 0.1, in_shape=(6,))
+    assert net(torch.randn(2, 6)).shape == (2, 4)
+
+
+def test_an_add_with_a_keyword_operand():
+    net = _net(lambda m, x: torch.add(m.w(x), other=m.v(x)))
+    w, v = sound.dense_norm_upper(net.w.weight), sound.dense_norm_upper(net.v.weight)
+    assert _graph_bound(net, (6,)).sound() == pytest.approx(w + v, rel=1e-9)
+
+
+def test_certify_leaves_the_input_of_an_in_place_graph_alone():
+    model = _net(lambda m, x: m.w(F.leaky_relu(x, 5.0, inplace=True)))
+    net = tg.GloroNet(model, 0.1, in_shape=(6,))
+    x = -torch.rand(4, 6)
+    x0 = x.clone()
+    for mode in ("fast", "sound"):
+        net.certify(x, mode=mode)
+        assert torch.equal(x, x0), mode
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        lambda m, x: m.w(x) * m.v.weight.abs().max().item(),
+        lambda m, x: F.leaky_relu(m.w(x), m.v.weight[0, 0].item()),
+        lambda m, x: m.w(x) / m.v.weight[0].tolist()[0],
+        lambda m, x: F.linear(m.w(x), m.v.weight),
+    ],
+)
+def test_constants_read_from_the_models_tensors_are_refused(body):
+    """Read once at build, such a constant went stale when training moved the tensor: K
+    stayed at the old scale (x * p.item() with p 1 -> 10: K 10x too small)."""
+    _refused(body, "comes from the model's parameters or buffers")
+
+
+def test_shapes_of_the_models_tensors_are_constants():
+    net = _net(lambda m, x: m.w(x) * m.v.weight.shape[0])
+    assert _graph_bound(net, (6,)).sound() == pytest.approx(
+        6 * sound.dense_norm_upper(net.w.weight), rel=1e-9
+    )
+
+
+def _scales_its_weight(m, x):
+    m.w.weight.mul_(3.0)  # under certify's no_grad: each forward triples the weight
+    return m.w(x)
+
+
+def _scales_its_weight_data(m, x):
+    m.w.weight.data.mul_(3.0)
+    return m.w(x)
+
+
+def _writes_its_weight_out(m, x):
+    torch.mul(m.w.weight, 3.0, out=m.w.weight)
+    return m.w(x)
+
+
+@pytest.mark.parametrize(
+    "body", [_scales_its_weight, _scales_its_weight_data, _writes_its_weight_out]
+)
+def test_a_forward_that_writes_the_models_tensors_is_refused(body):
+    """K came from the weights before the forward, the logits from 3x them."""
+    model = _net(body)
+    w = model.w.weight.detach().clone()
+    with pytest.raises(tg.UnsupportedLayerError, match="writes into the model's parameters"):
+        tg.GloroNet(model, 0.1, in_shape=(6,))
+    assert torch.equal(model.w.weight, w)  # refused before the graph ran
 
 
 def test_forward_must_return_a_linear():

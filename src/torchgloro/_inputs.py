@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from torchgloro._certify import NON_FINITE_INPUT
 from torchgloro._errors import GloroInputError
+from torchgloro.bounds.trace import writes_in_place
 
 __all__ = [
     "check_epsilon",
@@ -83,7 +84,12 @@ def check_one_label_each(x: torch.Tensor, y: torch.Tensor) -> None:
 
 def unshared(x: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
     """``x``, or a copy of it where a layer of ``backbone`` writes its input in place
-    (``nn.ReLU(inplace=True)``): certifying must not change the caller's data."""
+    (``nn.ReLU(inplace=True)``, or in a traced graph ``F.relu(h, inplace=True)``):
+    certifying must not change the caller's data."""
     if any(getattr(m, "inplace", False) for m in backbone.modules()):
+        return x.clone()
+    if isinstance(backbone, fx.GraphModule) and any(
+        writes_in_place(backbone, n) for n in backbone.graph.nodes
+    ):
         return x.clone()
     return x

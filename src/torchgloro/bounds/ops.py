@@ -50,10 +50,15 @@ RESHAPES: set[Any] = {
     "contiguous", "unsqueeze", "squeeze", "clone",
 }  # fmt: skip
 # Sums of two values: x + y, x - y.
-ADDS: set[Any] = {operator.add, operator.sub, torch.add, torch.sub, "add", "sub"}
+# (In-place forms: the graph checks that nothing else reads the overwritten input.)
+ADDS: set[Any] = {
+    operator.add, operator.sub, torch.add, torch.sub, "add", "sub", "add_", "sub_",
+    operator.iadd, operator.isub,
+}  # fmt: skip
 # Calls whose results are shapes, not data.
 STATIC: set[Any] = {"size", "dim"}  # and getattr of shape, ndim, dtype, device
-SCALES: set[Any] = {operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div"}
+DIVS: set[Any] = {operator.truediv, torch.div, "div", "div_", operator.itruediv}
+SCALES: set[Any] = {operator.mul, torch.mul, "mul", "mul_", operator.imul, *DIVS}
 NEGS: set[Any] = {operator.neg, torch.neg, "neg"}
 CATS: set[Any] = {torch.cat, torch.concat}
 MEANS: set[Any] = {torch.mean, "mean"}
@@ -144,7 +149,7 @@ def function_bound(
     if t in NEGS:
         return ConstantBound(1.0, "neg")  # exact
     if t is operator.getitem:
-        return _getitem(node, args[0])
+        return _getitem(node, args[0], len(shape))
     if t in MEANS:
         return _mean(node, args, kwargs, shape)
     if t is F.dropout or t is torch.dropout:
@@ -169,7 +174,7 @@ def scalar_bound(node: fx.Node, scalar: float, data_first: bool, d: int) -> Laye
     if t in ADDS:  # a shift: one rounding, |err| ≤ u(|z| + |c|), and ‖f(0)‖ = |c|·sqrt(d)
         b = round_up(abs(scalar) * math.sqrt(d) * (1 + 1e-12), 4)
         return ConstantBound(1.0, f"{getattr(t, '__name__', t)} {scalar:g}", fp_terms=(1, 1.0, b))
-    if t in (operator.truediv, torch.div, "div"):
+    if t in DIVS:
         if not data_first:
             raise refuse(
                 node,
@@ -184,10 +189,13 @@ def scalar_bound(node: fx.Node, scalar: float, data_first: bool, d: int) -> Laye
     return ConstantBound(c, f"scale {scalar:g}", fp_terms=(1, c, 0.0))
 
 
-def _getitem(node: fx.Node, index: Any) -> LayerBound:
+def _getitem(node: fx.Node, index: Any, ndim: int) -> LayerBound:
+    """``x[index]`` on per-sample values of ``ndim`` dims: dim 0 must stay whole (``x[:, ...]``,
+    or ``x[..., ...]`` whose other entries index at most the ``ndim`` per-sample dims)."""
     idx = index if isinstance(index, tuple) else (index,)
     ok = idx and (idx[0] == slice(None) or idx[0] is Ellipsis)
     ok = ok and all(isinstance(i, (slice, int, type(None), type(Ellipsis))) for i in idx)
+    ok = ok and (idx[0] != Ellipsis or sum(isinstance(i, (slice, int)) for i in idx) <= ndim)
     if not ok:
         raise refuse(
             node,

@@ -29,6 +29,7 @@ from torchgloro.bounds.ops import (
     scalar_bound,
 )
 from torchgloro.bounds.tensor_ops import TensorOperandBound, tensor_operand_ok
+from torchgloro.bounds.trace import writes_in_place
 from torchgloro.lipschitz import ConstantBound, LayerBound
 
 __all__ = ["plan_graph", "head_node", "Make"]
@@ -105,7 +106,10 @@ class _Planner:
 
     def __init__(self, gm: fx.GraphModule, in_shape: tuple[int, ...], make: Make) -> None:
         self.gm, self.in_shape, self.make = gm, in_shape, make
+        for node in gm.graph.nodes:  # before the graph runs on the model's tensors
+            _check_model_writes(gm, node)
         self.va, self.vb = _record(gm, in_shape, 2), _record(gm, in_shape, 3)
+        self._v1: dict[fx.Node, object] | None = None
         self.index: dict[fx.Node, int] = {}  # data node -> value index
         self.shapes: dict[int, tuple[int, ...]] = {}  # value index -> per-sample shape
         self.steps: list[Step] = []
@@ -124,7 +128,8 @@ class _Planner:
             data = [a for a in node.all_input_nodes if a in self.index]
             if node.op in ("get_attr", "output") or not data or _is_static(node):
                 continue
-            _check_in_place(self.gm, node)
+            if writes_in_place(self.gm, node) or "out" in node.kwargs:
+                _check_in_place(node, (self.va, self.one_input()))
             out_shape = _per_sample(node, self.va[node], self.vb[node])
             step = self.dispatch(node, data, out_shape)
             if step is not None:
@@ -140,9 +145,25 @@ class _Planner:
             )
         return self.steps, self.bounds, self.index[src]
 
+    def one_input(self) -> dict[fx.Node, object]:
+        """Every node's value on a batch of one, where aliasing may differ (``h[:, :k]`` is
+        contiguous there, so ``.contiguous()`` returns it): recorded on first need."""
+        if self._v1 is None:
+            self._v1 = _record(self.gm, self.in_shape, 1)
+        return self._v1
+
     def const(self, a: object) -> object:
         """A static argument's value, which must be the same for any batch."""
         if isinstance(a, fx.Node):
+            if _reads_model_tensors(a):
+                raise refuse(
+                    a,
+                    "its value comes from the model's parameters or buffers (a weight passed "
+                    "to a function, `p.item()`), which a bound built once would not follow "
+                    "when they change",
+                    "Call the module (self.fc(h), not F.linear(h, self.fc.weight)), or use a "
+                    "Python constant.",
+                )
             if not _same(self.va[a], self.vb[a]):
                 raise refuse(
                     a,
@@ -153,6 +174,8 @@ class _Planner:
             return self.va[a]
         if isinstance(a, (list, tuple)):
             return type(a)(self.const(x) for x in a)
+        if isinstance(a, dict):
+            return {k: self.const(v) for k, v in a.items()}
         return a
 
     def tensor_operand(self, node: fx.Node, attr: fx.Node, shape, out_shape) -> LayerBound:
@@ -184,6 +207,29 @@ class _Planner:
         self.steps.append(Step("layer", (self.index[src],), len(self.bounds)))
         self.bounds.append(b)
 
+    def check_reshape(self, node: fx.Node, ndim: int) -> None:
+        """Refuses the reshapes that are not one per input on every batch: a view as another
+        dtype (``h.view(torch.int32)`` reinterprets bits), and a squeeze that may drop the
+        batch dimension (``h.squeeze()`` on a batch of 1)."""
+        args = (*node.args[1:], *node.kwargs.values())
+        values = [self.va[a] if isinstance(a, fx.Node) else a for a in args]
+        if any(isinstance(v, torch.dtype) for v in values):
+            raise refuse(
+                node,
+                "a view as another dtype reinterprets the bits, which has no Lipschitz bound",
+                "Convert values with a supported op, or drop the view.",
+            )
+        if node.target in (torch.squeeze, "squeeze"):
+            dims = self.const(args[0]) if args else None
+            dims = (dims,) if isinstance(dims, int) else dims
+            if dims is None or any(d % ndim == 0 for d in dims):
+                raise refuse(
+                    node,
+                    "a squeeze without dims (or of dim 0) also drops the batch dimension of "
+                    "a batch of one input",
+                    "Name the per-sample dims to squeeze, e.g. h.squeeze(2).",
+                )
+
     def dispatch(self, node: fx.Node, data: list[fx.Node], out_shape) -> Step | None:
         """The step of one data node (a layer step is appended through :meth:`layer`)."""
         t, index = node.target, self.index
@@ -198,7 +244,7 @@ class _Planner:
             return None
         if t in CATS:
             dim = self.const(node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0))
-            parts = node.args[0]
+            parts = node.kwargs.get("tensors", node.args[0] if node.args else ())
             if any(p not in index for p in parts) or dim % (len(out_shape) + 1) == 0:
                 raise refuse(
                     node,
@@ -206,7 +252,8 @@ class _Planner:
                     "Concatenate data tensors along a feature dimension (dim=1).",
                 )
             return Step("cat", tuple(index[p] for p in parts))
-        pair = [a for a in node.args[:2] if isinstance(a, fx.Node) and a in index]
+        terms = [*node.args[:2], *(node.kwargs[k] for k in ("input", "other") if k in node.kwargs)]
+        pair = [a for a in terms[:2] if isinstance(a, fx.Node) and a in index]
         if t in SCALES and len(pair) == 2:
             raise refuse(
                 node,
@@ -215,14 +262,14 @@ class _Planner:
                 "Multiply or divide by constants only (gating x·σ(x) as a whole: use nn.SiLU).",
             )
         if t in ADDS and len(pair) == 2:  # (x + x too: one input node, used twice)
-            broadcast = any(self.shapes[index[a]] != out_shape for a in node.args[:2])
+            broadcast = any(self.shapes[index[a]] != out_shape for a in pair)
             if node.kwargs.get("alpha", 1) != 1 or broadcast:
                 raise refuse(
                     node,
                     "a sum whose terms broadcast or are scaled by alpha",
                     "Add tensors of the same shape; scale a term before adding.",
                 )
-            return Step("add", (index[node.args[0]], index[node.args[1]]))
+            return Step("add", (index[pair[0]], index[pair[1]]))
         if (t in ADDS or t in SCALES) and len(data) == 1:
             others = [a for a in (*node.args, *node.kwargs.values()) if a is not data[0]]
             if len(others) == 1 and getattr(others[0], "op", None) == "get_attr":
@@ -240,6 +287,7 @@ class _Planner:
             self.layer(data[0], scalar_bound(node, float(scalar), first is data[0], d))
             return None
         if t in RESHAPES and first is data[0]:  # the sizes may come from x.size(0): not read
+            self.check_reshape(node, len(shape) + 1)
             self.layer(first, ConstantBound(1.0, str(getattr(t, "__name__", t))))
             return None
         if len(data) == 1 and first is data[0]:
@@ -270,6 +318,21 @@ def _same(a: object, b: object) -> bool:
     return type(a) is type(b) and a == b
 
 
+def _reads_model_tensors(node: fx.Node) -> bool:
+    """Whether a static value is computed from the model's parameters or buffers (a shape
+    query on them aside: shapes are fixed, :mod:`torchgloro._structure`)."""
+    seen, pending = set(), [node]
+    while pending:
+        n = pending.pop()
+        if n.op == "get_attr":
+            return True
+        if n in seen or _is_static(n):
+            continue
+        seen.add(n)
+        pending += n.all_input_nodes
+    return False
+
+
 def _is_static(node: fx.Node) -> bool:
     """A shape query on data (``x.size()``, ``x.shape``, ``x.dim()``): no data flows on."""
     if node.target is getattr:
@@ -277,19 +340,58 @@ def _is_static(node: fx.Node) -> bool:
     return node.target in STATIC
 
 
-def _check_in_place(gm: fx.GraphModule, node: fx.Node) -> None:
-    """An op that overwrites its input must be that input's only user."""
-    t = node.target
-    mod = gm.get_submodule(t) if node.op == "call_module" else None
-    in_place = (
-        bool(getattr(mod, "inplace", False))
-        or bool(node.kwargs.get("inplace", False))
-        or (isinstance(t, str) and t.endswith("_") and not t.startswith("_"))
-    )
-    src = node.args[0] if node.args else None
-    if in_place and isinstance(src, fx.Node) and len(src.users) > 1:
+def _check_in_place(node: fx.Node, records: tuple[dict, ...]) -> None:
+    """An op that writes into a tensor must be the only reader of that memory.
+
+    ``out=`` is refused. An op that overwrites its input must be the only user
+    of it and of every value it is a view of (``h.view(...)``, ``h[:, :k]``, ``nn.Identity``,
+    eval-mode dropout: found by shared storage in any of the recorded runs ``records``), else
+    another branch would read the overwritten values through an alias that its bound does
+    not describe.
+    """
+    if "out" in node.kwargs:
         raise refuse(
             node,
-            "it overwrites its input in place, which other ops also read",
-            "Use the out-of-place form (inplace=False).",
+            "it writes its result into an existing tensor (out=), which other ops may read",
+            "Use the returned value instead of out=.",
         )
+    src = node.args[0] if node.args else None
+    pending = [src] if isinstance(src, fx.Node) else []
+    while pending:
+        n = pending.pop()
+        if len(n.users) > 1:
+            raise refuse(
+                node,
+                f"it overwrites its input in place, and that memory is also read by other "
+                f"ops (through `{n.name}`)",
+                "Use the out-of-place form (inplace=False, or h.relu() for h.relu_()).",
+            )
+        pending += [
+            a for a in n.all_input_nodes if any(_shares_memory(v.get(n), v.get(a)) for v in records)
+        ]
+
+
+def _check_model_writes(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Refuses a forward that writes into the model's parameters or buffers
+    (``self.fc.weight.mul_(2)``): every call would run another network than the bounded one."""
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return
+    written = node.kwargs.get("out")
+    if written is None and writes_in_place(gm, node) and node.args:
+        written = node.args[0]
+    if isinstance(written, fx.Node) and _reads_model_tensors(written):
+        raise refuse(
+            node,
+            "it writes into the model's parameters or buffers, so each forward runs a "
+            "different network than the one bounded",
+            "Change weights outside the forward (then the bounds follow them).",
+        )
+
+
+def _shares_memory(a: object, b: object) -> bool:
+    """Whether two recorded values are tensors on the same storage (one views the other)."""
+    return (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    )

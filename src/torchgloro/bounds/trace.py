@@ -10,6 +10,7 @@ that is certified is exactly the graph that was bounded.
 
 from __future__ import annotations
 
+import operator
 import traceback
 
 from torch import fx, nn
@@ -18,7 +19,7 @@ from torch.nn.utils import parametrize
 from torchgloro._errors import UnsupportedLayerError
 from torchgloro.lipschitz import _REGISTRY
 
-__all__ = ["trace", "node_location", "has_bound"]
+__all__ = ["trace", "node_location", "has_bound", "writes_in_place", "AUGMENTED"]
 
 
 def has_bound(module: nn.Module) -> bool:
@@ -29,12 +30,53 @@ def has_bound(module: nn.Module) -> bool:
     return cls in _REGISTRY
 
 
+# ``h += y`` and co. as traced (:class:`_Proxy`): in place on tensors, plain on numbers.
+AUGMENTED = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv})
+
+
+def writes_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` overwrites its input: an ``inplace=True`` module or argument, a
+    trailing-underscore method or function (``h.add_(y)``, ``torch.relu_(h)``), or ``h += y``."""
+    t = node.target
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return False
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(t), "inplace", False))
+    name = t if isinstance(t, str) else getattr(t, "__name__", "")
+    in_place = name.endswith("_") and not name.startswith("_")
+    return in_place or t in AUGMENTED or bool(node.kwargs.get("inplace", False))
+
+
+def _augmented(op):
+    """``h op= y`` as Python runs it (``operator.iadd``: in place on a tensor)."""
+
+    def method(self: fx.Proxy, other: object) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    return method
+
+
+class _Proxy(fx.Proxy):
+    """A proxy whose augmented assignments stay augmented. ``fx.Proxy`` has no ``__iadd__``,
+    so ``g += y`` became ``g = g + y``: where ``g`` aliases ``h``, the graph then left ``h``
+    unchanged while the model changes it, and the net certified another function."""
+
+    __iadd__ = _augmented(operator.iadd)
+    __isub__ = _augmented(operator.isub)
+    __imul__ = _augmented(operator.imul)
+    __itruediv__ = _augmented(operator.itruediv)
+
+
 class _Tracer(fx.Tracer):
-    """Stops at every module with a registered bound; records where each node comes from."""
+    """Stops at every module with a registered bound; records where each node comes from;
+    keeps ``+=``, ``-=``, ``*=``, ``/=`` in place (:class:`_Proxy`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.record_stack_traces = True
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return has_bound(m) or super().is_leaf_module(m, module_qualified_name)
@@ -77,7 +119,9 @@ def node_location(node: fx.Node) -> str:
     frames = [
         (lines[i].strip()[5:], lines[i + 1].strip() if i + 1 < len(lines) else "")
         for i in range(len(lines))
-        if lines[i].strip().startswith("File ") and "/torch/" not in lines[i]
+        if lines[i].strip().startswith("File ")
+        and "/torch/" not in lines[i]
+        and "/torchgloro/bounds/" not in lines[i]
     ]
     if not frames:
         return ""
