@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -136,3 +138,19 @@ def test_bad_inputs_to_the_python_api_are_clear_errors(trained_digits_net):
     for eps in (math.nan, -1.0, 0.0):
         with pytest.raises(tg.GloroInputError, match="epsilon must be a finite number > 0"):
             pgd_l2(net.backbone, x, y, eps, steps=2)
+
+
+def test_each_long_phase_shows_a_bar_with_an_eta(trained_digits_net, capsys):
+    """Found by a user: `gloro evaluate --attack pgd --lower-bounds` printed nothing for
+    minutes. Each phase now has a bar on stderr (elapsed<remaining), off on request."""
+    net, _, test = trained_digits_net
+    x, y = test.x[:40], test.y[:40]
+    small = dict(pgd_steps=3, lower_bounds=True, lb_steps=3, lb_pairs=4, local_steps=3,
+                 local_points=4, batch_size=16)  # fmt: skip
+    evaluate_net(net, x, y, EvalOptions(**small))
+    err = capsys.readouterr().err
+    for phase in ("certify (sound)", "certify (fast)", "PGD", "global lower bound (4 pairs)",
+                  "local lower bound (4 points)"):  # fmt: skip
+        assert re.search(re.escape(phase) + r": .*\d+/\d+ \[\d\d:\d\d<", err), phase  # ETA
+    evaluate_net(net, x, y, EvalOptions(**small, progress=False))
+    assert capsys.readouterr().err == ""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torchgloro._certify import eval_mode
 from torchgloro._errors import GloroInputError
 from torchgloro._inputs import check_epsilon, check_one_label_each
+from torchgloro.evaluate import progress
 
 __all__ = ["PGDResult", "pgd_l2", "random_in_ball", "project_l2", "default_step_size"]
 
@@ -72,7 +73,7 @@ def random_in_ball(
     return z * (radius * u).view(-1, *([1] * (len(shape) - 1)))
 
 
-def _attack_batch(f, x, y, eps, steps, alpha, restarts, random_start, clip, gen):
+def _attack_batch(f, x, y, eps, steps, alpha, restarts, random_start, clip, gen, shown):
     radius = eps * (1 - _BALL_SHRINK)
     lo, hi = clip if clip is not None else (-float("inf"), float("inf"))
     with torch.no_grad():
@@ -108,6 +109,7 @@ def _attack_batch(f, x, y, eps, steps, alpha, restarts, random_start, clip, gen)
                 g = g / _norms(g).clamp_min(1e-12).view(shape)
                 delta = project_l2(delta.detach() + alpha * g, radius)
                 delta = (x + delta).clamp(lo, hi) - x
+            shown.update(len(x))
         with torch.no_grad():
             record(x + delta, f(x + delta))
     return x_best, fooled
@@ -171,7 +173,7 @@ def pgd_l2(
     for p in f.parameters():
         p.requires_grad_(False)
     try:
-        with eval_mode(f):  # restores every submodule's own flag
+        with eval_mode(f), progress.bar("PGD", len(x) * restarts * steps, "point-step") as shown:
             advs, fooled = [], []
             for i in range(0, x.shape[0], batch_size):
                 xb, yb = x[i : i + batch_size], y[i : i + batch_size]
@@ -186,6 +188,7 @@ def pgd_l2(
                     random_start,
                     clip,
                     gen,
+                    shown,
                 )
                 advs.append(a)
                 fooled.append(fo)

@@ -88,6 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cost-repeats", type=_positive_int, default=3, help="timing repeats for --cost"
     )
     parser.add_argument("--no-write", action="store_true", help="print only; write no files")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def options_from_args(args: argparse.Namespace):
@@ -113,6 +114,7 @@ def options_from_args(args: argparse.Namespace):
         local_lr=args.local_lr,
         batch_size=args.batch_size,
         cost_repeats=args.cost_repeats,
+        progress=not args.no_progress,
     )
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from torchgloro._errors import UnsoundBoundError
+from torchgloro.evaluate import progress
 from torchgloro.evaluate.attacks import project_l2, random_in_ball
 
 __all__ = [
@@ -101,32 +102,34 @@ def exact_margin_ratios(f64: torch.nn.Module, x1: torch.Tensor, x2: torch.Tensor
     return val.cpu(), j.cpu(), i.cpu()
 
 
-def _optimize(f, f64, x1, x2, steps, lr, guard, project=None, fixed_j=None):
+def _optimize(f, f64, x1, x2, steps, lr, guard, desc, project=None, fixed_j=None):
     """Adam ascent on the guarded ratio for all pairs at once; returns the exact per-pair
-    best over the tracked best iterates and the final ones."""
+    best over the tracked best iterates and the final ones (``desc`` names its bar)."""
     x1 = x1.detach().clone().requires_grad_(True)
     x2 = x2.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([x1, x2], lr=lr)
     best = torch.full((x1.shape[0],), -1.0, device=x1.device, dtype=x1.dtype)
     b1, b2 = x1.detach().clone(), x2.detach().clone()
     n = x1.shape[0]
-    for _ in range(steps):
-        y = f(torch.cat([x1, x2]))
-        y1, y2 = y[:n], y[n:]
-        j = y1.argmax(1).detach() if fixed_j is None else fixed_j
-        d2 = ((x1 - x2).flatten(1) ** 2).sum(1)
-        obj = (_margins(y1, j) - _margins(y2, j)).abs().amax(1) / torch.sqrt(d2 + guard)
-        with torch.no_grad():
-            better = obj > best
-            best = torch.where(better, obj.detach(), best)
-            b1[better], b2[better] = x1.detach()[better], x2.detach()[better]
-        opt.zero_grad(set_to_none=True)
-        (-obj.sum()).backward()
-        opt.step()
-        if project is not None:
+    with progress.bar(desc, steps) as shown:
+        for _ in range(steps):
+            y = f(torch.cat([x1, x2]))
+            y1, y2 = y[:n], y[n:]
+            j = y1.argmax(1).detach() if fixed_j is None else fixed_j
+            d2 = ((x1 - x2).flatten(1) ** 2).sum(1)
+            obj = (_margins(y1, j) - _margins(y2, j)).abs().amax(1) / torch.sqrt(d2 + guard)
             with torch.no_grad():
-                x1.copy_(project(x1))
-                x2.copy_(project(x2))
+                better = obj > best
+                best = torch.where(better, obj.detach(), best)
+                b1[better], b2[better] = x1.detach()[better], x2.detach()[better]
+            opt.zero_grad(set_to_none=True)
+            (-obj.sum()).backward()
+            opt.step()
+            if project is not None:
+                with torch.no_grad():
+                    x1.copy_(project(x1))
+                    x2.copy_(project(x2))
+            shown.update(1)
     cands = []
     for p, q in ((b1, b2), (x1.detach(), x2.detach())):
         cands.append(exact_margin_ratios(f64, p, q, fixed_j))
@@ -169,7 +172,7 @@ def global_lower_bound(
         noise = 1e-2 * torch.randn(x2.shape, generator=g).to(dev, x2.dtype)
         x2 = torch.where(same.view(-1, *([1] * (x2.dim() - 1))), x2 + noise, x2)
     f32, f64 = _frozen(f)
-    v, j, i = _optimize(f32, f64, x1, x2, steps, lr, guard)
+    v, j, i = _optimize(f32, f64, x1, x2, steps, lr, guard, f"global lower bound ({pairs} pairs)")
     return LowerBound(v, j, i, steps, lr)
 
 
@@ -196,7 +199,8 @@ def local_lower_bound(
     def project(z):
         return x0 + project_l2(z - x0, radius)
 
-    v, jj, i = _optimize(f32, f64, x1, x2, steps, lr, guard, project=project, fixed_j=j)
+    desc = f"local lower bound ({len(x0)} points)"
+    v, jj, i = _optimize(f32, f64, x1, x2, steps, lr, guard, desc, project=project, fixed_j=j)
     return LowerBound(v, jj, i, steps, lr)
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from torchgloro.evaluate import progress
+
 __all__ = [
     "CertResult",
     "certify_batched",
@@ -45,13 +47,15 @@ def certify_batched(net, x: torch.Tensor, epsilon: float, mode: str, batch_size:
         A :class:`CertResult` with CPU tensors.
     """
     preds, certs, radii = [], [], []
-    for i in range(0, x.shape[0], batch_size):
-        # float64 in sound mode: the tightest radii (the curve and histogram use them).
-        prec = "float64" if mode == "sound" else "auto"
-        c = net.certify(x[i : i + batch_size], epsilon=epsilon, mode=mode, precision=prec)
-        preds.append(c.pred.cpu())
-        certs.append(c.certified.cpu())
-        radii.append(c.radius.detach().to(torch.float64).cpu())
+    with progress.bar(f"certify ({mode})", len(x), "point") as shown:
+        for i in range(0, x.shape[0], batch_size):
+            # float64 in sound mode: the tightest radii (the curve and histogram use them).
+            prec = "float64" if mode == "sound" else "auto"
+            c = net.certify(x[i : i + batch_size], epsilon=epsilon, mode=mode, precision=prec)
+            preds.append(c.pred.cpu())
+            certs.append(c.certified.cpu())
+            radii.append(c.radius.detach().to(torch.float64).cpu())
+            shown.update(len(c.pred))
     return CertResult(torch.cat(preds), torch.cat(certs), torch.cat(radii), epsilon, mode)
 
 

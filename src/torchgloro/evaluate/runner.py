@@ -18,7 +18,7 @@ import torch
 
 from torchgloro._errors import ConfigError, GloroError, UnsoundBoundError
 from torchgloro._inputs import check_epsilon, check_one_label_each
-from torchgloro.evaluate import attacks, cost, lower_bounds, metrics
+from torchgloro.evaluate import attacks, cost, lower_bounds, metrics, progress
 from torchgloro.losses import check_labels
 from torchgloro.train._runtime import resolve_device
 
@@ -50,6 +50,7 @@ class EvalOptions:
     batch_size: int = 512
     cost_repeats: int = 3
     curve_points: int = 201
+    progress: bool = True  # bars with an ETA on stderr (torchgloro.evaluate.progress)
     extra: dict = field(default_factory=dict)
 
 
@@ -177,7 +178,8 @@ def _fallback_section(net, x, yc, eps, opts, cs) -> dict:
 
 
 def evaluate_net(net, x: torch.Tensor, y: torch.Tensor, opts: EvalOptions) -> tuple[dict, dict]:
-    """Evaluates ``net`` on ``(x, y)`` (already on the net's device).
+    """Evaluates ``net`` on ``(x, y)`` (already on the net's device), with a progress bar
+    per phase unless ``opts.progress`` is False.
 
     Returns:
         ``(result, arrays)``: the JSON-able result, and CPU tensors for plots
@@ -187,6 +189,11 @@ def evaluate_net(net, x: torch.Tensor, y: torch.Tensor, opts: EvalOptions) -> tu
         UnsoundBoundError: if PGD breaks a soundly certified point, or an empirical lower
             bound exceeds the sound Lipschitz upper bound.
     """
+    with progress.shown(opts.progress):
+        return _evaluate(net, x, y, opts)
+
+
+def _evaluate(net, x: torch.Tensor, y: torch.Tensor, opts: EvalOptions) -> tuple[dict, dict]:
     net.eval()
     if net.is_stale:
         net.refresh()
@@ -208,7 +215,7 @@ def evaluate_net(net, x: torch.Tensor, y: torch.Tensor, opts: EvalOptions) -> tu
         "epsilon": eps,
         "n": int(x.shape[0]),
         "seed": seed,
-        "options": {k: v for k, v in asdict(opts).items() if k not in ("extra",)},
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("extra", "progress")},
         "metrics": {
             "clean_accuracy": metrics.accuracy(pred32, yc),
             "vra_sound": vra_s,
