@@ -112,6 +112,7 @@ class Run:
         self.epoch_t0 = 0.0  # when this process started the current epoch
         self.carried_seconds = 0.0  # the current epoch's time before a resume
         self.lock: RunLock | None = None
+        self.log: MetricsLog | None = None
 
     # -- run folder / resume --
 
@@ -167,7 +168,9 @@ class Run:
             self.run_dir = new_run_dir(cfg)
             self.lock = RunLock(self.run_dir)
             (self.run_dir / "config.toml").write_text(dump_config(cfg))
-        self.log = MetricsLog(self.run_dir, keep_epochs=self.start_epoch) if env.is_main else None
+        self.log = (
+            MetricsLog(self.run_dir, self.start_epoch, cfg.run.tensorboard) if env.is_main else None
+        )
         self.history = list(self.log.rows) if self.log else []
         g, val = cfg.gloro, self.splits.val
         self.say(

@@ -68,6 +68,7 @@ class RunConfig:
     threads: int = 0  # CPU threads for torch (0 = torch's default); small models like 1
     test_every_epoch: bool = False  # also certify the test split after every epoch
     channels_last: bool = False  # 4-d weights channels-last (NHWC): faster convs on CPUs
+    tensorboard: bool = False  # TensorBoard event files in RUN/tensorboard (the extra)
 
 
 @dataclass
@@ -291,6 +292,7 @@ RESUME_OVERRIDABLE = {
     "run.channels_last",  # a memory layout: the same math, rounded by other kernels
     "run.checkpoint_every",
     "run.test_every_epoch",  # which splits are certified after an epoch, not the training
+    "run.tensorboard",
     "run.compile",  # how the same math runs, not what it computes
     "run.compile_mode",
     "run.compile_backend",

@@ -87,6 +87,8 @@ def _train(cfg, env, device, resume, stop_after, progress) -> TrainResult:
     try:
         return _train_open_run(run, cfg, env, device, resume, stop_after, progress)
     finally:
+        if run.log is not None:
+            run.log.close()
         if run.lock is not None:
             run.lock.release()
 

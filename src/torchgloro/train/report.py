@@ -12,6 +12,7 @@ from typing import Any
 
 from torchgloro._errors import CheckpointError
 from torchgloro.io import atomic_write_bytes
+from torchgloro.train._tensorboard import TensorBoardLog
 
 __all__ = [
     "METRICS",
@@ -48,9 +49,12 @@ METRICS = (
 
 
 class MetricsLog:
-    """Appends one row per epoch to ``metrics.csv``, flushed at once."""
+    """Appends one row per epoch to ``metrics.csv``, flushed at once, and with
+    ``tensorboard`` to TensorBoard event files (:mod:`torchgloro.train._tensorboard`)."""
 
-    def __init__(self, run_dir: Path, keep_epochs: int | None = None) -> None:
+    def __init__(
+        self, run_dir: Path, keep_epochs: int | None = None, tensorboard: bool = False
+    ) -> None:
         self.path = Path(run_dir) / METRICS_FILE
         rows = read_metrics(self.path, partial_last=True) if self.path.exists() else []
         if keep_epochs is not None:  # resuming: drop rows written after the checkpoint
@@ -69,12 +73,20 @@ class MetricsLog:
         for r in rows:
             w.writerow(_fmt(r))
         atomic_write_bytes(self.path, text.getvalue().encode())
+        self._tensorboard = TensorBoardLog(run_dir, (keep_epochs or 0) + 1) if tensorboard else None
 
     def append(self, row: dict[str, float]) -> None:
         self.rows.append(dict(row))
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=METRICS).writerow(_fmt(row))
             f.flush()
+        if self._tensorboard is not None:
+            self._tensorboard.append(row)
+
+    def close(self) -> None:
+        """Closes the TensorBoard writer, if any (the CSV is closed after every row)."""
+        if self._tensorboard is not None:
+            self._tensorboard.close()
 
 
 def _fmt(row: dict[str, Any]) -> dict[str, str]:
