@@ -32,8 +32,13 @@ def test_tensorboard_logs_every_epoch_once_across_a_resume(tiny):
     done = train(resume_config(first.run_dir, []), resume=first.run_dir, progress=False)
     s = _scalars(done.run_dir)
     rows = done.history
-    for key, tag in (("val_vra", "vra/val@eps_test"), ("train_loss", "loss/train"),
-                     ("lr", "schedule/lr"), ("lipschitz", "bound/max_K_power_iteration")):  # fmt: skip
+    tags = {
+        "val_vra": "vra/val@eps_test",
+        "train_loss": "loss/train",
+        "lr": "schedule/lr",
+        "lipschitz": "bound/max_K_power_iteration",
+    }
+    for key, tag in tags.items():
         assert [step for step, _ in s[tag]] == [1, 2, 3], tag
         assert [v for _, v in s[tag]] == pytest.approx([r[key] for r in rows], rel=1e-6), tag
     assert "vra/test@eps_test" not in s  # NaN: the test split is not certified per epoch
