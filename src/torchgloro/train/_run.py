@@ -137,13 +137,7 @@ class Run:
             self.start_epoch, self.start_step = ck.epoch, ck.step
             ckpt_io.check_val_indices(ck, self.splits.val_indices, run_dir)
             self.selection, self.last_good = Selection(self.splits, ck.info["best"]), ck.epoch
-            torch.set_rng_state(ck.tensors["rng.torch_cpu"])
-            if device.type == "cuda" and "rng.cuda" in ck.tensors:
-                torch.cuda.set_rng_state(ck.tensors["rng.cuda"], device)
-            self.data_gen.set_state(ck.tensors["rng.data_epoch_start"])
-            own = "rng.augment" if env.rank == 0 else f"rng.augment.r{env.rank}"
-            if own in ck.tensors:  # a rank the checkpoint did not have keeps its fresh seed
-                self.aug_gen.set_state(ck.tensors[own])
+            ckpt_io.restore_rng(ck, self.data_gen, self.aug_gen, env.rank, device)
             if self.start_step and env.is_main:  # partial-epoch sums (all ranks') live on rank 0
                 self.acc.copy_(ck.tensors["state.acc"].to(self.acc))
             if self.start_step:
