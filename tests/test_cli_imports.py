@@ -47,3 +47,11 @@ def test_every_lazy_public_name_resolves(package):
         assert name in dir(mod), name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         mod.nope  # noqa: B018
+
+
+def test_built_in_models_are_registered_without_the_package_importing_them():
+    """The package no longer imports everything at once: liresnet, which registers itself,
+    must still be there for create_model and config validation."""
+    code = "from torchgloro.models import list_models; print(list_models())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "'liresnet'" in out.stdout

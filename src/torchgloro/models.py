@@ -231,3 +231,7 @@ def _plan_factory(plan: list[tuple]) -> ModelFactory:
 
 for _name, _plan in _PLANS.items():
     register_model(_name)(_plan_factory(_plan))
+
+# The registry's other built-in: imported here (not only by the package) so that it is
+# registered however torchgloro is imported (the package resolves its names lazily).
+from torchgloro import liresnet as _liresnet  # noqa: E402, F401

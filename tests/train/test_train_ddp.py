@@ -67,7 +67,7 @@ def test_ddp_gloo_two_processes_match_single(tmp_path):
     for i, (ba, bb) in enumerate(zip(nets[0].bounds, nets[1].bounds)):
         torch.testing.assert_close(ba.estimate(), bb.estimate(), rtol=1e-4, atol=0, msg=str(i))
     # Metrics were reduced over both ranks: the test split is certified as a whole.
-    assert "Test split (300 images)" in proc.stdout
+    assert "test split (300 images)" in proc.stdout
 
 
 def _torchrun(tmp_path, *args):

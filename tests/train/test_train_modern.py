@@ -26,8 +26,10 @@ def mnist_shaped_npz(tmp_path_factory):
 )
 def test_plus_recipes_train_a_step(recipe, options, mnist_shaped_npz, tmp_path):
     cfg = load_config(
-        recipe, [f"data.name=npz:{mnist_shaped_npz}", f"run.out={tmp_path}", "run.batch_size=64"]
-    )
+        recipe,
+        [f"data.name=npz:{mnist_shaped_npz}", "data.val_size=0", f"run.out={tmp_path}",
+         "run.batch_size=64"],
+    )  # fmt: skip
     assert cfg.model.activation == "minmax" and cfg.model.options == options
     res = train(cfg, stop_after=2 / 8, progress=False)  # 2 of the 8 steps of epoch 1
     assert (res.run_dir / "checkpoint.safetensors").is_file()
