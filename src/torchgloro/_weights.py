@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["SELECTION_KEY", "TRAIN_KEY", "WeightsInfo", "describe_weights"]
 
@@ -34,26 +35,36 @@ class WeightsInfo:
 def _json(meta: dict[str, str], key: str) -> dict:
     try:
         value = json.loads(meta[key])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, TypeError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _get(d: dict, key: str, kind: type | tuple[type, ...]) -> Any:
+    """``d[key]`` if it has the JSON type ``kind`` (a model file is untrusted input), else
+    None."""
+    value = d.get(key)
+    return value if isinstance(value, kind) and not isinstance(value, bool) else None
 
 
 def describe_weights(name: str, meta: dict[str, str]) -> WeightsInfo:
     """Describes the weights of the model file ``name`` from its safetensors metadata."""
     chosen, marker = _json(meta, SELECTION_KEY), _json(meta, TRAIN_KEY)
     if chosen:
-        split = chosen.get("split", "test")
+        split = "validation" if _get(chosen, "split", str) == "validation" else "test"
+        eps = _get(chosen, "epsilon", (int, float))
         text = (
-            f"{name}: epoch {chosen.get('epoch')} of {chosen.get('total_epochs')}, the best "
-            f"VRA@{chosen.get('epsilon', 0):g} on the {split} split ({chosen.get('n')} images)"
+            f"{name}: epoch {_get(chosen, 'epoch', int)} of {_get(chosen, 'total_epochs', int)}, "
+            f"the best VRA{'' if eps is None else f'@{eps:g}'} on the {split} split "
+            f"({_get(chosen, 'n', int)} images)"
         )
         if split != "test":
             return WeightsInfo(text)
         return WeightsInfo(f"{text}: picked on the test split, so its test figures are "
                            f"optimistic", True)  # fmt: skip
-    if marker:
-        epoch, step, total = marker.get("epoch"), marker.get("step"), marker.get("total_epochs")
+    epoch, step = _get(marker, "epoch", int), _get(marker, "step", int)
+    if epoch is not None:
+        total = _get(marker, "total_epochs", int)
         if step:
             return WeightsInfo(f"{name}: the weights at epoch {epoch + 1}, step {step} "
                                f"(a stopped run)")  # fmt: skip

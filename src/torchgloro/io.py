@@ -184,7 +184,11 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 
 def load(
-    path: str | os.PathLike, backbone: torch.nn.Module | None = None, map_location: str = "cpu"
+    path: str | os.PathLike,
+    backbone: torch.nn.Module | None = None,
+    map_location: str = "cpu",
+    *,
+    warn: bool = True,
 ) -> GloroNet:
     """Loads a GloRo net saved by :meth:`GloroNet.save` or a ``gloro train`` run folder.
 
@@ -192,6 +196,8 @@ def load(
         path: A ``.safetensors`` file, or a run folder (``best.safetensors`` is preferred).
         backbone: The backbone to load into, for models not built by ``create_model``.
         map_location: Device for the tensors.
+        warn: Warn when the weights were picked on the test split (commands that print
+            ``net.loaded_weights`` themselves pass False).
 
     Returns:
         The net in eval mode, with its frozen Lipschitz constants. ``net.loaded_weights``
@@ -235,7 +241,7 @@ def load(
     if not torch.isnan(net._frozen_k_pen):
         net._frozen_at = net._fingerprint()
     net.loaded_weights = describe_weights(path.name, meta)
-    if net.loaded_weights.picked_on_test:
+    if warn and net.loaded_weights.picked_on_test:
         warnings.warn(f"{path.parent}/{net.loaded_weights.text}.", UserWarning, stacklevel=2)
     return net
 

@@ -131,3 +131,17 @@ def test_epoch_lines_name_each_figures_split_and_epsilon():
     line = epoch_line({**row, "test_clean_acc": 0.9, "test_vra": 0.7, "test_rejection": 0.2},
                       10, 0.3)  # fmt: skip
     assert "test VRA@0.3 0.700" in line
+
+
+def test_weights_descriptions_of_crafted_metadata_do_not_crash():
+    """A model file is untrusted input: fields of the wrong type give a plain description."""
+    from torchgloro._weights import SELECTION_KEY, TRAIN_KEY, describe_weights
+
+    bad = {"epoch": "x", "epsilon": "0.3", "split": 5, "n": [1]}
+    info = describe_weights("best.safetensors", {SELECTION_KEY: json.dumps(bad)})
+    assert info.picked_on_test and "epoch None of None, the best VRA on the test split" in info.text
+    plain = describe_weights("m.safetensors", {TRAIN_KEY: "[1]"})
+    assert plain.text == "m.safetensors: a saved model" and not plain.picked_on_test
+    stopped = {"epoch": 3, "step": 5, "total_epochs": 4}
+    text = describe_weights("checkpoint.safetensors", {TRAIN_KEY: json.dumps(stopped)}).text
+    assert text == "checkpoint.safetensors: the weights at epoch 4, step 5 (a stopped run)"

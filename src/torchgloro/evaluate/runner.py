@@ -272,7 +272,7 @@ def _evaluate(net, x: torch.Tensor, y: torch.Tensor, opts: EvalOptions) -> tuple
 def _load_net(run: Path, dev: torch.device):
     import torchgloro as tg
 
-    return tg.load(run, map_location=str(dev))
+    return tg.load(run, map_location=str(dev), warn=False)  # result["weights"] says it
 
 
 def evaluate_run(

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"No config.toml next to {path}: pass --dataset NAME.")
     root = args.data_dir if args.data_dir is not None else saved.root
     device = str(resolve_device(args.device))
-    net = tg.load(model_file, map_location=device)
+    net = tg.load(model_file, map_location=device, warn=False)  # its weights line says it
     eps = args.epsilon
     if eps is None:
         eps = saved.epsilon_test if saved.epsilon_test is not None else net.epsilon
