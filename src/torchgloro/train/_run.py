@@ -23,6 +23,7 @@ from torchgloro._errors import CheckpointError
 from torchgloro.data import Augment, DeviceBatches
 from torchgloro.train import checkpoint as ckpt_io
 from torchgloro.train import distributed as ddp
+from torchgloro.train._rng import restore_rng, rng_tensors
 from torchgloro.train._runtime import (
     RunLock,
     StopFlag,
@@ -137,7 +138,7 @@ class Run:
             self.start_epoch, self.start_step = ck.epoch, ck.step
             ckpt_io.check_val_indices(ck, self.splits.val_indices, run_dir)
             self.selection, self.last_good = Selection(self.splits, ck.info["best"]), ck.epoch
-            ckpt_io.restore_rng(ck, self.data_gen, self.aug_gen, env.rank, device)
+            restore_rng(ck, self.data_gen, self.aug_gen, env.rank, device)
             if self.start_step and env.is_main:  # partial-epoch sums (all ranks') live on rank 0
                 self.acc.copy_(ck.tensors["state.acc"].to(self.acc))
             if self.start_step:
@@ -194,7 +195,7 @@ class Run:
         opt_tensors, opt_info = ckpt_io.optimizer_tensors(self.optimizer)
         tensors = {
             **opt_tensors,
-            **ckpt_io.rng_tensors(self.data_gen, self.aug_gen, epoch_start_state, self.device),
+            **rng_tensors(self.data_gen, self.aug_gen, epoch_start_state, self.device),
             **{f"rng.augment.r{k}": t for k, t in enumerate(aug_states) if k > 0},
             "state.acc": self.acc if acc_now is None else acc_now,
         }

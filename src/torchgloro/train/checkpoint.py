@@ -36,11 +36,9 @@ __all__ = [
     "restore_model",
     "optimizer_tensors",
     "restore_optimizer",
-    "rng_tensors",
     "check_same_run",
     "arithmetic_changes",
     "check_val_indices",
-    "restore_rng",
     "RESUME_OVERRIDABLE",
 ]
 
@@ -342,32 +340,6 @@ def restore_model(net: GloroNet, ckpt: Checkpoint, path: Path) -> None:
     io.load_state_checked(net, state, path)
     if "state.frozen_k_pen" in ckpt.tensors:
         net._frozen_k_pen.copy_(ckpt.tensors["state.frozen_k_pen"])
-
-
-def rng_tensors(data_gen, aug_gen, data_epoch_start, device) -> dict[str, torch.Tensor]:
-    """RNG states: torch CPU (+ CUDA), the data order and the augmentation generators."""
-    out = {
-        "rng.torch_cpu": torch.get_rng_state(),
-        "rng.data": data_gen.get_state(),
-        "rng.data_epoch_start": data_epoch_start,
-        "rng.augment": aug_gen.get_state(),
-    }
-    if device.type == "cuda":
-        out["rng.cuda"] = torch.cuda.get_rng_state(device)
-    return out
-
-
-def restore_rng(ckpt: Checkpoint, data_gen, aug_gen, rank: int, device) -> None:
-    """Restores what :func:`rng_tensors` saved: the data order from the start of the
-    checkpoint's epoch, and this rank's augmentation stream (a rank the checkpoint did not
-    have keeps its fresh seed)."""
-    torch.set_rng_state(ckpt.tensors["rng.torch_cpu"])
-    if device.type == "cuda" and "rng.cuda" in ckpt.tensors:
-        torch.cuda.set_rng_state(ckpt.tensors["rng.cuda"], device)
-    data_gen.set_state(ckpt.tensors["rng.data_epoch_start"])
-    own = "rng.augment" if rank == 0 else f"rng.augment.r{rank}"
-    if own in ckpt.tensors:
-        aug_gen.set_state(ckpt.tensors[own])
 
 
 def check_val_indices(ckpt: Checkpoint, indices: torch.Tensor, run_dir: Path) -> None:
