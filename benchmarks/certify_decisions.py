@@ -23,7 +23,7 @@ from torchgloro._certify import _may_certify
 from torchgloro.models import create_model
 
 try:
-    from torchgloro._certify import eval_mode
+    from torchgloro._net_attributes import eval_mode
 except ImportError:  # commits before 974baa0, for an A/B against them (PYTHONPATH=old/src)
     eval_mode = None
 

@@ -39,6 +39,7 @@ from torchgloro._fp_env import (  # noqa: F401 - re-exported: the names callers 
     ieee_precision,
     no_autocast,
 )
+from torchgloro._net_attributes import eval_mode
 from torchgloro._weight_cache import HeadRoundoff, SoundState
 from torchgloro.lipschitz import backend_off, flatten_layers
 
@@ -90,23 +91,6 @@ def strict_fp32():
     """
     with ieee_precision(), cudnn_off(), _no_nnpack(), no_autocast():
         yield
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module):
-    """``module`` in eval mode for the enclosed block, then every submodule's flag restored.
-
-    A module tree already wholly in eval mode is left alone: ``Module.train`` walks it and
-    costs about 0.1 ms per call, a percent of a batch's inference on the MNIST nets.
-    """
-    training = [m for m in module.modules() if m.training]
-    if training:
-        module.eval()
-    try:
-        yield
-    finally:
-        for m in training:
-            m.training = True
 
 
 def cudnn_off() -> contextlib.AbstractContextManager:

@@ -23,10 +23,9 @@ import torch
 from torch import nn
 
 from torchgloro import margins
-from torchgloro._certify import eval_mode
 from torchgloro._errors import GloroInputError
 from torchgloro._inputs import check_epsilon, epsilon_tensor, round_up_to_float32
-from torchgloro._net_attributes import apply_keeping_dtypes
+from torchgloro._net_attributes import apply_keeping_dtypes, eval_mode
 from torchgloro.gloro import GloroNet
 
 __all__ = ["DeployedGloroNet", "deploy"]

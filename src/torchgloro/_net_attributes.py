@@ -1,10 +1,12 @@
-"""Attribute plumbing of GloroNet: dtype-keeping casts and read-only settings."""
+"""Attribute plumbing of GloroNet: dtype-keeping casts, fixed settings, eval mode for a block."""
 
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
 
-__all__ = ["apply_keeping_dtypes", "fixed_setting"]
+__all__ = ["apply_keeping_dtypes", "eval_mode", "fixed_setting"]
 
 
 def apply_keeping_dtypes(module: nn.Module, names, fn, *args, **kwargs) -> nn.Module:
@@ -30,3 +32,20 @@ def fixed_setting(name: str, what: str) -> property:
         )
 
     return property(get, refuse, doc=f"{what[0].upper()}{what[1:]} (fixed at construction).")
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """``module`` in eval mode for the enclosed block, then every submodule's flag restored.
+
+    A module tree already wholly in eval mode is left alone: ``Module.train`` walks it and
+    costs about 0.1 ms per call, a percent of a batch's inference on the MNIST nets.
+    """
+    training = [m for m in module.modules() if m.training]
+    if training:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True

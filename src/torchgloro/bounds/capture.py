@@ -10,8 +10,8 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from torchgloro._certify import eval_mode
 from torchgloro._errors import GloroInputError, InputShapeError, UnsupportedLayerError
+from torchgloro._net_attributes import eval_mode
 from torchgloro.bounds.graph import GraphBound
 from torchgloro.bounds.plan import head_node
 from torchgloro.bounds.trace import trace

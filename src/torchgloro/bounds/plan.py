@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import fx, nn
 
-from torchgloro._certify import eval_mode
 from torchgloro._errors import UnsupportedLayerError
+from torchgloro._net_attributes import eval_mode
 from torchgloro.bounds.ops import (
     ADDS,
     CATS,

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from torchgloro._certify import eval_mode
 from torchgloro._errors import GloroInputError
 from torchgloro._inputs import check_epsilon, check_one_label_each
+from torchgloro._net_attributes import eval_mode
 from torchgloro.evaluate import progress
 
 __all__ = ["PGDResult", "pgd_l2", "random_in_ball", "project_l2", "default_step_size"]
