@@ -26,7 +26,7 @@ from benchmarks import _common as C
 from torchgloro import GloroNet, MinMax
 from torchgloro.data import DeviceBatches
 from torchgloro.losses import GloroTrades
-from torchgloro.models import create_model
+from torchgloro.nn.models import create_model
 
 # arch, model options of the -plus recipe, eps_train
 MODELS = [("2c2f", {}, 0.45), ("4c3f", {"lln": True}, 1.75)]

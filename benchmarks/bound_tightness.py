@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torchgloro as tg
 from benchmarks import _common as C
-from torchgloro.lipschitz import ConstantBound
-from torchgloro.models import create_model
+from torchgloro.bounds.registry import ConstantBound
+from torchgloro.nn.models import create_model
 
 
 def _layer_rows(net: tg.GloroNet, iters: int) -> list[dict]:

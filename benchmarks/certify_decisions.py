@@ -20,7 +20,7 @@ import torchgloro as tg
 from benchmarks import _common as C
 from torchgloro import margins
 from torchgloro._certify import _may_certify
-from torchgloro.models import create_model
+from torchgloro.nn.models import create_model
 
 try:
     from torchgloro._net_attributes import eval_mode

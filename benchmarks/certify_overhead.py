@@ -28,7 +28,7 @@ import torchgloro as tg
 import torchgloro.train
 from benchmarks import _common as C
 from torchgloro import GloroNet
-from torchgloro.models import create_model
+from torchgloro.nn.models import create_model
 
 MODELS = [
     ("2c2f", "mnist", (1, 28, 28), 0.3),

@@ -3,7 +3,7 @@
 For every convolution of every registered architecture (at its usual input shape), times
 10 power iterations (``_iterate(10)``: conv + transposed conv + normalisation, one instance)
 with oneDNN on and off, interleaved, and records which was faster next to the choice of
-``torchgloro.lipschitz.small_conv`` (the shape rule the library uses). Also reports, per
+``torchgloro.bounds.registry.small_conv`` (the shape rule the library uses). Also reports, per
 architecture, the power-iteration time per step with the rule against always-oneDNN, and
 for the paper's MNIST/CIFAR models a whole GloRo training step (batch 256) both ways,
 interleaved with standard training of the same backbone. CPU only: on CUDA the oneDNN switch
@@ -19,7 +19,7 @@ import torch
 from benchmarks import _common as C
 from benchmarks.train_overhead import MODELS, Runner
 from torchgloro import GloroNet, create_model
-from torchgloro.lipschitz import PowerIterationBound
+from torchgloro.bounds.registry import PowerIterationBound
 
 ARCHS = [
     ("minicnn", (1, 8, 8), {}),

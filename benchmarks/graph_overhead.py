@@ -25,7 +25,7 @@ from torchgloro import GloroNet
 from torchgloro.bounds import GraphBound
 from torchgloro.data import DeviceBatches
 from torchgloro.losses import GloroTrades
-from torchgloro.models import create_model
+from torchgloro.nn.models import create_model
 
 MODELS = [("2c2f", {}, 0.45), ("4c3f", {"lln": True}, 1.75)]
 VARIANTS = ("sequential", "graph")

@@ -2,7 +2,7 @@
 
 Per-step time of GloRo and standard training (the ``train_overhead`` loop), interleaved,
 for batch sizes 64..1024 at width x1, and for channel/width multipliers 0.5, 1, 2 (2C2F
-built with ``torchgloro.models.build_plan``) at batch 256. The power-iteration cost per
+built with ``torchgloro.nn.models.build_plan``) at batch 256. The power-iteration cost per
 step does not depend on the batch, so GloRo's relative overhead should shrink as the
 batch work grows. Writes a JSON and a plot ``scaling-<device>[-quick].png``.
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from benchmarks import _common as C
 from benchmarks.train_overhead import Runner
-from torchgloro import models
+from torchgloro.nn import models
 
 BATCHES = [64, 128, 256, 512, 1024]
 WIDTHS = [0.5, 1.0, 2.0]

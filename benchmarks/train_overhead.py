@@ -24,7 +24,7 @@ from benchmarks import _common as C
 from torchgloro import GloroNet
 from torchgloro.data import DeviceBatches
 from torchgloro.losses import GloroCrossEntropy
-from torchgloro.models import create_model
+from torchgloro.nn.models import create_model
 
 # arch, data, per-sample shape, power iterations per step (the recipes in configs/), eps_train
 MODELS = [

@@ -17,15 +17,15 @@ from torchgloro._certify import (
     _may_certify,
     _norm_upper,
     _pair_slack,
-    eval_mode,
     strict_fp32,
 )
 from torchgloro._errors import GloroInputError
-from torchgloro._weight_cache import HeadRoundoff
-from torchgloro.layers import Residual
-from torchgloro.lipschitz import flatten_layers
+from torchgloro._net_attributes import eval_mode
+from torchgloro.bounds.registry import flatten_layers
+from torchgloro.bounds.weight_cache import HeadRoundoff
 from torchgloro.local import certify_local
-from torchgloro.models import create_model
+from torchgloro.nn.layers import Residual
+from torchgloro.nn.models import create_model
 
 
 def _allowances(net, x, j=None):

@@ -210,7 +210,7 @@ def test_the_local_error_bound_is_a_float64_upper_bound(p, q, x_norm):
 def test_the_local_bound_never_overwrites_the_callers_input():
     """Issue #30, item 4, for the local fallback's public entry points: a float64 batch went
     through a block with an in-place first layer unchanged only by luck of the copy."""
-    from torchgloro.layers import Residual
+    from torchgloro.nn.layers import Residual
 
     torch.manual_seed(0)
     block = Residual(nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 4)))

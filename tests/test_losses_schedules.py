@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import torchgloro as tg
 from torchgloro import schedules as S
-from torchgloro.activations import group_sort
+from torchgloro.nn.activations import group_sort
 
 
 def test_gloro_cross_entropy_treats_bottom_as_never_correct():

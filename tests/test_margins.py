@@ -100,7 +100,7 @@ def test_gamma_is_infinite_where_highams_bound_stops_holding():
 
     from torchgloro import margins
     from torchgloro._certify import _norm_upper
-    from torchgloro._weight_cache import _terms_fit_float32
+    from torchgloro.bounds.weight_cache import _terms_fit_float32
 
     u32 = margins.UNIT_ROUNDOFF_F32
     assert margins.gamma(3, u32) == pytest.approx(3 * u32 / (1 - 3 * u32))
@@ -119,7 +119,7 @@ def test_proven_norms_cover_squares_lost_to_underflow():
     """Found by a review: a float64 head whose rows differ by 1e-200 got ‖w_0 − w_1‖ = 2e-308
     (the squares underflow), K 1e108 times too small, and a certified radius of 4e57."""
     from torchgloro import margins
-    from torchgloro.lipschitz import linear_fp_terms
+    from torchgloro.bounds.registry import linear_fp_terms
 
     w = torch.tensor([[1e-200, 1e-200], [0.0, 0.0]], dtype=torch.float64)
     exact = 2**0.5 * 1e-200

@@ -11,8 +11,8 @@ from torch import nn
 
 import torchgloro as tg
 from torchgloro._errors import ConfigError, DatasetError
-from torchgloro.activations import GroupSort, MinMax
 from torchgloro.data import get_dataset
+from torchgloro.nn.activations import GroupSort, MinMax
 from torchgloro.train import load_config
 
 

@@ -40,8 +40,8 @@ from torchgloro._fp_env import (  # noqa: F401 - re-exported: the names callers 
     no_autocast,
 )
 from torchgloro._net_attributes import eval_mode
-from torchgloro._weight_cache import HeadRoundoff, SoundState
-from torchgloro.lipschitz import backend_off, flatten_layers
+from torchgloro.bounds.registry import backend_off, flatten_layers
+from torchgloro.bounds.weight_cache import HeadRoundoff, SoundState
 
 
 @dataclass
@@ -94,7 +94,7 @@ def strict_fp32():
 
 
 def cudnn_off() -> contextlib.AbstractContextManager:
-    """cuDNN off for the enclosed block (see :func:`torchgloro.lipschitz.backend_off`)."""
+    """cuDNN off for the enclosed block (see :func:`torchgloro.bounds.registry.backend_off`)."""
     return backend_off(torch.backends.cudnn)
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from torchgloro._errors import CheckpointError, GloroInputError
-from torchgloro.models import create_model
+from torchgloro.nn.models import create_model
 
 __all__ = [
     "FORMAT",

@@ -19,10 +19,10 @@ from torchgloro._cuda_graph import GraphedIterations, graphs_usable
 from torchgloro._errors import GloroError, GloroInputError
 from torchgloro._inputs import check_epsilon, check_input, epsilon_tensor, unshared
 from torchgloro._net_attributes import apply_keeping_dtypes, fixed_setting
-from torchgloro._structure import check_structure, refuse_hooks, state_tensors, structure_of
-from torchgloro._weight_cache import SoundState, WeightsGeneration, build_sound_state
 from torchgloro.bounds.capture import PendingBound, build_bounds, capture, resolve_in_shape
-from torchgloro.lipschitz import ConstantBound
+from torchgloro.bounds.registry import ConstantBound
+from torchgloro.bounds.structure import check_structure, refuse_hooks, state_tensors, structure_of
+from torchgloro.bounds.weight_cache import SoundState, WeightsGeneration, build_sound_state
 
 __all__ = ["GloroNet", "Certificate"]
 
@@ -84,7 +84,7 @@ class GloroNet(nn.Module):
         self.bounds = nn.ModuleList(
             build_bounds(self.backbone, self._in_shape) if shaped else [PendingBound()]
         )
-        self._structure = structure_of(self.backbone)  # what the bounds describe (_structure.py)
+        self._structure = structure_of(self.backbone)  # what the bounds describe (bounds.structure)
         self.num_classes = int(self._head_weight().shape[0])
         self.register_buffer("_epsilon", epsilon_tensor(epsilon))
         # Converged power-iteration value of the penultimate bound, for eval-mode forward.

@@ -23,14 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchgloro import margins, sound
+from torchgloro import margins
 from torchgloro._certify import cudnn_off, float64_safe, ieee_arithmetic, norm_upper64
 from torchgloro._errors import GloroInputError, UnsupportedLayerError
 from torchgloro._inputs import check_epsilon, unshared
-from torchgloro._sound_conv import explicit_matrix
-from torchgloro._sound_linalg import gamma, sigma_max_upper
-from torchgloro.activations import GroupSort
-from torchgloro.lipschitz import flatten_layers
+from torchgloro.bounds import sound
+from torchgloro.bounds.registry import flatten_layers
+from torchgloro.bounds.sound_conv import explicit_matrix
+from torchgloro.bounds.sound_linalg import gamma, sigma_max_upper
+from torchgloro.nn.activations import GroupSort
 
 __all__ = ["certify_local", "local_margin_lipschitz", "EXPLICIT_CONV_LIMIT"]
 

@@ -66,7 +66,7 @@ def gamma(n: int, u: float) -> float:
     The bound |fl(Σ) − Σ| ≤ γ_n·Σ|·| needs n·u < 1; past it the formula turns negative (a
     float32 layer of 2^24 terms made every allowance negative). +inf leaves such points
     undecided, and float32 decisions are not used at all for such nets
-    (``_weight_cache._float32_model_applies``).
+    (``bounds.weight_cache._float32_model_applies``).
     """
     nu = n * u
     return math.inf if nu >= 0.5 else nu / (1 - nu)
@@ -197,7 +197,7 @@ def peak_magnitude_coefficients(
 
     Covers each layer's outputs and, for an affine layer, every partial sum of its dot
     products (≤ (1 + γ_n)(A‖h̃‖ + ‖b‖)). A layer may come as ``(L, terms, peak)``, ``peak``
-    being :meth:`~torchgloro.lipschitz.LayerBound.peak_terms` (or None): values inside the
+    being :meth:`~torchgloro.bounds.registry.LayerBound.peak_terms` (or None): values inside the
     layer beyond that model (a Residual block's inner layers, a pool's window sums). When
     a·‖x‖ + b stays far below the largest float of the evaluation precision, no intermediate
     value overflowed, which the round-off model of :func:`forward_error_coefficients` assumes.

@@ -14,14 +14,14 @@ from torchgloro._errors import GloroInputError, InputShapeError, UnsupportedLaye
 from torchgloro._net_attributes import eval_mode
 from torchgloro.bounds.graph import GraphBound
 from torchgloro.bounds.plan import head_node
-from torchgloro.bounds.trace import trace
-from torchgloro.lipschitz import (
+from torchgloro.bounds.registry import (
     _REGISTRY,
     LayerBound,
     bound_for,
     flatten_layers,
     trace_input_shapes,
 )
+from torchgloro.bounds.trace import trace
 
 __all__ = ["capture", "build_bounds", "resolve_in_shape", "PendingBound", "make_bound"]
 

@@ -20,7 +20,7 @@ import math
 from torch import nn
 
 from torchgloro._errors import UnsupportedLayerError
-from torchgloro.lipschitz import ConstantBound, LayerBound, register_bound
+from torchgloro.bounds.registry import ConstantBound, LayerBound, register_bound
 from torchgloro.margins import round_up
 
 __all__ = ["gelu_max_slope", "silu_max_slope", "SmoothActivationBound"]

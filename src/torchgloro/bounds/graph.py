@@ -17,10 +17,10 @@ import math
 import torch
 from torch import fx, nn
 
-from torchgloro._weight_cache import WeightsGeneration
 from torchgloro.bounds import roundoff
 from torchgloro.bounds.plan import Make, plan_graph
-from torchgloro.lipschitz import ConstantBound, LayerBound
+from torchgloro.bounds.registry import ConstantBound, LayerBound
+from torchgloro.bounds.weight_cache import WeightsGeneration
 from torchgloro.margins import UNDERFLOW_F32, UNDERFLOW_F64, UNIT_ROUNDOFF_F64, round_up
 
 __all__ = ["GraphBound"]

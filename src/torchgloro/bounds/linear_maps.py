@@ -2,7 +2,7 @@
 Conv1d, ConvTranspose2d.
 
 Each is a proven upper bound on the operator norm of the layer's linear part, checked in
-tests/test_bounds_layers.py against the dense Jacobian's norm in float64.
+tests/bounds/test_bounds_layers.py against the dense Jacobian's norm in float64.
 """
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchgloro import sound
 from torchgloro._errors import UnsupportedLayerError
-from torchgloro._sound_linalg import U64, sigma_max_upper
-from torchgloro.lipschitz import (
+from torchgloro.bounds import sound
+from torchgloro.bounds.registry import (
     ConstantBound,
     LayerBound,
     PowerIterationBound,
     linear_fp_terms,
     register_bound,
 )
+from torchgloro.bounds.sound_linalg import U64, sigma_max_upper
 from torchgloro.margins import NORM_UNDERFLOW_F64, round_up
 
 __all__ = ["BatchNormBound", "Conv1dBound", "ConvTranspose2dBound", "adaptive_pool_norm"]

@@ -1,6 +1,6 @@
 """What each node of a traced graph does to Lipschitz bounds: one :class:`Step` per node.
 
-A step is a ``layer`` (one data input through a :class:`~torchgloro.lipschitz.LayerBound`:
+A step is a ``layer`` (one data input through a :class:`~torchgloro.bounds.registry.LayerBound`:
 a registered module, an activation function, a constant scale or shift, a reshape), an
 ``add`` (a sum of branches: bounds add) or a ``cat`` (a concatenation: bounds add in
 squares). Any other use of the data is refused by :func:`refuse`, naming the op, its line
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from torchgloro._errors import UnsupportedLayerError
+from torchgloro.bounds.registry import ConstantBound, LayerBound
 from torchgloro.bounds.trace import node_location
-from torchgloro.lipschitz import ConstantBound, LayerBound
 from torchgloro.margins import round_up
 
 __all__ = ["Step", "refuse", "function_bound", "scalar_bound"]

@@ -28,9 +28,9 @@ from torchgloro.bounds.ops import (
     refuse,
     scalar_bound,
 )
+from torchgloro.bounds.registry import ConstantBound, LayerBound
 from torchgloro.bounds.tensor_ops import TensorOperandBound, tensor_operand_ok
 from torchgloro.bounds.trace import writes_in_place
-from torchgloro.lipschitz import ConstantBound, LayerBound
 
 __all__ = ["plan_graph", "head_node", "Make"]
 
@@ -320,7 +320,7 @@ def _same(a: object, b: object) -> bool:
 
 def _reads_model_tensors(node: fx.Node) -> bool:
     """Whether a static value is computed from the model's parameters or buffers (a shape
-    query on them aside: shapes are fixed, :mod:`torchgloro._structure`)."""
+    query on them aside: shapes are fixed, :mod:`torchgloro.bounds.structure`)."""
     seen, pending = set(), [node]
     while pending:
         n = pending.pop()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from torchgloro._errors import UnsupportedLayerError
-from torchgloro.lipschitz import LayerBound
+from torchgloro.bounds.registry import LayerBound
 from torchgloro.margins import NORM_UNDERFLOW_F64, UNIT_ROUNDOFF_F64, round_up
 
 __all__ = ["TensorOperandBound", "tensor_operand_ok"]

@@ -17,7 +17,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from torchgloro._errors import UnsupportedLayerError
-from torchgloro.lipschitz import _REGISTRY
+from torchgloro.bounds.registry import _REGISTRY
 
 __all__ = ["trace", "node_location", "has_bound", "writes_in_place", "AUGMENTED"]
 

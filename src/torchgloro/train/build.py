@@ -17,7 +17,7 @@ from torchgloro._errors import ConfigError
 from torchgloro.data import Split, get_dataset
 from torchgloro.gloro import GloroNet
 from torchgloro.losses import GloroCrossEntropy, GloroEMMA, GloroHinge, GloroTrades
-from torchgloro.models import create_model
+from torchgloro.nn.models import create_model
 from torchgloro.train import distributed as ddp
 from torchgloro.train.config import TrainConfig
 

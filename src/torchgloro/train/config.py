@@ -140,7 +140,7 @@ class TrainConfig:
         from torchgloro import schedules
         from torchgloro._errors import GloroInputError
         from torchgloro.losses import GloroTrades
-        from torchgloro.models import ACTIVATIONS, check_model_options, list_models
+        from torchgloro.nn.models import ACTIVATIONS, check_model_options, list_models
         from torchgloro.train.build import LOSSES, OPTIMIZERS, parse_lr
 
         def choice(key: str, value: str, options) -> None:

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import torchgloro as tg
-import torchgloro.liresnet  # noqa: F401  (registers "liresnet")
-from torchgloro.layers import LiResBlock, LLNLinear
+import torchgloro.nn.liresnet  # noqa: F401  (registers "liresnet")
 from torchgloro.losses import GloroEMMA
+from torchgloro.nn.layers import LiResBlock, LLNLinear
 
 SHAPE = (3, 16, 16)
 SMALL = (3, 8, 8)  # for the cheaper checks: sound bounds of 8-channel 8×8 maps are fast

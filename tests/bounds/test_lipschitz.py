@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchgloro as tg
-from torchgloro.lipschitz import bound_for, flatten_layers
+from torchgloro.bounds import registry
+from torchgloro.bounds.registry import bound_for, flatten_layers
 
 
 def explicit_operator(fn, in_shape):
@@ -233,7 +234,7 @@ def test_small_conv_rule_and_global_flag_restored():
     net(torch.rand(2, 1, 28, 28)).sum().backward()
     assert torch.backends.mkldnn.enabled == before
     with pytest.raises(RuntimeError):  # restored on errors too
-        with tg.lipschitz._without_onednn():
+        with registry._without_onednn():
             assert not torch.backends.mkldnn.enabled
             raise RuntimeError
     assert torch.backends.mkldnn.enabled == before

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from torchgloro import margins, sound
+from torchgloro import margins
 from torchgloro._errors import UnsupportedLayerError
-from torchgloro.lipschitz import LayerBound, linear_fp_terms
+from torchgloro.bounds import sound
+from torchgloro.bounds.registry import LayerBound, linear_fp_terms
 
 
 class WeightsGeneration:

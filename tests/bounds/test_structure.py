@@ -1,4 +1,4 @@
-"""A GloroNet certifies only the network its bounds were built for (torchgloro._structure).
+"""A GloroNet certifies only the network its bounds were built for (torchgloro.bounds.structure).
 
 Each case below certified points of another network before the check: the bounds (and
 the proven caches) described the backbone as it was when the GloroNet was built.

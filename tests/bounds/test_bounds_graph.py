@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchgloro as tg
-from torchgloro import sound
-from torchgloro.bounds import GraphBound
+from torchgloro.bounds import GraphBound, sound
 from torchgloro.bounds.capture import capture, make_bound
 
 

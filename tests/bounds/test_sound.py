@@ -1,4 +1,4 @@
-"""Tests for torchgloro.sound: every bound must be >= the exact norm and tight."""
+"""Tests for torchgloro.bounds.sound: every bound must be >= the exact norm and tight."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchgloro._errors import GloroInputError
-from torchgloro.activations import MinMax
-from torchgloro.sound import (
+from torchgloro.bounds.sound import (
     avgpool2d_norm,
     conv2d_norm_upper,
     dense_norm_upper,
@@ -26,6 +25,7 @@ from torchgloro.sound import (
     round_up,
     space_to_depth,
 )
+from torchgloro.nn.activations import MinMax
 
 D = torch.float64
 
@@ -365,7 +365,7 @@ def _reference_longdouble(layers, x: torch.Tensor) -> np.ndarray:
 
 def _slack_coefficients(layers, in_shape, unit_roundoff):
     """(p, q) with ‖fl(f(x)) − f(x)‖₂ ≤ p‖x‖₂ + q, from the GloRo bound registry."""
-    from torchgloro.lipschitz import bound_for, linear_fp_terms, trace_input_shapes
+    from torchgloro.bounds.registry import bound_for, linear_fp_terms, trace_input_shapes
     from torchgloro.margins import forward_error_coefficients
 
     shapes = trace_input_shapes(layers, in_shape)
@@ -425,7 +425,7 @@ def test_lanczos_candidate_keeps_the_verified_bound_tight_on_flat_spectra():
     # Trained Lipschitz layers have many singular values near the top. A Lanczos estimate
     # stopped early (60 iterations) sits below λ_max, and the verification then widens its
     # shift: the proven bound ends up ~5e-5 high here (and 0.2% on a trained 4C3F layer).
-    from torchgloro._sound_linalg import lanczos_top, lmax_upper
+    from torchgloro.bounds.sound_linalg import lanczos_top, lmax_upper
 
     n = 600
     gen = torch.Generator().manual_seed(1)

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 import torchgloro as tg
-from torchgloro.layers import (
+from torchgloro.bounds.registry import bound_for, supported_layers
+from torchgloro.margins import forward_error_coefficients
+from torchgloro.nn.layers import (
     LiResBlock,
     LiResBlockBound,
     LLNLinear,
@@ -17,8 +19,6 @@ from torchgloro.layers import (
     Residual,
     ResidualBound,
 )
-from torchgloro.lipschitz import bound_for, supported_layers
-from torchgloro.margins import forward_error_coefficients
 
 
 def _max_ratio(f, in_shape, n=64, scale=1.0, dtype=torch.float64):

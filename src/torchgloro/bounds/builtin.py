@@ -1,7 +1,7 @@
 """Bounds of the built-in layers: dense, convolution, activations, padding and pooling.
 
-Each is registered with :func:`torchgloro.lipschitz.register_bound` on import;
-``torchgloro.lipschitz`` imports this module, so every built-in layer is known as soon as
+Each is registered with :func:`torchgloro.bounds.registry.register_bound` on import;
+``torchgloro.bounds.registry`` imports this module, so every built-in layer is known as soon as
 the registry is.
 """
 
@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchgloro import sound
 from torchgloro._errors import UnsupportedLayerError
-from torchgloro.activations import GroupSort, MinMax
-from torchgloro.lipschitz import (
+from torchgloro.bounds import sound
+from torchgloro.bounds.registry import (
     ConstantBound,
     LayerBound,
     PowerIterationBound,
@@ -24,6 +23,7 @@ from torchgloro.lipschitz import (
     register_bound,
     small_conv,
 )
+from torchgloro.nn.activations import GroupSort, MinMax
 
 
 class DenseBound(PowerIterationBound):

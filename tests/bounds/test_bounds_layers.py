@@ -143,7 +143,7 @@ class _Scale(nn.Module):
 @pytest.fixture
 def registered_scale():
     """Registers a user's bound for ``_Scale`` for one test (exactness claimed by a flag)."""
-    from torchgloro.lipschitz import _REGISTRY, ConstantBound
+    from torchgloro.bounds.registry import _REGISTRY, ConstantBound
 
     claim = {"exact": True}
 

@@ -9,7 +9,7 @@ Pipeline (each step proven in docs/soundness.md):
 4. zero padding on a finite input → the operator is a compression (rows/columns subset) of a
    circular correlation on an ``N_h × N_w`` torus, whose norm is exactly
    ``max_{f,g} σ_max(K̂(f, g))`` over the DFT grid (Sedghi, Gupta & Long, ICLR 2019);
-5. each ``σ_max`` is verified by Cholesky (``_sound_linalg``); DFT round-off is bounded
+5. each ``σ_max`` is verified by Cholesky (``sound_linalg``); DFT round-off is bounded
    explicitly.
 
 For operators small enough to materialize, the exact matrix is also built and its norm
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from torchgloro._errors import GloroInputError
-from torchgloro._sound_linalg import U64, gamma, lanczos_top, lmax_upper, sigma_max_upper
+from torchgloro.bounds.sound_linalg import U64, gamma, lanczos_top, lmax_upper, sigma_max_upper
 
 Pad4 = tuple[int, int, int, int]
 
@@ -322,7 +322,7 @@ def conv_bound(
     groups: int,
     method: str = "auto",
 ) -> float:
-    """Core of :func:`torchgloro.sound.conv2d_norm_upper` (arguments already normalized)."""
+    """Core of :func:`torchgloro.bounds.sound.conv2d_norm_upper` (arguments already normalized)."""
     w = weight.detach().to(torch.float64).cpu()
     co, cig, kh, kw = w.shape
     left, right, top, bottom = pad
