@@ -76,7 +76,6 @@ print("ok")
     [
         ("torchgloro.lipschitz", "torchgloro.bounds.registry", ["register_bound", "LayerBound"]),
         ("torchgloro.sound", "torchgloro.bounds.sound", ["dense_norm_upper", "conv2d_norm_upper"]),
-        ("torchgloro.layers", "torchgloro.nn.layers", ["LiResBlock", "LLNLinearBound"]),
         ("torchgloro.activations", "torchgloro.nn.activations", ["MinMax", "group_sort"]),
         ("torchgloro.models", "torchgloro.nn.models", ["create_model", "register_model"]),
         ("torchgloro.liresnet", "torchgloro.nn.liresnet", ["liresnet"]),
@@ -86,5 +85,17 @@ def test_moved_modules_keep_their_old_paths(old, new, names):
     """Each module that moved into bounds/ or nn/ imports under its old path, first in a fresh
     interpreter (the import order that could close a cycle), as the very same module."""
     code = _MOVED.format(old=old, new=new, names=names)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
+
+
+def test_the_old_layers_module_holds_the_layers_and_their_bounds():
+    """torchgloro.layers held both; they now live in nn.layers and bounds.nn_layers."""
+    code = (
+        "import torchgloro.layers as old, torchgloro.nn.layers as nn\n"
+        "import torchgloro.bounds.nn_layers as b\n"
+        "assert old.LiResBlock is nn.LiResBlock and old.LLNLinearBound is b.LLNLinearBound\n"
+        "assert set(old.__all__) == set(nn.__all__) | set(b.__all__); print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"

@@ -1,10 +1,10 @@
-"""Moved to :mod:`torchgloro.nn.layers` (LiResBlock, Residual, LLNLinear).
-
-The old path stays importable as the very same module object, so every name works as before.
+"""Moved: the layers to :mod:`torchgloro.nn.layers`, their bounds to
+:mod:`torchgloro.bounds.nn_layers`. Every name of the old module is here, from its new home.
 """
 
-import sys
+from torchgloro.bounds.nn_layers import *  # noqa: F403
+from torchgloro.bounds.nn_layers import __all__ as _bounds
+from torchgloro.nn.layers import *  # noqa: F403
+from torchgloro.nn.layers import __all__ as _layers
 
-from torchgloro.nn import layers
-
-sys.modules[__name__] = layers
+__all__ = [*_layers, *_bounds]

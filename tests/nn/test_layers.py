@@ -9,16 +9,10 @@ import torch
 from torch import nn
 
 import torchgloro as tg
+from torchgloro.bounds.nn_layers import LiResBlockBound, LLNLinearBound, ResidualBound
 from torchgloro.bounds.registry import bound_for, supported_layers
 from torchgloro.margins import forward_error_coefficients
-from torchgloro.nn.layers import (
-    LiResBlock,
-    LiResBlockBound,
-    LLNLinear,
-    LLNLinearBound,
-    Residual,
-    ResidualBound,
-)
+from torchgloro.nn.layers import LiResBlock, LLNLinear, Residual
 
 
 def _max_ratio(f, in_shape, n=64, scale=1.0, dtype=torch.float64):

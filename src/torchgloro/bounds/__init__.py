@@ -6,7 +6,8 @@ What lives here, and why each belongs to the engine:
   the registry (``register_bound``) that maps a layer type to its bound.
 * :mod:`~torchgloro.bounds.builtin`: the paper's layers (Linear, Conv2d, pooling, padding,
   MinMax/GroupSort); :mod:`~torchgloro.bounds.elementwise` (activations, dropout) and
-  :mod:`~torchgloro.bounds.linear_maps` (BatchNorm, adaptive pooling, Conv1d, ...): the rest.
+  :mod:`~torchgloro.bounds.linear_maps` (BatchNorm, adaptive pooling, Conv1d, ...) and
+  :mod:`~torchgloro.bounds.nn_layers` (the layers of :mod:`torchgloro.nn`): the rest.
   Importing this package registers all of them.
 * :mod:`~torchgloro.bounds.sound`, :mod:`~torchgloro.bounds.sound_linalg`,
   :mod:`~torchgloro.bounds.sound_conv`: the sound linear algebra, proven upper bounds on
@@ -25,8 +26,8 @@ The layers themselves live in :mod:`torchgloro.nn`; ``GloroNet`` and certificati
 use this engine, at the top level.
 """
 
-from torchgloro.bounds import elementwise, linear_maps
+from torchgloro.bounds import elementwise, linear_maps, nn_layers
 from torchgloro.bounds.graph import GraphBound
 from torchgloro.bounds.trace import trace
 
-__all__ = ["GraphBound", "trace", "elementwise", "linear_maps"]
+__all__ = ["GraphBound", "trace", "elementwise", "linear_maps", "nn_layers"]

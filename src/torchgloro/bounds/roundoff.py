@@ -113,7 +113,8 @@ def as_layer_terms(out: ValueBounds, unit_roundoff: float) -> tuple[int, float, 
 
     With ``err ≤ p‖x‖ + q`` and ``norm ≤ L‖x‖ + B`` at the graph's output, the chain model's
     ``e' ≤ γ₁(A(N + e) + b) + L·e`` and ``N' ≤ L·N + b`` hold for ``A = p/γ₁`` and
-    ``b = max(B, q/γ₁)`` (γ₁ = u/(1 − u)), as for :class:`torchgloro.nn.layers.ResidualBound`.
+    ``b = max(B, q/γ₁)`` (γ₁ = u/(1 − u)), as for
+    :class:`torchgloro.bounds.nn_layers.ResidualBound`.
     """
     gamma1 = unit_roundoff / (1 - unit_roundoff)
     p, q = out.err
