@@ -166,3 +166,34 @@ def test_a_users_bound_that_claims_exact_arithmetic_is_checked(registered_scale)
     registered_scale["exact"] = False  # with its round-off terms it is accepted
     k = net(3.0).lipschitz_constant()
     assert torch.isfinite(k).all()
+
+
+class _Gain(nn.Module):
+    """A user's module with an extra argument: its registered bound is for gain 1."""
+
+    def forward(self, x, gain=1.0):
+        return gain * x
+
+
+class _GainModel(nn.Module):
+    def __init__(self, gain: float | None) -> None:
+        super().__init__()
+        self.a, self.g, self.fc, self.gain = nn.Linear(3, 3), _Gain(), nn.Linear(3, 2), gain
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.fc(self.g(h) if self.gain is None else self.g(h, self.gain))
+
+
+def test_a_registered_module_called_with_extra_arguments_is_refused():
+    """Found by the graph-capture review: g(h, 10.0) got the bound registered for g(h)."""
+    from torchgloro.bounds.registry import _REGISTRY, ConstantBound
+
+    tg.register_bound(_Gain)(lambda m, s: ConstantBound(1.0, "Gain", fp_terms=(1, 1.0, 0.0)))
+    try:
+        with pytest.raises(tg.UnsupportedLayerError, match="arguments besides its input"):
+            tg.GloroNet(_GainModel(10.0), 0.1)
+        net = tg.GloroNet(_GainModel(None), 0.1)  # called on its input alone: bounded
+        assert torch.isfinite(net.lipschitz_constant()).all()
+    finally:
+        del _REGISTRY[_Gain]

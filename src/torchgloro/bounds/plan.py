@@ -240,6 +240,13 @@ class _Planner:
                 raise refuse(
                     node, "a module called on several data inputs", "Call it on one tensor."
                 )
+            if len(node.args) > 1 or node.kwargs:  # its bound is for module(x) alone
+                raise refuse(
+                    node,
+                    "a module called with arguments besides its input, which its bound "
+                    "(of module(x)) does not describe",
+                    "Call the module on its input alone; fix other settings when building it.",
+                )
             self.layer(first, self.make(self.gm.get_submodule(t), shape))
             return None
         if t in CATS:
