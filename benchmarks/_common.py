@@ -164,6 +164,16 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
+def train_steps(net, opt, loss_fn, batches, n: int) -> None:
+    """``n`` plain optimizer steps of ``loss_fn(net(x), y)`` on the next batches."""
+    for _ in range(n):
+        x, y = next(batches)
+        loss = loss_fn(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
 def endless(batches):
     """Yields from ``batches`` forever, starting a new pass (a new shuffle) when one ends."""
     while True:

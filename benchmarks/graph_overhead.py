@@ -60,12 +60,7 @@ class Stepper:
 
     def steps(self, n: int) -> None:
         self.net.train()
-        for _ in range(n):
-            x, y = next(self._it)
-            loss = self.loss_fn(self.net(x), y)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+        C.train_steps(self.net, self.opt, self.loss_fn, self._it, n)
 
 
 def run_model(arch, options, eps, args, device) -> dict:
