@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of issues 7 and 8 in one call of the device tool (inside its 10-minute limit).
+# Every GPU check of issues 7, 8, 28 and 31 in one call of the device tool (inside its 10-minute limit).
 #
 # Prepare once, here (both folders are git-ignored):
 #   mkdir -p .devdata && cp -r ../shared/data/mnist .devdata/
@@ -7,6 +7,10 @@
 #       --implementation cp --platform manylinux2014_x86_64 -d .whl tomli-w==1.2.0
 # Then: run(command="GIT_COMMIT=<git rev-parse HEAD here> bash benchmarks/device_checks.sh",
 #           carry=[".devdata", ".whl"], timeout_s=600)
+# CIFAR-10 (issue 28) first goes over in parts, in calls made back to back (the machine goes
+# back after ~30 s idle): `python -m benchmarks.device_stage split ~/data/cifar10/cifar10.npz
+# .devcifar` prints one run(...) per part; then this script with RECIPES="cifar10-6c2f-gloro"
+# (or a returned run folder carried under .devdata/ to resume it).
 #
 # Phases, all under one deadline (BUDGET seconds, default 540):
 #   A. the full recipes in RECIPES, side by side on the one GPU, with the CUDA tests beside
@@ -25,13 +29,18 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
 MNIST=${MNIST:-.devdata/mnist}
+# CIFAR-10 does not fit in one call: carry it in parts first (python -m benchmarks.device_stage
+# split ~/data/cifar10/cifar10.npz .devcifar prints the calls); this script joins them.
+CIFAR=${CIFAR:-.devcifar/cifar10.npz}
 BUDGET=${BUDGET:-540}
 TIMING_EPOCHS=${TIMING_EPOCHS:-20}
 # Recipes to train, or run folders (carried in, e.g. under .devdata/) to resume. Measured on an
 # H100 (2026-11-26): a 4C3F recipe takes about 1.7 s/epoch alone and 2.7 s/epoch with three
 # side by side, so one call finishes at most one 300-epoch 4C3F recipe; resume the others.
 # Separated by ';'; a recipe may carry its own flags after a '|':
-# RECIPES="mnist-4c3f-plus|--epochs 300;mnist-4c3f-gloro-t".
+# RECIPES="mnist-4c3f-plus|--epochs 300;mnist-4c3f-gloro-t". A cifar10-* recipe (or run
+# folder) reads $CIFAR: RECIPES="cifar10-6c2f-gloro;cifar10-6c2f-gloro-t" (800 epochs each,
+# about 1-2 s/epoch expected on an H100: several calls, each resuming the folders it returned).
 RECIPES=${RECIPES:-"mnist-4c3f-plus"}
 # Seconds kept after training for evaluation, timing and packing; lower it (e.g. 45) when
 # every run is to be resumed elsewhere rather than evaluated here.
@@ -60,6 +69,15 @@ fi
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 work=$(mktemp -d) && mkdir -p "$work/bench" "$work/runs"
 gloro=(python3 -m torchgloro.cli)
+if compgen -G "$(dirname "$CIFAR")/*.manifest.json" >/dev/null; then
+    python3 -m benchmarks.device_stage join "$(dirname "$CIFAR")" || exit 1
+fi
+data_for() {  # the --data-dir of a recipe (or run folder) name, and its label in records
+    case "$(basename "$1")" in
+    cifar10-*) [ -f "$CIFAR" ] && echo "$CIFAR CIFAR10_NPZ" || echo "MISSING CIFAR10_NPZ" ;;
+    *) echo "$MNIST MNIST" ;;
+    esac
+}
 
 if [ "${CPU_SUITE:-0}" = 1 ]; then
     # Issue 33: the CPU suite on this machine's CPUs, whose flags (AMX, AVX512-BF16) differ
@@ -75,12 +93,15 @@ train_end=$((T0 + BUDGET - TRAIN_RESERVE))
 job() {  # job RECIPE[|FLAGS], or job PATH/TO/RUN_FOLDER (carried in): resume it
     local r=${1%%|*} run cmd extra=()
     [[ "$1" == *"|"* ]] && read -ra extra <<<"${1#*|}"
+    local data label
+    read -r data label <<<"$(data_for "$r")"
+    [ "$data" != MISSING ] || { echo "$r: $CIFAR is not here: carry it first (device_stage)"; return; }
     if [ -d "$1" ]; then
         cp -r "$1" "$work/runs/" && run="$work/runs/$(basename "$1")"
         r=$(basename "$1" | sed 's/-[0-9]\{8\}-[0-9]\{6\}$//')
-        cmd=("${gloro[@]}" train --resume "$run" --device "$DEVICE" --data-dir "$MNIST" --no-progress)
+        cmd=("${gloro[@]}" train --resume "$run" --device "$DEVICE" --data-dir "$data" --no-progress)
     else
-        cmd=("${gloro[@]}" train "$r" --device "$DEVICE" --data-dir "$MNIST" --out "$work/runs" --no-progress "${TRAIN_ARGS[@]}" "${extra[@]}")
+        cmd=("${gloro[@]}" train "$r" --device "$DEVICE" --data-dir "$data" --out "$work/runs" --no-progress "${TRAIN_ARGS[@]}" "${extra[@]}")
     fi
     local log="$work/$r.train.log"
     local t=$((train_end - $(date +%s)))
@@ -94,10 +115,10 @@ job() {  # job RECIPE[|FLAGS], or job PATH/TO/RUN_FOLDER (carried in): resume it
         return
     fi
     grep -A12 "^Finished" "$log"
-    local ev=(gloro evaluate RUN --device "$DEVICE" --fallback --cost)
+    local ev=(gloro evaluate RUN --device "$DEVICE" --data-dir "$label" --fallback --cost)
     local t=$(($(left) - 25))
     [ "$t" -gt 10 ] || { echo "$r: no time left to evaluate"; return; }
-    timeout "$t" "${gloro[@]}" evaluate "$run" --device "$DEVICE" --fallback --cost \
+    timeout "$t" "${gloro[@]}" evaluate "$run" --device "$DEVICE" --data-dir "$data" --fallback --cost \
         "${EVAL_ARGS[@]}" >"$run/eval.log" 2>&1 || echo "$r: evaluation did not finish"
     tail -12 "$run/eval.log"
     local evf rec=()
@@ -108,7 +129,7 @@ job() {  # job RECIPE[|FLAGS], or job PATH/TO/RUN_FOLDER (carried in): resume it
         rec=(--note "training only: the evaluation did not finish")
     fi
     python3 -m benchmarks.record_run "$run" --name "$r-$DEVICE" --out-dir "$run" "${rec[@]}" \
-        --train-command "gloro train $r ${extra[*]} --device $DEVICE --data-dir MNIST --no-progress" \
+        --train-command "gloro train $r ${extra[*]} --device $DEVICE --data-dir $label --no-progress" \
         --commit "$GIT_COMMIT" --device "$DEVICE: $gpu" | tail -2
 }
 pids=()
@@ -126,13 +147,16 @@ wait "${pids[@]}"
 
 echo "== B. timing on the idle device ($(left) s left)"
 # Each timing run goes to its own folder: "recipe|extra --set flags".
-for spec in "mnist-2c2f-gloro|" \
+specs=("mnist-2c2f-gloro|" \
     "mnist-2c2f-gloro|--set run.compile=true --set run.compile_mode=reduce-overhead" \
-    "mnist-2c2f-plus|"; do
+    "mnist-2c2f-plus|")
+[ -f "$CIFAR" ] && specs+=("cifar10-6c2f-gloro|")  # issue 31's target: <= 1.0 s/epoch
+for spec in "${specs[@]}"; do
     [ "$(left)" -gt 100 ] || break
     r=${spec%%|*} && read -ra extra <<<"${spec#*|}"
+    read -r data label <<<"$(data_for "$r")"
     echo "-- $r ${extra[*]}"
-    timeout 60 "${gloro[@]}" train "$r" --device "$DEVICE" --data-dir "$MNIST" --no-progress \
+    timeout 60 "${gloro[@]}" train "$r" --device "$DEVICE" --data-dir "$data" --no-progress \
         --out "$work/bench/$r${extra:+-compiled}" --epochs "$TIMING_EPOCHS" "${extra[@]}" \
         "${TRAIN_ARGS[@]}" 2>&1 | grep -E "^epoch|Finished|Error|error" | tail -3
 done
