@@ -86,7 +86,11 @@ def join(folder: Path, name: str | None = None) -> tuple[Path | None, list[str]]
         name = found[0].name.removesuffix(".manifest.json")
     manifest = json.loads(_manifest_path(folder, name).read_text())
     out = folder / manifest["name"]
-    if out.exists() and out.stat().st_size == manifest["size"] and _sha256(out) == manifest["sha256"]:
+    if (
+        out.exists()
+        and out.stat().st_size == manifest["size"]
+        and _sha256(out) == manifest["sha256"]
+    ):
         return out, []
     missing = [p["name"] for p in manifest["parts"] if not (folder / p["name"]).exists()]
     if missing:

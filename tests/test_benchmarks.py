@@ -161,3 +161,16 @@ def test_sound_bound_cost_quick(tmp_path):
     assert names == ["Conv2d", "ReLU", "Conv2d", "ReLU", "Flatten", "Linear", "ReLU"]
     assert all(x["bound"] == 1.0 for x in row["layers"] if x["layer"] in ("ReLU", "Flatten"))
     assert all(x["bound"] > 0.5 for x in row["layers"])  # Glorot layers: norms of order 1
+
+
+def test_epoch_overhead_quick(tmp_path):
+    """Two runs of the trainer (standard and GloRo) alternate whole epochs on real data."""
+    from benchmarks import epoch_overhead
+
+    epoch_overhead.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path),
+                         "--recipe", "digits-minicnn-gloro"])  # fmt: skip
+    data = json.loads((tmp_path / "epoch_overhead-digits-minicnn-gloro-cpu-quick.json").read_text())
+    assert PROVENANCE <= set(data["provenance"])
+    assert set(data["sec_per_epoch_all"]) == {"standard", "gloro"}
+    assert all(len(v) == 2 for v in data["sec_per_epoch_all"].values())  # --quick: 2 rounds
+    assert data["steps_per_epoch"] == 1024 // 256 and data["ratio_time"] > 0

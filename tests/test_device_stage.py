@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
-from benchmarks import device_stage
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # benchmarks/ is a top-level package of the checkout
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import device_stage  # noqa: E402
 
 
 @pytest.fixture
