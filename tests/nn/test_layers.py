@@ -193,6 +193,20 @@ def test_residual_nested_and_single_module():
     assert sorted(b.state_dict()) == ["inner.0.u", "inner.2.inner.0.u"]  # saved with the net
 
 
+def test_residual_with_an_in_place_first_layer_adds_its_own_input():
+    """g = ELU(α=2, in place) then Linear: an in-place g1 would make the block compute
+    g1(x) + g'(g1(x)) (Lipschitz up to 2·(1 + L_g')), past the bound 1 + 2·L_g'."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    r_in = Residual(nn.Sequential(nn.ELU(alpha=2.0, inplace=True), lin))
+    r_out = Residual(nn.Sequential(nn.ELU(alpha=2.0), lin))
+    x = -torch.rand(3, 4) - 0.5  # ELU's negative side, where α = 2 changes the value
+    x0 = x.clone()
+    torch.testing.assert_close(r_in(x), r_out(x0))
+    torch.testing.assert_close(x, x0)  # the caller's tensor is left as it was
+    assert _max_ratio(r_in, (4,)) <= bound_for(r_in, (4,)).sound()
+
+
 def test_residual_rejects_shape_change():
     with pytest.raises(tg.UnsupportedLayerError):
         bound_for(Residual(nn.Sequential(nn.Linear(4, 5))), (4,))

@@ -126,7 +126,11 @@ class Residual(nn.Module):
         self.inner = inner if type(inner) is nn.Sequential else nn.Sequential(inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.inner(x)
+        # A layer of g that writes its input in place (nn.ELU(alpha=2, inplace=True) first)
+        # would change the x that is added: the block would compute g1(x) + g'(g1(x)), whose
+        # Lipschitz constant can exceed the bound 1 + L_g. g gets its own copy then.
+        writes = any(getattr(m, "inplace", False) for m in self.inner.modules())
+        return x + self.inner(x.clone() if writes else x)
 
 
 class LLNLinear(nn.Module):
