@@ -51,6 +51,7 @@ TARGET = 0.6  # torchgloro epoch / TF gloro epoch, at each thread count
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line; ``--quick`` means one round on a small subset."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK_SUBSET} images, 1 rep")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts")
@@ -70,10 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _tf_options(cfg) -> list[str]:
     """The recipe's hyper-parameters as the TF worker's flags: one source for both sides."""
     o = cfg.optim
-    if (cfg.model.arch, cfg.model.activation, cfg.loss.name, o.name) != (
-        "2c2f", "relu", "ce", "adam"
-    ):  # fmt: skip
-        raise SystemExit(f"{RECIPE}: the TF worker builds 2C2F/ReLU/CE/Adam only; got {cfg}")
+    got = (cfg.model.arch, cfg.model.activation, cfg.loss.name, o.name)
+    if got != ("2c2f", "relu", "ce", "adam"):
+        raise SystemExit(f"{RECIPE}: the TF worker builds 2c2f/relu/ce/adam only, got {got}")
     return [
         "--batch-size", str(cfg.run.batch_size),
         "--power-iterations", str(cfg.gloro.power_iterations),
@@ -147,6 +147,7 @@ def summarize(records: list[dict], target: float = TARGET) -> list[dict]:
 
 
 def main(argv=None) -> dict:
+    """Runs every worker, writes ``peer_tf_gloro-cpu[-quick].json``; returns its payload."""
     args = parse_args(argv)
     peer = Path(args.peer_python).expanduser()
     if not peer.exists():
