@@ -106,7 +106,11 @@ def device_string(device: torch.device) -> str:
     return f"{_cpu_model()} ({os.cpu_count()} logical CPUs visible)"
 
 
-def provenance(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def provenance(
+    args: argparse.Namespace, device: torch.device, threads: int | list[int] | None = None
+) -> dict[str, Any]:
+    """Command, commit, device, versions, date; ``threads`` defaults to torch's count (a
+    benchmark whose worker processes run at other counts names those)."""
     return {
         "command": " ".join([Path(sys.executable).name, "-m", _module_name(), *sys.argv[1:]]),
         "git_commit": _git_commit(),
@@ -114,7 +118,7 @@ def provenance(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
         "device_type": device.type,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads() if threads is None else threads,
         "quick": bool(args.quick),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -131,11 +135,11 @@ def result_path(name: str, args: argparse.Namespace, suffix: str = ".json") -> P
     return Path(args.out_dir) / f"{name}-{tag}{suffix}"
 
 
-def write_result(name: str, args, device, payload: dict[str, Any]) -> Path:
+def write_result(name: str, args, device, payload: dict[str, Any], threads=None) -> Path:
     """Writes ``{"provenance": ..., **payload}`` to ``<out>/<name>-<device>[-quick].json``."""
     path = result_path(name, args)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"benchmark": name, "provenance": provenance(args, device), **payload}
+    data = {"benchmark": name, "provenance": provenance(args, device, threads), **payload}
     path.write_text(json.dumps(_clean(data), indent=2) + "\n")
     print(f"wrote {path}")
     return path

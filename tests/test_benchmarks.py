@@ -6,6 +6,7 @@ No speed assertions, ever: timings on shared machines are noise for a test.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -174,3 +175,73 @@ def test_epoch_overhead_quick(tmp_path):
     assert set(data["sec_per_epoch_all"]) == {"standard", "gloro"}
     assert all(len(v) == 2 for v in data["sec_per_epoch_all"].values())  # --quick: 2 rounds
     assert data["steps_per_epoch"] == 1024 // 256 and data["ratio_time"] > 0
+def _peer_record(threads, side, seconds, samples=100):
+    binding = {"cpus": list(range(threads))}
+    return {"threads": threads, "side": side, "epoch_seconds": [9.0, seconds],
+            "train_samples": samples, "steps_per_epoch": 1, "binding": binding}  # fmt: skip
+
+
+def test_peer_tf_gloro_arguments_and_summary():
+    from benchmarks import peer_tf_gloro as P
+
+    args = P.parse_args([])
+    assert args.threads == [1, 2] and args.reps == 3 and not args.quick
+    assert P.parse_args(["--quick"]).reps == 1
+    for bad in (["--threads", "0"], ["--reps", "0"], ["--threads", "100000"]):
+        with pytest.raises(SystemExit):
+            P.parse_args(bad)
+    tf = [_peer_record(1, "tf_gloro", s) for s in (6.0, 6.4, 6.2)]
+    ours = [_peer_record(1, "torchgloro", s) for s in (3.0, 4.0, 3.5)]
+    (row,) = P.summarize(tf + ours)
+    assert row["threads"] == 1
+    assert row["tf_gloro"]["epoch_seconds"] == [6.0, 6.4, 6.2]  # the second epoch of each
+    assert row["tf_gloro"]["first_epoch_seconds"] == [9.0] * 3
+    assert row["tf_gloro"]["median"] == 6.2 and row["torchgloro"]["median"] == 3.5
+    assert row["ratio_torchgloro_over_tf"] == pytest.approx(3.5 / 6.2)
+    assert row["meets_target"] and not P.summarize(tf + ours, target=0.5)[0]["meets_target"]
+    mismatched = [_peer_record(2, "tf_gloro", 1.0, 100), _peer_record(2, "torchgloro", 1.0, 99)]
+    with pytest.raises(RuntimeError, match="different data"):
+        P.summarize(mismatched)
+
+
+def test_peer_tf_gloro_names_the_setup_script_without_its_venv(tmp_path):
+    from benchmarks import peer_tf_gloro as P
+
+    argv = ["--quick", "--peer-python", str(tmp_path / "nope"), "--out-dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match="peer_tf_gloro_setup.sh"):
+        P.main(argv)
+    assert not list(tmp_path.iterdir())
+
+
+def test_peer_torch_worker_runs_the_trainer_epoch_pinned(tmp_path):
+    from benchmarks import _common as C
+    from benchmarks import peer_tf_gloro as P
+
+    if not C.MNIST_ROOT.exists():
+        pytest.skip(f"MNIST not at {C.MNIST_ROOT} (set BENCH_MNIST)")
+    out = tmp_path / "torch.json"
+    cmd = [sys.executable, "-m", "benchmarks._peer_torch_worker", "--recipe", P.RECIPE,
+           "--data-root", str(C.MNIST_ROOT), "--out", str(out), "--threads", "1",
+           "--train-subset", "512"]  # fmt: skip
+    rec = P._spawn(cmd, 1, P._torch_env(), tmp_path / "torch.log", out)
+    assert rec["side"] == "torchgloro" and len(rec["epoch_seconds"]) == 2
+    assert rec["train_samples"] == 512 and rec["steps_per_epoch"] == 2  # batch 256
+    assert len(rec["binding"]["cpus"]) == 1 and rec["binding"]["OMP_NUM_THREADS"] == "1"
+    assert rec["binding"]["torch_threads"] == 1 and math.isfinite(rec["final_loss"])
+
+
+def test_peer_tf_gloro_quick(tmp_path):
+    from benchmarks import peer_tf_gloro as P
+
+    if not P.PEER_PYTHON.exists():
+        pytest.skip(f"no peer venv at {P.PEER_PYTHON}: bash benchmarks/peer_tf_gloro_setup.sh")
+    P.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)])
+    data = json.loads((tmp_path / "peer_tf_gloro-cpu-quick.json").read_text())
+    assert PROVENANCE <= set(data["provenance"]) and data["provenance"]["threads"] == [1]
+    assert data["peer"]["tensorflow"].startswith("2.15") and data["peer"]["gloro"] == "1.1.1"
+    (row,) = data["results"]
+    for side in ("tf_gloro", "torchgloro"):
+        assert row[side]["train_samples"] == P.QUICK_SUBSET and row[side]["steps_per_epoch"] == 10
+        assert len(row[side]["epoch_seconds"]) == 1
+    assert row["tf_gloro"]["binding"]["intra_op_threads"] == 1
+    assert row["ratio_torchgloro_over_tf"] > 0
