@@ -36,7 +36,7 @@ def _allowances(net, x, j=None):
         y, feats, acts = _float32_pass(flatten_layers(net.backbone), st.layerwise32[0], x)
     j = y.argmax(dim=1) if j is None else torch.full((len(x),), j, dtype=torch.long)
     x_norm = _norm_upper(x)
-    r = _head_error(st.head32, feats)
+    r = _head_error(st.head32, _norm_upper(feats))
     prior = _pair_slack(st.head32, j, st.pen32[0] * x_norm + st.pen32[1], r)
     rows = torch.arange(x.shape[0])
     post = _pair_slack(st.head32, j, _layerwise_error(acts, st.layerwise32[1], rows, x_norm), r)
