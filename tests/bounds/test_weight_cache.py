@@ -2,8 +2,8 @@
 
 import torch
 
-from torchgloro.bounds.registry import bound_for
 from torchgloro.bounds.generation import WeightsGeneration
+from torchgloro.bounds.registry import bound_for
 from torchgloro.bounds.weight_cache import build_sound_state
 
 
