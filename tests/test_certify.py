@@ -246,7 +246,7 @@ def test_pair_slack_known_answer():
     assert torch.allclose(s, want * (1 + 1e-9), rtol=1e-15, atol=0)
     # The head's own round-off: γ(max‖w_k‖·‖h̃‖ + max|b|) + underflow, never below it.
     feats = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
-    rr = _head_error(hd, feats)
+    rr = _head_error(hd, _norm_upper(feats))
     assert float(rr[0]) >= 1e-7 * (5.0 * 5.0 + 2.0) and float(rr[0]) <= 1e-7 * 27 * (1 + 1e-6)
     assert float(rr[1]) >= 1e-7 * 2.0
 
