@@ -1,4 +1,4 @@
-"""Float32-first sound certification of traced graph backbones (docs/soundness.md §7c)."""
+"""Float32-first sound certification of traced graph backbones (docs/soundness.md §14b)."""
 
 from __future__ import annotations
 

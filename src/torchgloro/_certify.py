@@ -17,7 +17,7 @@ point is decided in up to three steps:
    on the float64 copy, exactly as ``precision="float64"`` does.
 
 A traced graph's backbone follows the same three steps with its graph's round-off model
-(docs/soundness.md §7c): step 1's allowance composes through adds and concatenations
+(docs/soundness.md §14b): step 1's allowance composes through adds and concatenations
 (:meth:`GraphBound.roundoff`), step 2's reads the norms its float32 pass measured at each
 value that rounds (:meth:`GraphBound.measured_error`).
 

@@ -102,7 +102,7 @@ def build_sound_state(
     if not _float32_weights(backbone) or not _terms_fit_float32([head]):
         return state
     if graph is not None:
-        if graph.float32_applies():  # docs/soundness.md §7c
+        if graph.float32_applies():  # docs/soundness.md §14b
             pen = graph.roundoff(u32)  # the head's input, then the head itself
             out = roundoff.through_layer(pen, head[0], head[1], None, u32, low)
             state.err32, state.peak32, state.pen32 = out.err, out.peak, pen.err
