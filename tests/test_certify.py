@@ -36,7 +36,7 @@ def _allowances(net, x, j=None):
         y, feats, acts = _float32_pass(flatten_layers(net.backbone), st.layerwise32[0], x)
     j = y.argmax(dim=1) if j is None else torch.full((len(x),), j, dtype=torch.long)
     x_norm = _norm_upper(x)
-    r = _head_error(st.head32, feats)
+    r = _head_error(st.head32, _norm_upper(feats))
     prior = _pair_slack(st.head32, j, st.pen32[0] * x_norm + st.pen32[1], r)
     rows = torch.arange(x.shape[0])
     post = _pair_slack(st.head32, j, _layerwise_error(acts, st.layerwise32[1], rows, x_norm), r)
@@ -246,7 +246,7 @@ def test_pair_slack_known_answer():
     assert torch.allclose(s, want * (1 + 1e-9), rtol=1e-15, atol=0)
     # The head's own round-off: γ(max‖w_k‖·‖h̃‖ + max|b|) + underflow, never below it.
     feats = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
-    rr = _head_error(hd, feats)
+    rr = _head_error(hd, _norm_upper(feats))
     assert float(rr[0]) >= 1e-7 * (5.0 * 5.0 + 2.0) and float(rr[0]) <= 1e-7 * 27 * (1 + 1e-6)
     assert float(rr[1]) >= 1e-7 * 2.0
 

@@ -16,6 +16,11 @@ point is decided in up to three steps:
 3. the points still open — not certified, but float64 might certify them — are recomputed
    on the float64 copy, exactly as ``precision="float64"`` does.
 
+A traced graph's backbone follows the same three steps with its graph's round-off model
+(docs/soundness.md §14b): step 1's allowance composes through adds and concatenations
+(:meth:`GraphBound.roundoff`), step 2's reads the norms its float32 pass measured at each
+value that rounds (:meth:`GraphBound.measured_error`).
+
 Step 3 catches every point float64 would certify (docs/soundness.md, §7b), so the certified
 set is the float64 one, at the cost of float32 inference plus float64 on the few open points.
 Radii from steps 1–2 are proven but smaller than float64's by about the allowance over K.
@@ -28,7 +33,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from torchgloro import margins
 from torchgloro._errors import GloroInputError
@@ -139,11 +144,16 @@ def sound_logits(
     x_norm = _norm_upper(x.to(torch.float32))  # (B,) float64
     _require_finite(x, x_norm)
     with eval_mode(backbone), strict_fp32():
-        y, feats, acts = _float32_pass(flatten_layers(backbone), st.layerwise32[0], x)
+        if st.graph32 is None:
+            y, feats, acts = _float32_pass(flatten_layers(backbone), st.layerwise32[0], x)
+            feat_norm = _norm_upper(feats)
+        else:
+            y, norms = _graph_float32_pass(backbone, st.graph32, x)
+            feat_norm = norms.get(st.graph32.out, x_norm)  # (the head may read x itself)
     peak = st.peak32[0] * x_norm + st.peak32[1]  # (B,)
     unsafe = ~torch.isfinite(y).all(dim=1) | ~(peak < _F32_SAFE)
     j = y.argmax(dim=1)  # (B,) the class certified_radius decides on
-    r = _head_error(st.head32, feats)  # (B,)
+    r = _head_error(st.head32, feat_norm)  # (B,)
     # 1. The a-priori feature allowance ‖e‖ ≤ p‖x‖ + q: free, decides most points.
     slack = _pair_slack(st.head32, j, st.pen32[0] * x_norm + st.pen32[1], r)  # (B, C)
     pred, radius = margins.certified_radius(y, K, slack, lipschitz=lipschitz)
@@ -153,7 +163,11 @@ def sound_logits(
     idx = open_.nonzero().flatten()
     redo = unsafe.clone()
     if idx.numel():
-        err = _layerwise_error(acts, st.layerwise32[1], idx, x_norm[idx])  # (n,)
+        if st.graph32 is None:
+            err = _layerwise_error(acts, st.layerwise32[1], idx, x_norm[idx])  # (n,)
+        else:
+            at = {k: n[idx] for k, n in norms.items()}
+            err = st.graph32.measured_error(at, x_norm[idx], margins.UNIT_ROUNDOFF_F32)
         s2 = _pair_slack(st.head32, j[idx], err, r[idx])  # (n, C)
         p2, r2 = margins.certified_radius(y[idx], K, s2, lipschitz=lipschitz)
         radius = radius.index_put((idx,), r2)
@@ -197,6 +211,30 @@ def _float32_pass(layers, coefs: list[float], x: torch.Tensor):
     return layers[-1](h).to(torch.float64), h, acts
 
 
+class _NormRecorder(fx.Interpreter):
+    """Runs a graph, recording an upper bound on the norm of each value in ``want`` (node
+    name -> value index) as it is computed, before a later op may overwrite it in place."""
+
+    def __init__(self, gm: fx.GraphModule, want: dict[str, int]) -> None:
+        super().__init__(gm)
+        self.want, self.norms = want, {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        k = self.want.get(n.name)
+        if k is not None:
+            self.norms[k] = _norm_upper(out)
+        return out
+
+
+def _graph_float32_pass(gm: fx.GraphModule, graph, x: torch.Tensor):
+    """A traced backbone's float32 logits (B, C) float64, and ``{value index: (B,) norm}``
+    of the values :meth:`GraphBound.measured_values` names (not the input)."""
+    rec = _NormRecorder(gm, graph.measured_values(margins.UNIT_ROUNDOFF_F32))
+    y = rec.run(x.to(torch.float32))
+    return y.to(torch.float64), rec.norms
+
+
 def _layerwise_error(acts, const: float, idx: torch.Tensor, x_norm: torch.Tensor):
     """(n,) proven ‖h̃ − h‖₂ of the features of rows ``idx``: const + Σ_l c_l‖h̃_l‖ (a posteriori).
 
@@ -218,13 +256,14 @@ def _layerwise_error(acts, const: float, idx: torch.Tensor, x_norm: torch.Tensor
     return err * (1 + 1e-9)
 
 
-def _head_error(hd: HeadRoundoff, feats: torch.Tensor) -> torch.Tensor:
-    """(B,) proven bounds on the float32 round-off of every logit, given the head's input h̃.
+def _head_error(hd: HeadRoundoff, feat_norm: torch.Tensor) -> torch.Tensor:
+    """(B,) proven bounds on the float32 round-off of every logit, given upper bounds on the
+    norm of the head's input h̃ (:func:`_norm_upper`).
 
-    γ_n(max_k ‖w_k‖·‖h̃‖ + max_k |b_k|) + underflow, with ‖h̃‖ bounded by :func:`_norm_upper`;
-    1 + 1e-9 covers the rounding of these few float64 operations.
+    γ_n(max_k ‖w_k‖·‖h̃‖ + max_k |b_k|) + underflow; 1 + 1e-9 covers the rounding of these
+    few float64 operations.
     """
-    return (hd.gamma * (hd.row_norm * _norm_upper(feats) + hd.bias) + hd.underflow) * (1 + 1e-9)
+    return (hd.gamma * (hd.row_norm * feat_norm + hd.bias) + hd.underflow) * (1 + 1e-9)
 
 
 def _pair_slack(hd: HeadRoundoff, j: torch.Tensor, err: torch.Tensor, r: torch.Tensor):

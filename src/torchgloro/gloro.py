@@ -20,9 +20,10 @@ from torchgloro._errors import GloroError, GloroInputError
 from torchgloro._inputs import check_epsilon, check_input, epsilon_tensor, unshared
 from torchgloro._net_attributes import apply_keeping_dtypes, fixed_setting
 from torchgloro.bounds.capture import PendingBound, build_bounds, capture, resolve_in_shape
+from torchgloro.bounds.generation import WeightsGeneration
 from torchgloro.bounds.registry import ConstantBound
 from torchgloro.bounds.structure import check_structure, refuse_hooks, state_tensors, structure_of
-from torchgloro.bounds.weight_cache import SoundState, WeightsGeneration, build_sound_state
+from torchgloro.bounds.weight_cache import SoundState, build_sound_state
 
 __all__ = ["GloroNet", "Certificate"]
 

@@ -258,8 +258,13 @@ def _check(net, x: torch.Tensor, epsilon: float) -> tuple[float, torch.Tensor]:
     eps = check_epsilon(epsilon)
     if not isinstance(net.backbone, nn.Sequential):
         raise UnsupportedLayerError(
-            f"The local fallback handles nn.Sequential backbones only; this GloroNet runs a "
-            f"traced {type(net.backbone).__name__} graph. Certify without fallback='local'."
+            "The local fallback handles nn.Sequential backbones only: it follows one chain of "
+            "layers, deciding each ReLU's stability on the ball from the deviation bounds of "
+            "the layer before it and masking that layer's matrix, and has no rule yet for a "
+            "value read by two branches, an add or a concatenation. This GloroNet runs a "
+            f"traced {type(net.backbone).__name__} graph: certify without fallback='local' "
+            "(the global sound bound), or write the model as an nn.Sequential (residual "
+            "blocks as torchgloro.nn.layers.Residual, which the fallback bounds globally)."
         )
     net._check_input(x, check_finite=True)
     return eps, unshared(x, net.backbone)

@@ -152,7 +152,7 @@ def test_roundoff_model_covers_float32_through_adds_and_concatenations():
         for p in model.parameters():
             p.mul_(3.0)  # gains above 1: errors grow through the graph
     b = _graph_bound(model, (2, 8, 8))
-    p, q = b._roundoff(2.0**-24).err
+    p, q = b.roundoff(2.0**-24).err
     # The proven chain terms the GloroNet uses carry the same model (float64).
     n, A, bias = b.fp_terms()
     assert n == 1 and A > 0 and bias >= 0
@@ -167,10 +167,13 @@ def test_roundoff_model_covers_float32_through_adds_and_concatenations():
     assert (err >= allowed / 1e4).any()  # the model is not vacuous
 
 
-def test_graph_nets_certify_on_the_float64_path():
+def test_graph_nets_certify_float32_first():
+    """Graphs decide in float32 first, as Sequential nets do (tests/test_certify_graph.py)."""
     net = tg.GloroNet(_Mixed(), 0.01, in_shape=(2, 8, 8)).eval()
-    cert = net.certify(torch.randn(8, 2, 8, 8))
-    assert cert.precision == "float64"
+    x = torch.randn(8, 2, 8, 8)
+    cert, ref = net.certify(x), net.certify(x, precision="float64")
+    assert cert.precision == "float32" and ref.precision == "float64"
+    assert torch.equal(cert.certified, ref.certified)
 
 
 # ---- refusals ------------------------------------------------------------------------------

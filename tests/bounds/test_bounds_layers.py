@@ -105,8 +105,7 @@ def test_gelu_and_silu_closed_forms():
     assert silu_max_slope() == pytest.approx(1.0998, abs=1e-4)
 
 
-def test_smooth_activations_send_certification_to_float64():
-    assert not make_bound(nn.GELU(), (4,)).fp_terms_precision_free
+def test_exact_and_approximate_activations():
     assert make_bound(nn.Hardtanh(), (4,)).fp_terms() is None  # exact
     with pytest.raises(TypeError, match="approximate"):
         make_bound(nn.GELU(approximate="tanh"), (4,))
@@ -197,3 +196,27 @@ def test_a_registered_module_called_with_extra_arguments_is_refused():
         assert torch.isfinite(net.lipschitz_constant()).all()
     finally:
         del _REGISTRY[_Gain]
+
+
+def test_batchnorm_round_off_model_holds_in_float32():
+    """|BN₃₂(z) − BN(z)| ≤ γ₈(|α||z| + |β| + |αμ|) per entry, at float32's u: the model is
+    precision-free (float64's values, off by the same model at float64's u, as reference)."""
+    from torchgloro.margins import UNIT_ROUNDOFF_F32, UNIT_ROUNDOFF_F64, gamma
+
+    torch.manual_seed(0)
+    bn = _batchnorm(nn.BatchNorm2d, 8).eval()
+    with torch.no_grad():
+        bn.weight.uniform_(-3, 3)
+        bn.bias.uniform_(-2, 2)
+        bn.running_mean.mul_(100)
+    bound = make_bound(bn, (8, 4, 4))
+    assert bound.fp_terms_precision_free
+    z = torch.randn(512, 8, 4, 4) * 50
+    with torch.no_grad():
+        err = (bn(z).double() - bn.double()(z.double())).abs()
+        bn.float()
+        a = bn.weight.double().abs() / torch.sqrt(bn.running_var.double() + bn.eps)
+        shift = bn.bias.double().abs() + a * bn.running_mean.double().abs()
+    scale = a[:, None, None] * z.double().abs() + shift[:, None, None]
+    allowed = (gamma(8, UNIT_ROUNDOFF_F32) - gamma(8, UNIT_ROUNDOFF_F64)) * scale * (1 - 1e-6)
+    assert float(err.max()) > 0 and bool((err <= allowed).all())

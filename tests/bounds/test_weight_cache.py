@@ -2,8 +2,9 @@
 
 import torch
 
+from torchgloro.bounds.generation import WeightsGeneration
 from torchgloro.bounds.registry import bound_for
-from torchgloro.bounds.weight_cache import WeightsGeneration, build_sound_state
+from torchgloro.bounds.weight_cache import build_sound_state
 
 
 def test_generation_moves_only_when_values_change():

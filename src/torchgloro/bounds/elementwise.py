@@ -7,10 +7,13 @@ peaks), so each bound below is that maximum slope, proven in docs/bounds.md.
 Round-off: piecewise-linear activations (Hardtanh, ReLU6, Dropout in eval mode) are exact
 in floating point; LeakyReLU rounds one product. The smooth ones call elementary functions
 (exp, log1p, tanh, erf) that are not correctly rounded; their model assumes each computed
-entry is within ``γ₁₆·c·(|z| + 1)`` of the exact value (16 unit round-offs, against the
-≤ 2 ulp documented for SLEEF, glibc and CUDA's libdevice in float64 plus the few
-arithmetic roundings around them). That assumption is checked only for float64, so these
-layers send sound certification to the float64 path (``fp_terms_precision_free = False``).
+entry is within ``γ₁₆·c·(|z| + 1)`` of the exact value, 16 unit round-offs of the evaluation
+precision (float64 or float32), against the ≤ 1–2 ulp documented for SLEEF, glibc and CUDA's
+libdevice in either precision, PyTorch's vectorized float32 erf (|error| ≤ 1.5e-7, 2.5
+float32 units of |z| + 1) and the few arithmetic roundings around them. Dense grids in both
+precisions check it (tests/bounds/test_elementwise.py: float32's largest error is 4.4 units,
+GELU's). Softplus's switch to the identity is an absolute error instead, which keeps
+Softplus on the float64 path (:func:`softplus_jump`).
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from torchgloro._errors import UnsupportedLayerError
 from torchgloro.bounds.registry import ConstantBound, LayerBound, register_bound
 from torchgloro.margins import round_up
 
-__all__ = ["gelu_max_slope", "silu_max_slope", "SmoothActivationBound"]
+__all__ = ["gelu_max_slope", "silu_max_slope", "softplus_jump", "SmoothActivationBound"]
 
 # The round-off model's number of unit round-offs per entry of a smooth activation.
 _ULPS = 16
+# Softplus computes e^{βz} for βz ≤ threshold: below 709.78 it stays finite in float64.
+_SOFTPLUS_MAX_THRESHOLD = 700.0
 
 
 def gelu_max_slope() -> float:
@@ -58,6 +63,21 @@ def silu_max_slope() -> float:
     return s * (1 + z * (1 - s)) + 1e-12
 
 
+def softplus_jump(beta: float, threshold: float) -> float:
+    """Proven upper bound on sup |softplus_β(z) − z| over the z that PyTorch's Softplus maps to
+    the identity (βz > threshold): log1p(e^{−βz})/β decreases in z, so the sup is
+    log1p(e^{−threshold})/β, the jump of the computed function at z = threshold/β.
+
+    The exact softplus_β(z) = log1p(e^{βz})/β is 1-Lipschitz; PyTorch's is discontinuous
+    there (it drops by this jump), so it has no Lipschitz bound at all. The bound is for the
+    smooth function, and the jump is an error of the computed one, per entry. A relative
+    1e-9 covers the evaluation here and a threshold test on a rounded βz (off by a relative
+    2^-53, which moves the sup by a factor e^{|threshold|·2^-53}) for |threshold| < 10^6.
+    """
+    t = -threshold  # log1p(e^t) = max(t, 0) + log1p(e^{−|t|}), without overflow
+    return (max(t, 0.0) + math.log1p(math.exp(-abs(t)))) / beta * (1 + 1e-9)
+
+
 class SmoothActivationBound(ConstantBound):
     """An activation with a proven maximum slope, computed through elementary functions.
 
@@ -67,10 +87,10 @@ class SmoothActivationBound(ConstantBound):
         in_shape: Its per-sample input shape (d = the number of entries).
         scale: ``c`` of the round-off model, ≥ max(1, value, |σ(0)|).
         jump: A discontinuity of the computed function (Softplus's switch to the identity),
-            added to every entry's error.
+            added to every entry's error. It is absolute, not a multiple of the unit
+            round-off: carried as ``γ₁₆·b`` at float64's u, so it holds in float32 too but
+            2^29× too large there, and the layer keeps sound certification on float64.
     """
-
-    fp_terms_precision_free = False  # the ulp model is assumed for float64 only
 
     def __init__(
         self, value: float, name: str, in_shape: tuple[int, ...], scale: float, jump: float = 0.0
@@ -80,6 +100,7 @@ class SmoothActivationBound(ConstantBound):
         gamma = _ULPS * 2.0**-53 / (1 - _ULPS * 2.0**-53)  # γ₁₆ for float64
         b = round_up(c * math.sqrt(d) * (1 + 1e-12) + jump * math.sqrt(d) / gamma, 4)
         super().__init__(value, name, fp_terms=(_ULPS, c, b))
+        self.fp_terms_precision_free = jump == 0.0
 
 
 @register_bound(nn.Hardtanh, nn.ReLU6)
@@ -144,7 +165,13 @@ def _softplus(module: nn.Softplus, in_shape: tuple[int, ...]) -> LayerBound:
     beta, t = float(module.beta), float(module.threshold)
     if beta <= 0:
         raise UnsupportedLayerError(f"Softplus with beta={beta} <= 0 is not supported.")
-    # Slope σ(βz) < 1. PyTorch switches to the identity where βz > threshold, a jump of
-    # log1p(e^{-t})/β ≤ e^{-t}/β that the round-off model carries as an error per entry.
-    jump = math.exp(-t) / beta * (1 + 1e-12)
+    if not t <= _SOFTPLUS_MAX_THRESHOLD:
+        raise UnsupportedLayerError(
+            f"Softplus(threshold={t}) computes e^(beta*z) up to beta*z = {t}, which overflows "
+            f"float64 past 709.78: an inf that a later layer may turn into a finite, wrong "
+            f"value. Use threshold <= {_SOFTPLUS_MAX_THRESHOLD:g} (the default 20 is fine)."
+        )
+    # Slope σ(βz) < 1 (its sup, 1, also that of the identity above the threshold). PyTorch
+    # switches to the identity where βz > threshold: a jump, carried as an error per entry.
+    jump = softplus_jump(beta, t)
     return SmoothActivationBound(1.0, "Softplus", in_shape, scale=max(1.0, 1 / beta), jump=jump)

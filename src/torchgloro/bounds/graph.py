@@ -5,7 +5,8 @@ add in squares.
 bounds; :class:`GraphBound` composes them, as one :class:`LayerBound` for everything
 before the head, in the three ways a :class:`GloroNet` needs: the differentiable
 power-iteration estimate (training), the proven bound (certification) and the float64
-round-off model (:mod:`torchgloro.bounds.roundoff`). For a value v = Σ_k g_k(u_k) of
+round-off models (:mod:`torchgloro.bounds.roundoff`: float64's a priori, float32's a priori
+and from the norms a float32 pass measured). For a value v = Σ_k g_k(u_k) of
 branches, ‖v(x) − v(x')‖ ≤ Σ_k L_k‖x − x'‖; for v = cat(u_1, ..., u_m),
 ‖v(x) − v(x')‖² = Σ_k ‖u_k(x) − u_k(x')‖² ≤ (Σ_k L_k²)‖x − x'‖².
 """
@@ -18,10 +19,17 @@ import torch
 from torch import fx, nn
 
 from torchgloro.bounds import roundoff
+from torchgloro.bounds.generation import WeightsGeneration
 from torchgloro.bounds.plan import Make, plan_graph
 from torchgloro.bounds.registry import ConstantBound, LayerBound
-from torchgloro.bounds.weight_cache import WeightsGeneration
-from torchgloro.margins import UNDERFLOW_F32, UNDERFLOW_F64, UNIT_ROUNDOFF_F64, round_up
+from torchgloro.margins import (
+    UNDERFLOW_F32,
+    UNDERFLOW_F64,
+    UNIT_ROUNDOFF_F32,
+    UNIT_ROUNDOFF_F64,
+    gamma,
+    round_up,
+)
 
 __all__ = ["GraphBound"]
 
@@ -63,29 +71,31 @@ class GraphBound(LayerBound):
 
     def __init__(self, gm: fx.GraphModule, in_shape: tuple[int, ...], make: Make) -> None:
         super().__init__()
-        steps, bounds, out = plan_graph(gm, tuple(in_shape), make)
+        steps, bounds, out, names = plan_graph(gm, tuple(in_shape), make)
         self.steps = tuple(steps)
         self.out = out
+        self.value_names = tuple(names)  # the graph node computing each value (0: the input)
         self.nodes = nn.ModuleList(bounds)
         self._weights = WeightsGeneration()
         self._cache: dict = {}
 
     def _compose(self, layer_value, add, cat, one):
-        """Runs the steps on per-value bounds with the given combinators; ``layer_value``
-        gets the value and the index of the layer's bound."""
+        """Runs the steps on per-value bounds with the given combinators: ``layer_value``
+        gets the input's bound, the index of the layer's bound and the input's value index;
+        ``add`` the inputs' bounds and the sum's value index; ``cat`` the parts' bounds."""
         values = [one]
         for s in self.steps:
             ins = [values[i] for i in s.inputs]
             if s.kind == "layer":
-                values.append(layer_value(ins[0], s.bound))
+                values.append(layer_value(ins[0], s.bound, s.inputs[0]))
             elif s.kind == "add":
-                values.append(add(ins))
+                values.append(add(ins, len(values)))
             else:
                 values.append(cat(ins))
         return values[self.out]
 
     def estimate(self, n_iter: int = 0, differentiable: bool = False) -> torch.Tensor:
-        def layer(v, i):
+        def layer(v, i, _):
             b = self.nodes[i]
             if isinstance(b, ConstantBound) and b.value == 1.0:
                 return v  # reshapes, ReLU, ...: skip the op (and its grad)
@@ -97,7 +107,7 @@ class GraphBound(LayerBound):
 
         k = self._compose(
             layer,
-            lambda vs: sum(fill(v) for v in vs),
+            lambda vs, _: sum(fill(v) for v in vs),
             lambda vs: torch.sqrt(sum(fill(v) ** 2 for v in vs)),
             None,
         )
@@ -131,29 +141,90 @@ class GraphBound(LayerBound):
     def sound(self) -> float:
         norms = self._proofs(UNIT_ROUNDOFF_F64)[0]
         return self._compose(
-            lambda v, i: _times_up(v, norms[i]),
-            lambda vs: round_up(sum(vs), len(vs) + 1),
+            lambda v, i, _: _times_up(v, norms[i]),
+            lambda vs, _: round_up(sum(vs), len(vs) + 1),
             lambda vs: round_up(math.sqrt(round_up(sum(v * v for v in vs), len(vs) + 2)), 2),
             1.0,
         )
 
-    def _roundoff(self, unit_roundoff: float) -> roundoff.ValueBounds:
+    def roundoff(self, unit_roundoff: float) -> roundoff.ValueBounds:
+        """A priori bounds (norm, error, peak) on the head's input, evaluated at
+        ``unit_roundoff`` (float64's or float32's)."""
         low = UNDERFLOW_F64 if unit_roundoff == UNIT_ROUNDOFF_F64 else UNDERFLOW_F32
         norms, terms, peaks = self._proofs(unit_roundoff)
         return self._compose(
-            lambda v, i: roundoff.through_layer(
+            lambda v, i, _: roundoff.through_layer(
                 v, norms[i], terms[i], lambda u, p=peaks[i]: p, unit_roundoff, low
             ),
-            lambda vs: roundoff.added(vs, unit_roundoff),
+            lambda vs, _: roundoff.added(vs, unit_roundoff),
             roundoff.concatenated,
             roundoff.graph_input(),
         )
 
     def fp_terms(self) -> tuple[int, float, float]:
-        return roundoff.as_layer_terms(self._roundoff(UNIT_ROUNDOFF_F64), UNIT_ROUNDOFF_F64)
+        return roundoff.as_layer_terms(self.roundoff(UNIT_ROUNDOFF_F64), UNIT_ROUNDOFF_F64)
 
     def peak_terms(self, unit_roundoff: float) -> tuple[float, float]:
-        return self._roundoff(unit_roundoff).peak
+        return self.roundoff(unit_roundoff).peak
+
+    def float32_applies(self) -> bool:
+        """Whether every node's round-off model holds in float32 too (``fp_terms`` free of
+        float64's unit round-off, dot products short enough for float32's γ_n)."""
+        if not all(b.fp_terms_precision_free for b in self.nodes):
+            return False
+        terms = self._proofs(UNIT_ROUNDOFF_F32)[1]
+        return all(t is None or gamma(t[0], UNIT_ROUNDOFF_F32) < 1 for t in terms)
+
+    def _own_roundoff(self, unit_roundoff: float) -> list[tuple[float, float]]:
+        """Each node's ``(p, q)`` of :func:`roundoff.layer_roundoff` (cached per weights)."""
+        norms, terms, _ = self._proofs(unit_roundoff)  # (resets the cache on new weights)
+        key = ("own", unit_roundoff)
+        if key not in self._cache:
+            low = UNDERFLOW_F64 if unit_roundoff == UNIT_ROUNDOFF_F64 else UNDERFLOW_F32
+            own = [roundoff.layer_roundoff(L, t, unit_roundoff, low) for L, t in zip(norms, terms)]
+            self._cache[key] = own
+        return self._cache[key]
+
+    def measured_values(self, unit_roundoff: float) -> dict[str, int]:
+        """The values whose computed norms :meth:`measured_error` reads, by graph node name:
+        the inputs of the layers that round, the sums, and the head's input."""
+        own = self._own_roundoff(unit_roundoff)
+        want = {self.out}
+        for k, s in enumerate(self.steps, start=1):
+            if s.kind == "add":
+                want.add(k)
+            elif s.kind == "layer" and own[s.bound] != (0.0, 0.0):
+                want.add(s.inputs[0])
+        return {self.value_names[k]: k for k in want if k != 0}
+
+    def measured_error(
+        self, norms: dict[int, torch.Tensor], x_norm: torch.Tensor, unit_roundoff: float
+    ) -> torch.Tensor:
+        """(n,) proven ‖h̃ − h‖₂ of the head's input, a posteriori.
+
+        Args:
+            norms: Upper bounds on the norms of the computed values of
+                :meth:`measured_values`, by value index, ``(n,)`` each.
+            x_norm: ``(n,)`` upper bounds on the inputs' norms (the input is exact).
+            unit_roundoff: That of the pass the norms were measured on.
+        """
+        sound_norms = self._proofs(unit_roundoff)[0]
+        own = self._own_roundoff(unit_roundoff)
+        norms = {**norms, 0: x_norm}
+
+        def layer(e, i, src):
+            n = norms[src] if own[i] != (0.0, 0.0) else None
+            return roundoff.measured_layer(e, n, sound_norms[i], own[i])
+
+        err = self._compose(
+            layer,
+            lambda es, k: roundoff.measured_add(es, norms[k], unit_roundoff),
+            roundoff.measured_cat,
+            torch.zeros_like(x_norm),
+        )
+        # float64 sums and products of non-negative terms, a few per step: a relative
+        # 3·steps·2^-53 at most, which 1e-9 covers for any graph of under 10^6 steps.
+        return err * (1 + 1e-9)
 
     def extra_repr(self) -> str:
         kinds = [s.kind for s in self.steps]

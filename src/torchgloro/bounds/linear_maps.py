@@ -36,11 +36,12 @@ class BatchNormBound(LayerBound):
     the training bound still uses the running ones (the function that is certified: sound
     certification always evaluates the net in eval mode).
 
-    Round-off (float64 only): each output is a few roundings (the reciprocal square root,
-    products, the shift) away from the exact affine map, so |err| ≤ γ₈(|α||z| + |β| + |αμ|).
+    Round-off, in float64 or float32: PyTorch computes α̃ = w·(1/√(σ² + eps)) and either
+    z·α̃ + (β − μ·α̃) (CPU) or ((z − μ)·(1/√(σ² + eps)))·w + β (CUDA), each in the input's
+    precision or wider. Counting eps's own rounding to float32, the add, square root,
+    reciprocal, the products and the shifts, no path has more than 8 roundings, so
+    |err| ≤ γ₈(|α||z| + |β| + |αμ|) (tests/bounds/test_bounds_layers.py checks it in float32).
     """
-
-    fp_terms_precision_free = False
 
     def __init__(self, layer: nn.modules.batchnorm._BatchNorm, in_shape: tuple[int, ...]) -> None:
         if not layer.track_running_stats or layer.running_var is None:

@@ -92,8 +92,9 @@ def _per_sample(node: fx.Node, a: object, b: object) -> tuple[int, ...]:
 
 def plan_graph(
     gm: fx.GraphModule, in_shape: tuple[int, ...], make: Make
-) -> tuple[list[Step], list[LayerBound], int]:
-    """Steps and layer bounds of ``gm`` up to its head's input (whose value index is returned).
+) -> tuple[list[Step], list[LayerBound], int, list[str]]:
+    """Steps and layer bounds of ``gm`` up to its head's input (whose value index is returned),
+    and the name of the graph node that computes each value (value 0: the input).
 
     Raises:
         UnsupportedLayerError: a node without a global bound, with its line in the code.
@@ -115,7 +116,7 @@ class _Planner:
         self.steps: list[Step] = []
         self.bounds: list[LayerBound] = []
 
-    def run(self) -> tuple[list[Step], list[LayerBound], int]:
+    def run(self) -> tuple[list[Step], list[LayerBound], int, list[str]]:
         head = head_node(self.gm)
         for node in self.gm.graph.nodes:
             if node is head:
@@ -143,7 +144,10 @@ class _Planner:
                 f"input, got shape {self.shapes.get(self.index.get(src, -1))}. Flatten before "
                 f"it (torch.flatten(h, 1))."
             )
-        return self.steps, self.bounds, self.index[src]
+        names = [""] * (len(self.steps) + 1)
+        for node, k in self.index.items():
+            names[k] = node.name
+        return self.steps, self.bounds, self.index[src], names
 
     def one_input(self) -> dict[fx.Node, object]:
         """Every node's value on a batch of one, where aliasing may differ (``h[:, :k]`` is

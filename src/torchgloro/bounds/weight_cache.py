@@ -1,11 +1,5 @@
-"""State that GloroNet caches per value of its weights: a generation counter, proven bounds.
-
-Every cache keyed on the weights (the frozen fast constants, the proven bounds, the
-local-fallback plan) compares a generation number that changes whenever a parameter's value
-changes. It compares values against a snapshot rather than trusting ``Tensor._version``:
-fused optimizers (``Adam(fused=True)``, the default on CUDA here) and writes through ``.data``
-change weights without bumping it, and a stale proven bound would certify points it must not.
-"""
+"""What GloroNet caches per weights generation (:mod:`torchgloro.bounds.generation`): the
+proven bounds, the round-off models of float64 and float32 evaluation, a float64 copy."""
 
 from __future__ import annotations
 
@@ -19,39 +13,9 @@ from torch import nn
 
 from torchgloro import margins
 from torchgloro._errors import UnsupportedLayerError
-from torchgloro.bounds import sound
+from torchgloro.bounds import roundoff, sound
+from torchgloro.bounds.graph import GraphBound
 from torchgloro.bounds.registry import LayerBound, linear_fp_terms
-
-
-class WeightsGeneration:
-    """A counter that advances whenever the values of the tracked parameters change."""
-
-    def __init__(self) -> None:
-        self._snapshot: list[torch.Tensor] = []
-        self.generation = 0
-
-    def update(self, params: Sequence[torch.Tensor]) -> int:
-        """Compares ``params`` with the snapshot; returns the (possibly new) generation."""
-        params = [p.detach() for p in params]
-        if not _same_values(self._snapshot, params):
-            self._snapshot = [q.clone() for q in params]
-            self.generation += 1
-        return self.generation
-
-
-def _same_values(snap: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> bool:
-    same = len(snap) == len(params) and all(
-        s.shape == q.shape and s.dtype == q.dtype and s.device == q.device
-        for s, q in zip(snap, params)
-    )
-    if not (same and params):  # NaN ≠ NaN below: caches of NaN weights are never reused
-        return same
-    if all(q.device.type == "cpu" for q in params):  # no temporaries, no launches
-        return all(torch.equal(s, q) for s, q in zip(snap, params))
-    diff = [(s != q).any() for s, q in zip(snap, params)]
-    if len({d.device for d in diff}) == 1:  # one host sync for all parameters
-        return not bool(torch.stack(diff).any())
-    return not any(bool(d) for d in diff)
 
 
 @dataclass
@@ -77,6 +41,9 @@ class SoundState:
     pen32: tuple[float, float] | None = None
     layerwise32: tuple[list[float], float] | None = None
     head32: HeadRoundoff | None = None
+    # A traced graph's backbone instead has its per-value model (GraphBound.measured_error)
+    # in place of layerwise32.
+    graph32: GraphBound | None = None
     class_bounds: torch.Tensor | None = None  # proven float64 K, filled by GloroNet on use
 
 
@@ -130,8 +97,17 @@ def build_sound_state(
     )
     k_pen = margins.product_upper(norms)
     state = SoundState(fp, k_pen, backbone64, err_coef, err_const, peak64)
-    if _float32_model_applies(backbone, bounds) and _terms_fit_float32([*layers, head]):
-        u32, low = margins.UNIT_ROUNDOFF_F32, margins.UNDERFLOW_F32
+    u32, low = margins.UNIT_ROUNDOFF_F32, margins.UNDERFLOW_F32
+    graph = bounds[0] if len(bounds) == 1 and isinstance(bounds[0], GraphBound) else None
+    if not _float32_weights(backbone) or not _terms_fit_float32([head]):
+        return state
+    if graph is not None:
+        if graph.float32_applies():  # docs/soundness.md §14b
+            pen = graph.roundoff(u32)  # the head's input, then the head itself
+            out = roundoff.through_layer(pen, head[0], head[1], None, u32, low)
+            state.err32, state.peak32, state.pen32 = out.err, out.peak, pen.err
+            state.head32, state.graph32 = _head_roundoff(w, head_bias, u32, low), graph
+    elif all(b.fp_terms_precision_free for b in bounds) and _terms_fit_float32(layers):
         state.err32 = margins.forward_error_coefficients(chain, u32, underflow=low)
         state.peak32 = margins.peak_magnitude_coefficients(chain, u32, underflow=low)
         state.pen32 = margins.forward_error_coefficients(layers, u32, underflow=low)
@@ -183,12 +159,12 @@ def _head_roundoff(w: torch.Tensor, bias: torch.Tensor | None, u: float, low: fl
 _WINOGRAD_CPU = platform.machine().lower() in ("aarch64", "arm64", "armv7l", "riscv64")
 
 
-def _float32_model_applies(backbone: nn.Module, bounds: Sequence[LayerBound]) -> bool:
-    """Whether float32 logits of ``backbone`` follow the per-layer round-off model.
+def _float32_weights(backbone: nn.Module) -> bool:
+    """Whether float32 logits of ``backbone`` may follow the per-layer round-off model (its
+    layers' ``fp_terms`` must also hold in float32: checked by the caller).
 
     Every parameter and buffer must be float32 (the float32 pass then computes with the very
-    weights the bounds were proven for), and every layer's ``fp_terms`` must not depend on the
-    evaluation precision (``ResidualBound`` folds float64's unit round-off into its terms).
+    weights the bounds were proven for), and no convolution may run by Winograd.
     """
     tensors = [*backbone.parameters(), *backbone.buffers()]
     if not tensors or any(t.dtype != torch.float32 for t in tensors if t.is_floating_point()):
@@ -199,4 +175,4 @@ def _float32_model_applies(backbone: nn.Module, bounds: Sequence[LayerBound]) ->
             # plain conv also meets; only on ARM/RISC-V builds, but depthwise everywhere)
             if m.groups > 1 or _WINOGRAD_CPU:
                 return False
-    return all(b.fp_terms_precision_free for b in bounds)
+    return True

@@ -1,0 +1,178 @@
+"""Float32-first sound certification of traced graph backbones (docs/soundness.md §14b)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchgloro as tg
+from torchgloro import margins
+from torchgloro._certify import (
+    _graph_float32_pass,
+    _head_error,
+    _norm_upper,
+    _pair_slack,
+    strict_fp32,
+)
+from torchgloro._net_attributes import eval_mode
+from torchgloro.nn.layers import Residual
+
+
+class AddCat(nn.Module):
+    """A residual add and a concatenation of two branches, ReLU only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.c1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.a = nn.Linear(64, 12)
+        self.b = nn.Linear(64, 12)
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        h = F.max_pool2d(h + F.relu(self.c1(h)), 2)
+        z = torch.flatten(h, 1)
+        return self.fc(torch.cat([F.relu(self.a(z)), self.b(z) - z[:, :12]], dim=1))
+
+
+class BnGelu(nn.Module):
+    """BatchNorm in eval mode, GELU, a residual add and a concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.c1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.a = nn.Linear(256, 10)
+        self.b = nn.Linear(256, 10)
+        self.fc = nn.Linear(20, 5)
+
+    def forward(self, x):
+        h = F.gelu(self.bn(self.stem(x)))
+        h = h + F.gelu(self.c1(h))
+        z = torch.flatten(h, 1)
+        return self.fc(torch.cat([F.gelu(self.a(z)), self.b(z)], dim=1))
+
+
+NETS = {"add_cat": AddCat, "bn_gelu": BnGelu}
+
+
+def _net(name: str, seed: int = 0, scale: float = 1.0) -> tg.GloroNet:
+    torch.manual_seed(seed)
+    model = NETS[name]()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.3, 2.0)
+                m.bias.uniform_(-0.2, 0.2)
+        for p in model.parameters():
+            p.mul_(scale)
+    return tg.GloroNet(model, 0.1, in_shape=(1, 8, 8)).eval()
+
+
+def _allowances(net, x, j: int):
+    """Float32 logits and the (B, C) margin allowances of class j: a priori, per point."""
+    st = net._sound_state()
+    graph = st.graph32
+    with torch.no_grad(), eval_mode(net), strict_fp32():
+        y, norms = _graph_float32_pass(net.backbone, graph, x)
+    x_norm = _norm_upper(x)
+    r = _head_error(st.head32, norms.get(graph.out, x_norm))
+    jj = torch.full((len(x),), j, dtype=torch.long)
+    prior = _pair_slack(st.head32, jj, st.pen32[0] * x_norm + st.pen32[1], r)
+    err = graph.measured_error(norms, x_norm, margins.UNIT_ROUNDOFF_F32)
+    return y, prior, _pair_slack(st.head32, jj, err, r)
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+def test_float32_allowance_covers_the_float32_error_of_every_pair(name):
+    """Weights scaled up until float32 round-off is visible: each margin's error stays within
+    both allowances, the logits' within err32 and every value within peak32."""
+    net = _net(name, seed=3, scale=3.0)
+    st = net._sound_state()
+    assert st.graph32 is not None and st.err32 is not None
+    x = torch.rand(64, 1, 8, 8) * 5
+    with torch.no_grad(), strict_fp32():
+        y32 = net.backbone(x).double()
+    y64 = st.backbone64(x.double())  # within ~1e-10 of the exact logits (test_sound.py)
+    x_norm = x.flatten(1).double().norm(dim=1)
+    err = (y32 - y64).norm(dim=1)
+    assert float(err.max()) > 0
+    assert bool((err <= st.err32[0] * x_norm + st.err32[1]).all())
+    assert bool((y64.abs().amax(dim=1) <= st.peak32[0] * x_norm + st.peak32[1]).all())
+    for j in range(y32.shape[1]):
+        y_pass, prior, post = _allowances(net, x, j)
+        assert torch.equal(y_pass, y32)  # the recording pass is the backbone's own forward
+        off = (y32[:, j : j + 1] - y32) - (y64[:, j : j + 1] - y64)  # (B, C) margin errors
+        assert float(off.abs().max()) > 0
+        assert bool((off.abs() <= post).all()) and bool((off.abs() <= prior).all())
+        assert float((post / prior).median()) < 0.9  # measured norms: tighter
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+def test_auto_certifies_exactly_the_float64_points(name, monkeypatch):
+    """At radii spread over the float64 radii and within 1e-6 of some of them,
+    precision="auto" certifies the very points float64 does, deciding most in float32. At
+    exactly a float64 radius, float32 may also prove that point (its radius may exceed
+    float64's by twice float64's own allowance over K, ~1e-10 relative): never another."""
+    net = _net(name, seed=1)
+    x = torch.rand(200, 1, 8, 8)
+    r64 = net.certify(x, precision="float64").radius
+    st = net._sound_state()
+    rows = []
+    f64 = st.backbone64
+    monkeypatch.setattr(st, "backbone64", lambda z: (rows.append(len(z)), f64(z))[1])
+    spread = torch.quantile(r64, torch.tensor([0.2, 0.5, 0.8], dtype=r64.dtype)).tolist()
+    at = [float(r64[k]) * s for k in range(3) for s in (1 - 1e-6, 1.0, 1 + 1e-6)]
+    for eps in [*spread, *(e for e in at if e > 0)]:
+        rows.clear()
+        auto = net.certify(x, eps)
+        assert auto.precision == "float32" and sum(rows) < len(x) // 2
+        ref = net.certify(x, eps, precision="float64")
+        extra = auto.certified & ~ref.certified
+        assert bool((ref.radius[extra] >= eps * (1 - 1e-9)).all())
+        assert bool((auto.certified | ~ref.certified).all())  # every float64 point
+        if eps not in (float(r64[k]) for k in range(3)):
+            assert torch.equal(auto.certified, ref.certified)
+        if eps in spread:  # a non-trivial split
+            assert 0 < int(ref.certified.sum()) < len(x)
+        assert torch.equal(auto.pred[auto.certified], ref.pred[auto.certified])
+        assert bool((auto.radius <= ref.radius + 1e-12).all())
+
+
+def test_a_node_without_a_float32_model_sends_the_graph_to_float64():
+    """A Residual module folds float64's unit round-off into its terms: float64 throughout."""
+
+    class WithResidual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.r = Residual(nn.Sequential(nn.Linear(6, 6), nn.ReLU()))
+            self.fc = nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.fc(torch.cat([self.r(x), x], 1))
+
+    net = tg.GloroNet(WithResidual(), 0.1, in_shape=6).eval()
+    assert net._sound_state().err32 is None
+    assert net.certify(torch.randn(4, 6)).precision == "float64"
+
+
+def test_head_on_the_input_itself():
+    """A graph whose head reads the input directly (no rounding before it)."""
+
+    class Direct(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc(x.view(x.size(0), -1))
+
+    net = tg.GloroNet(Direct(), 0.01).eval()
+    x = torch.randn(50, 6)
+    auto, ref = net.certify(x), net.certify(x, precision="float64")
+    assert auto.precision == "float32" and torch.equal(auto.certified, ref.certified)
