@@ -97,6 +97,8 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "UnsoundBoundError",
+    "train",
+    "evaluate",
     "bounds",
     "data",
     "layers",

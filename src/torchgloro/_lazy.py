@@ -7,10 +7,12 @@ the value cached in the package, so later accesses cost nothing.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["lazy_attributes"]
+__all__ = ["lazy_attributes", "callable_module"]
 
 
 def lazy_attributes(
@@ -38,3 +40,17 @@ def lazy_attributes(
         return sorted(set(namespace) | set(where))
 
     return __getattr__, __dir__
+
+
+def callable_module(package: str, module: str, name: str) -> None:
+    """Makes the (sub)package ``package`` callable: calling it calls ``module.name``,
+    imported on the first call. ``tg.train(...)`` so runs :func:`torchgloro.train.api.train`
+    while ``tg.train.load_config`` stays the subpackage's.
+    """
+
+    class CallableModule(types.ModuleType):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    CallableModule.__call__.__doc__ = f"Calls :func:`{module}.{name}`."
+    sys.modules[package].__class__ = CallableModule

@@ -14,7 +14,7 @@ from torchgloro.evaluate.cost import read_training_cost
 
 FAST_ARGS = [
     "--limit", "120", "--pgd-steps", "8", "--lower-bounds", "--lb-steps", "20",
-    "--lb-pairs", "8", "--local-steps", "15", "--local-points", "8", "--lb-lr", "1e-2",
+    "--lower-bounds-points", "8", "--local-steps", "15", "--lb-lr", "1e-2",
     "--local-lr", "1e-2",
 ]  # fmt: skip
 
@@ -107,8 +107,8 @@ def test_evaluate_and_compare_cli(tmp_path, capsys, trained_digits_net, standard
 def test_evaluation_is_reproducible(tmp_path, trained_digits_net):
     run = make_run(tmp_path / "r", trained_digits_net[0].state_dict())
     opts = EvalOptions(
-        limit=80, pgd_steps=5, lower_bounds=True, lb_steps=10, lb_pairs=6, local_steps=10,
-        local_points=6, lb_lr=1e-2, local_lr=1e-2,
+        limit=80, pgd_steps=5, lower_bounds=True, lb_steps=10, lb_points=6, local_steps=10,
+        lb_lr=1e-2, local_lr=1e-2,
     )  # fmt: skip
     a = evaluate_run(run, opts, write=False)
     b = evaluate_run(run, opts, write=False)

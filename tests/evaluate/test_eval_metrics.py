@@ -13,10 +13,9 @@ from torchgloro.evaluate import EvalOptions, evaluate_net, lower_bounds, metrics
 SMALL = dict(
     pgd_steps=10,
     lb_steps=40,
-    lb_pairs=16,
+    lb_points=16,
     lb_lr=1e-2,
     local_steps=30,
-    local_points=16,
     local_lr=1e-2,
 )
 
@@ -145,8 +144,8 @@ def test_each_long_phase_shows_a_bar_with_an_eta(trained_digits_net, capsys):
     minutes. Each phase now has a bar on stderr (elapsed<remaining), off on request."""
     net, _, test = trained_digits_net
     x, y = test.x[:40], test.y[:40]
-    small = dict(pgd_steps=3, lower_bounds=True, lb_steps=3, lb_pairs=4, local_steps=3,
-                 local_points=4, batch_size=16)  # fmt: skip
+    small = dict(pgd_steps=3, lower_bounds=True, lb_steps=3, lb_points=4, local_steps=3,
+                 batch_size=16)  # fmt: skip
     evaluate_net(net, x, y, EvalOptions(**small))
     err = capsys.readouterr().err
     for phase in ("certify (sound)", "certify (fast)", "PGD", "global lower bound (4 pairs)",

@@ -10,27 +10,33 @@ from torch import nn
 
 from torchgloro._errors import GloroInputError
 
-__all__ = ["DeviceBatches"]
+__all__ = ["DeviceBatches", "as_tensors"]
 
 
-def _as_tensors(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, y)`` of a :class:`Split` (or anything with tensors ``x`` and ``y``), of a
-    ``TensorDataset`` of two tensors, or stacked from a dataset of ``(x, y)`` pairs."""
+def as_tensors(dataset: Any, what: str = "DeviceBatches") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` of a :class:`Split` (or anything with tensors ``x`` and ``y``), of an
+    ``(x, y)`` pair of tensors, of a ``TensorDataset`` of two tensors, or stacked from a
+    dataset of ``(x, y)`` pairs.
+
+    Raises:
+        GloroInputError: ``dataset`` is none of these (the message starts with ``what``).
+    """
     x, y = getattr(dataset, "x", None), getattr(dataset, "y", None)
     if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
         return x, y
-    tensors = getattr(dataset, "tensors", None)  # torch.utils.data.TensorDataset
-    if isinstance(tensors, tuple) and len(tensors) == 2:
-        return tensors
+    pair = dataset if isinstance(dataset, (tuple, list)) else getattr(dataset, "tensors", None)
+    if isinstance(pair, (tuple, list)) and len(pair) == 2:  # (x, y), or a TensorDataset's
+        if all(isinstance(t, torch.Tensor) for t in pair):
+            return pair[0], pair[1]
     try:
         pairs = [dataset[i] for i in range(len(dataset))]
         xs, ys = zip(*pairs) if pairs else ((), ())
         return torch.stack([torch.as_tensor(v) for v in xs]), torch.as_tensor(ys)
     except (TypeError, ValueError, RuntimeError) as e:
         raise GloroInputError(
-            f"DeviceBatches takes a Split, a TensorDataset of (x, y) or a dataset whose items "
-            f"are (x, y) pairs of equal shapes; {type(dataset).__name__} is none of these "
-            f"({e})."
+            f"{what} takes a Split, an (x, y) pair of tensors, a TensorDataset of (x, y) or a "
+            f"dataset whose items are (x, y) pairs of equal shapes; {type(dataset).__name__} "
+            f"is none of these ({e})."
         ) from e
 
 
@@ -78,7 +84,7 @@ class DeviceBatches:
             raise GloroInputError(
                 f"global batch_size {batch_size} is smaller than world_size {world_size}"
             )
-        x, y = _as_tensors(dataset)
+        x, y = as_tensors(dataset)
         if len(x) == 0:
             raise GloroInputError("cannot batch an empty dataset")
         if len(y) != len(x):

@@ -16,8 +16,8 @@ __all__ = ["DatasetInfo", "Split"]
 class DatasetInfo:
     """Static facts about a dataset.
 
-    ``in_shape`` is ``(C, H, W)``. ``default_epsilon`` is the L2 radius the GloRo paper
-    certifies at test time (``eps_test``) for the dataset, on inputs scaled to ``[0, 1]``;
+    ``in_shape`` is ``(C, H, W)`` for images. ``default_epsilon`` is the L2 radius the GloRo
+    paper certifies at test time (``eps_test``) for the dataset, on inputs scaled to ``[0, 1]``;
     for datasets the paper does not use (Fashion-MNIST, digits, npz) it is a documented
     choice, see ``docs/data.md``. ``augment_by_default`` says whether the paper trains the
     dataset with the Appendix B augmentation (off for the MNIST family).
@@ -25,7 +25,7 @@ class DatasetInfo:
 
     name: str
     classes: tuple[str, ...]
-    in_shape: tuple[int, int, int]
+    in_shape: tuple[int, ...]
     default_epsilon: float
     augment_by_default: bool = False
 
@@ -38,7 +38,8 @@ class DatasetInfo:
 class Split:
     """One split of a dataset, fully in memory.
 
-    ``x`` is ``(N, C, H, W)`` float32 in ``[0, 1]``; ``y`` is ``(N,)`` int64 in
+    ``x`` is ``(N, C, H, W)`` float32 in ``[0, 1]`` for the image datasets (``(N, *in_shape)``
+    for data of other shapes given to ``tg.train``); ``y`` is ``(N,)`` int64 in
     ``0 .. info.num_classes - 1``.
     """
 
@@ -47,8 +48,11 @@ class Split:
     info: DatasetInfo
 
     def __post_init__(self) -> None:
-        if self.x.ndim != 4:
-            raise GloroInputError(f"Split.x must be (N, C, H, W), got shape {tuple(self.x.shape)}")
+        if self.x.ndim < 2:
+            raise GloroInputError(
+                f"Split.x must be (N, *in_shape), e.g. images (N, C, H, W); got shape "
+                f"{tuple(self.x.shape)}"
+            )
         if self.y.ndim != 1 or self.y.shape[0] != self.x.shape[0]:
             raise GloroInputError(
                 f"Split.y must be (N,) with N = {self.x.shape[0]}, got shape {tuple(self.y.shape)}"

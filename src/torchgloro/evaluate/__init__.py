@@ -8,9 +8,11 @@
 * :mod:`~torchgloro.evaluate.cost`: training cost from ``metrics.csv``, certification cost.
 * :mod:`~torchgloro.evaluate.report`: ``evaluation.json``/``.md``, plots, compare table.
 * :func:`evaluate_run` / :func:`evaluate_net`: everything at once (``gloro evaluate``).
+* The package itself is callable: ``tg.evaluate(net, (x, y), attack="pgd")``
+  (:func:`torchgloro.evaluate.api.evaluate`) evaluates a net on your own data.
 """
 
-from torchgloro._lazy import lazy_attributes
+from torchgloro._lazy import callable_module, lazy_attributes
 
 _E = "torchgloro.evaluate"
 # Imported on first use (they import torch; `gloro evaluate --help` needs none of it).
@@ -33,12 +35,18 @@ __getattr__, __dir__ = lazy_attributes(
         "certified_accuracy_curve": f"{_E}.metrics",
         "curve_grid": f"{_E}.metrics",
         "compare_table": f"{_E}.report",
-        **{name: f"{_E}.runner" for name in ("EvalOptions", "evaluate_net", "evaluate_run")},
+        "EvalOptions": f"{_E}.options",
+        "Evaluation": f"{_E}.api",
+        **{name: f"{_E}.runner" for name in ("evaluate_net", "evaluate_run")},
+        "Interrupted": f"{_E}.stopping",
     },
 )
+callable_module(__name__, f"{_E}.api", "evaluate")  # tg.evaluate(net, data, ...)
 
 __all__ = [
     "EvalOptions",
+    "Evaluation",
+    "Interrupted",
     "evaluate_net",
     "evaluate_run",
     "pgd_l2",

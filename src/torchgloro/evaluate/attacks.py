@@ -175,6 +175,10 @@ def pgd_l2(
     try:
         with eval_mode(f), progress.bar("PGD", len(x) * restarts * steps, "point-step") as shown:
             advs, fooled = [], []
+            shown.partial = lambda: {  # whole batches only; their ball not yet rechecked
+                "points_finished": sum(len(fo) for fo in fooled),
+                "points_fooled": sum(int(fo.sum()) for fo in fooled),
+            }
             for i in range(0, x.shape[0], batch_size):
                 xb, yb = x[i : i + batch_size], y[i : i + batch_size]
                 a, fo = _attack_batch(

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from torchgloro.evaluate.options import EvalOptions
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -42,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--lower-bounds", action="store_true",
-        help="optimize empirical global/local Lipschitz lower bounds (Appendix E)",
+        help="optimize empirical global/local Lipschitz lower bounds (Appendix E; sized for "
+        "minutes on a CPU: see docs/evaluation.md)",
     )  # fmt: skip
     parser.add_argument(
         "--fallback", action="store_true",
@@ -64,37 +67,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=None, help="seed (default: config [run] seed, else 0)"
     )
-    parser.add_argument("--pgd-steps", type=_positive_int, default=100, help="PGD steps")
-    parser.add_argument("--pgd-restarts", type=_positive_int, default=1, help="PGD restarts")
+    d = EvalOptions
+    parser.add_argument("--pgd-steps", type=_positive_int, default=d.pgd_steps, help="PGD steps")
+    parser.add_argument(
+        "--pgd-restarts", type=_positive_int, default=d.pgd_restarts, help="PGD restarts"
+    )
     parser.add_argument(
         "--pgd-step-size", type=_positive_float, default=None, help="default 2.5·ε/steps"
     )
     parser.add_argument(
-        "--lb-steps", type=_nonneg_int, default=7500, help="global lower-bound optimizer steps"
-    )
+        "--lower-bounds-points", type=_positive_int, default=d.lb_points, metavar="N",
+        help="test points for the lower bounds: N pairs for the global one, N ε-balls for "
+        "the local one (the paper: 100)",
+    )  # fmt: skip
     parser.add_argument(
-        "--lb-pairs", type=_positive_int, default=100, help="point pairs for the global bound"
-    )
-    parser.add_argument("--lb-lr", type=_positive_float, default=1e-3, help="its learning rate")
+        "--lb-steps", type=_nonneg_int, default=d.lb_steps,
+        help="global lower-bound optimizer steps (the paper: 7500)",
+    )  # fmt: skip
+    parser.add_argument("--lb-lr", type=_positive_float, default=d.lb_lr, help="its learning rate")
     parser.add_argument(
-        "--local-steps", type=_nonneg_int, default=5000, help="local lower-bound steps"
-    )
+        "--local-steps", type=_nonneg_int, default=d.local_steps,
+        help="local lower-bound steps (the paper: 5000)",
+    )  # fmt: skip
     parser.add_argument(
-        "--local-points", type=_positive_int, default=100, help="points for the local bound"
+        "--local-lr", type=_positive_float, default=d.local_lr, help="its learning rate"
     )
-    parser.add_argument("--local-lr", type=_positive_float, default=1e-3, help="its learning rate")
-    parser.add_argument("--batch-size", type=_positive_int, default=512, help="batch size")
+    parser.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="batch size")
     parser.add_argument(
-        "--cost-repeats", type=_positive_int, default=3, help="timing repeats for --cost"
+        "--cost-repeats",
+        type=_positive_int,
+        default=d.cost_repeats,
+        help="timing repeats for --cost",
     )
     parser.add_argument("--no-write", action="store_true", help="print only; write no files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def options_from_args(args: argparse.Namespace):
+def options_from_args(args: argparse.Namespace) -> EvalOptions:
     """The :class:`EvalOptions` of parsed arguments."""
-    from torchgloro.evaluate.runner import EvalOptions
-
     return EvalOptions(
         epsilon=args.epsilon,
         attack=None if args.attack == "none" else args.attack,
@@ -106,11 +116,10 @@ def options_from_args(args: argparse.Namespace):
         pgd_steps=args.pgd_steps,
         pgd_restarts=args.pgd_restarts,
         pgd_step_size=args.pgd_step_size,
+        lb_points=args.lower_bounds_points,
         lb_steps=args.lb_steps,
-        lb_pairs=args.lb_pairs,
         lb_lr=args.lb_lr,
         local_steps=args.local_steps,
-        local_points=args.local_points,
         local_lr=args.local_lr,
         batch_size=args.batch_size,
         cost_repeats=args.cost_repeats,
@@ -119,24 +128,43 @@ def options_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from torchgloro.evaluate import report
     from torchgloro.evaluate.runner import evaluate_run
+    from torchgloro.evaluate.stopping import EXIT_CODES, Interrupted, signals_stop
 
-    result = evaluate_run(
-        args.run,
-        options_from_args(args),
-        data_dir=args.data_dir,
-        dataset=args.dataset,
-        device=args.device,
-        write=not args.no_write,
-        download=args.download,
-    )
+    try:
+        with signals_stop():
+            result = evaluate_run(
+                args.run,
+                options_from_args(args),
+                data_dir=args.data_dir,
+                dataset=args.dataset,
+                device=args.device,
+                write=not args.no_write,
+                download=args.download,
+            )
+    except KeyboardInterrupt as e:
+        stop = Interrupted.of(e)
+        if stop.result is not None:
+            _print(stop.result, args.no_write)
+        else:
+            print(f"\nStopped ({stop.signal}); no results to write.")
+        return EXIT_CODES[stop.signal]
+    _print(result, args.no_write)
+    return 0
+
+
+def _print(result: dict, no_write: bool) -> None:
+    from torchgloro.evaluate import report
+
+    partly = " (partly: stopped)" if "stopped" in result else ""
     print(
-        f"Evaluated {result['run']} on {result['dataset']} ({result['n']} test points, "
+        f"Evaluated{partly} {result['run']} on {result['dataset']} ({result['n']} test points, "
         f"ε = {result['epsilon']:g}, seed {result['seed']})\nWeights: {result['weights']}\n"
     )
     print(report.summary_tables(result))
-    if not args.no_write:
-        files = result.get("files", {})
-        print(f"Wrote {files.get('json')}, {files.get('md')} and plots into {files.get('folder')}")
-    return 0
+    if no_write:
+        return
+    files = result.get("files", {})
+    what = "the finished parts" if "stopped" in result else "the results"
+    plots = " and plots" if "curve_png" in files else ""
+    print(f"Wrote {what} to {files.get('json')}, {files.get('md')}{plots} in {files.get('folder')}")

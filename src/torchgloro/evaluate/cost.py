@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from torchgloro.evaluate import progress
+
 __all__ = ["read_training_cost", "measure_certification_cost", "PeakMemory", "pick_column"]
 
 _MB = 2.0**20
@@ -185,16 +187,18 @@ def measure_certification_cost(
     bs = max(1, min(batch_size, n))
     for fn in passes.values():  # warm-up (allocator, kernels)
         fn(x[:bs])
-    for _ in range(max(1, repeats)):
-        for name, fn in passes.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            with PeakMemory(device) as pm:
-                for i in range(0, n, bs):
-                    fn(x[i : i + bs])
+    with progress.bar("certification cost", max(1, repeats) * len(passes), "pass") as shown:
+        for _ in range(max(1, repeats)):
+            for name, fn in passes.items():
                 _sync(device)
-            times[name].append(time.perf_counter() - t0)
-            mems[name].append(pm.peak)
+                t0 = time.perf_counter()
+                with PeakMemory(device) as pm:
+                    for i in range(0, n, bs):
+                        fn(x[i : i + bs])
+                    _sync(device)
+                times[name].append(time.perf_counter() - t0)
+                mems[name].append(pm.peak)
+                shown.update(1)
     out: dict = {"n": n, "batch_size": bs, "repeats": max(1, repeats), "device": str(device)}
     out.update(setup)
     base_t = statistics.median(times["inference"])

@@ -112,6 +112,9 @@ def _optimize(f, f64, x1, x2, steps, lr, guard, desc, project=None, fixed_j=None
     b1, b2 = x1.detach().clone(), x2.detach().clone()
     n = x1.shape[0]
     with progress.bar(desc, steps) as shown:
+        shown.partial = lambda: {  # the best pairs so far, re-evaluated exactly
+            "lower_bound_so_far": float(exact_margin_ratios(f64, b1, b2, fixed_j)[0].max())
+        }
         for _ in range(steps):
             y = f(torch.cat([x1, x2]))
             y1, y2 = y[:n], y[n:]

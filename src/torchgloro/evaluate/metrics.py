@@ -48,6 +48,7 @@ def certify_batched(net, x: torch.Tensor, epsilon: float, mode: str, batch_size:
     """
     preds, certs, radii = [], [], []
     with progress.bar(f"certify ({mode})", len(x), "point") as shown:
+        shown.partial = lambda: {"certified": sum(int(c.sum()) for c in certs)}
         for i in range(0, x.shape[0], batch_size):
             # float64 in sound mode: the tightest radii (the curve and histogram use them).
             prec = "float64" if mode == "sound" else "auto"

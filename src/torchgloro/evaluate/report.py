@@ -16,6 +16,8 @@ __all__ = [
     "markdown_report",
     "summary_tables",
     "metrics_table",
+    "stopped_line",
+    "lower_bounds_line",
     "tightness_table",
     "cost_table",
     "compare_table",
@@ -178,7 +180,7 @@ def cost_table(result: dict) -> str:
 
 
 def summary_tables(result: dict) -> str:
-    """The three tables of one evaluation, in markdown."""
+    """The three tables of one evaluation, in markdown (after what was stopped, if it was)."""
     parts = [
         "## Accuracy (Figure 3a)",
         metrics_table([result]),
@@ -187,10 +189,51 @@ def summary_tables(result: dict) -> str:
         "## Certification cost (Figure 3b)",
         cost_table(result),
     ]
+    lower = lower_bounds_line(result)
+    if lower:
+        parts.insert(4, lower)
     fallback = fallback_line(result)
     if fallback:
         parts.insert(2, fallback)
+    stopped = stopped_line(result)
+    if stopped:
+        parts.insert(0, stopped)
     return "\n\n".join(parts) + "\n"
+
+
+def stopped_line(result: dict) -> str | None:
+    """What a stopped evaluation finished, and how far the part in progress got; None for a
+    complete one."""
+    stop = result.get("stopped")
+    if not stop:
+        return None
+    done = ", ".join(stop["finished"]) or "nothing"
+    text = f"**Stopped by {stop['signal']}: partial results.** Finished: {done}."
+    phase = stop.get("in_progress")
+    if phase:
+        figures = ", ".join(
+            f"{k.replace('_', ' ')} {num(v, 4)}"
+            for k, v in phase.items()
+            if k not in ("phase", "done", "total", "unit", "partial")
+        )
+        text += (
+            f" In progress (partial): {phase['phase']}, {phase['done']} of {phase['total']} "
+            f"{phase['unit']}s done{f' ({figures})' if figures else ''}."
+        )
+    return text + " Figures of parts not finished are missing (–)."
+
+
+def lower_bounds_line(result: dict) -> str | None:
+    """The size of the empirical lower bounds, and the flag that changes it; None without."""
+    lip = result.get("lipschitz") or {}
+    g, loc = lip.get("global_lb_settings"), lip.get("local_lb_settings")
+    if not g:  # the global bound is computed first
+        return None
+    local = f"; local: {loc['points']} points, {loc['steps']} steps" if loc else ""
+    return (
+        f"Lower bounds on {g['pairs']} points of {g['of_points']} (global: {g['pairs']} "
+        f"pairs, {g['steps']} steps{local}); --lower-bounds-points to change."
+    )
 
 
 def fallback_line(result: dict) -> str | None:
@@ -236,6 +279,8 @@ def markdown_report(result: dict) -> str:
         "",
     ]
     files = result.get("files") or FILES
+    if "curve_png" not in files:  # stopped before certification finished: no plots
+        return "\n".join(lines)
     lines += [
         "## Certified accuracy vs ε",
         "",
@@ -311,25 +356,30 @@ def plot_radius_histogram(path, radius: torch.Tensor, correct: torch.Tensor, eps
 
 
 def write_outputs(
-    run_dir: str | os.PathLike, result: dict, arrays: dict, suffix: str = ""
+    run_dir: str | os.PathLike, result: dict, arrays: dict | None, suffix: str = ""
 ) -> dict[str, Path]:
     """Writes the JSON, markdown, CSV and PNGs into ``run_dir``; returns their paths.
 
     Args:
         run_dir: Folder to write into.
         result: The evaluation; its ``files`` entry is set to the names written.
-        arrays: The curve, radii and correctness arrays the CSV and plots need.
+        arrays: The curve, radii and correctness arrays the CSV and plots need; None (an
+            evaluation stopped before certification finished) writes the JSON and markdown.
         suffix: Inserted before each extension (see :func:`files_for`).
     """
     from torchgloro.io import atomic_write_bytes
 
     run_dir = Path(run_dir)
     names = files_for(suffix)
+    if arrays is None:
+        names = {k: names[k] for k in ("json", "md")}
     paths = {k: run_dir / v for k, v in names.items()}
     result["files"] = dict(names)
-    write_curve_csv(paths["curve_csv"], arrays["grid"], arrays["curve"])
-    plot_curve(paths["curve_png"], arrays["grid"], arrays["curve"], result["epsilon"])
-    plot_radius_histogram(paths["hist_png"], arrays["radius"], arrays["correct"], result["epsilon"])
+    if arrays is not None:
+        write_curve_csv(paths["curve_csv"], arrays["grid"], arrays["curve"])
+        plot_curve(paths["curve_png"], arrays["grid"], arrays["curve"], result["epsilon"])
+        plot_radius_histogram(paths["hist_png"], arrays["radius"], arrays["correct"],
+                              result["epsilon"])  # fmt: skip
     atomic_write_bytes(paths["md"], markdown_report(result).encode())
     atomic_write_bytes(paths["json"], (json.dumps(result, indent=2) + "\n").encode())
     return paths

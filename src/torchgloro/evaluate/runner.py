@@ -9,172 +9,23 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from torchgloro._errors import ConfigError, GloroError, UnsoundBoundError
+from torchgloro._errors import ConfigError, GloroError
 from torchgloro._inputs import check_epsilon, check_one_label_each
-from torchgloro.evaluate import attacks, cost, lower_bounds, metrics, progress
+from torchgloro.evaluate import cost, metrics, progress, sections
+from torchgloro.evaluate.options import EvalOptions
+from torchgloro.evaluate.stopping import Interrupted
 from torchgloro.losses import check_labels
 from torchgloro.train._runtime import resolve_device
 
 __all__ = ["EvalOptions", "evaluate_net", "evaluate_run", "FORMAT"]
 
 FORMAT = "torchgloro-eval/1"
-
-
-@dataclass
-class EvalOptions:
-    """Settings of an evaluation (defaults follow the paper, Section 5 and Appendix E)."""
-
-    epsilon: float | None = None  # default: config [gloro] epsilon_test, else the net's ε
-    attack: str | None = "pgd"  # "pgd" or None
-    lower_bounds: bool = False
-    cost: bool = False
-    fallback: bool = False  # also certify ⊥ points with the local bound (torchgloro.local)
-    limit: int | None = None
-    seed: int | None = None  # default: config [run] seed, else 0
-    pgd_steps: int = 100
-    pgd_restarts: int = 1
-    pgd_step_size: float | None = None  # default 2.5·ε/steps
-    lb_steps: int = 7500
-    lb_pairs: int = 100
-    lb_lr: float = 1e-3
-    local_steps: int = 5000
-    local_points: int = 100
-    local_lr: float = 1e-3
-    batch_size: int = 512
-    cost_repeats: int = 3
-    curve_points: int = 201
-    progress: bool = True  # bars with an ETA on stderr (torchgloro.evaluate.progress)
-    extra: dict = field(default_factory=dict)
-
-
-def _warn(msg: str) -> None:
-    print(f"gloro evaluate: warning: {msg}", file=sys.stderr)
-
-
-def _pgd_section(net, x, y, eps, opts, seed, cert_sound, cert_fast) -> dict:
-    f = net.backbone
-    res = attacks.pgd_l2(
-        f,
-        x,
-        y,
-        eps,
-        steps=opts.pgd_steps,
-        step_size=opts.pgd_step_size,
-        restarts=opts.pgd_restarts,
-        seed=seed,
-        batch_size=opts.batch_size,
-    )
-    fooled = res.fooled.cpu()
-    yc = y.cpu()
-    out = {
-        "accuracy": res.accuracy,
-        "steps": res.steps,
-        "restarts": res.restarts,
-        "step_size": res.step_size,
-        "max_perturbation_norm": res.max_norm,
-        "float32_only_flips": 0,
-    }
-    flipped = (cert_sound.pred == yc) & cert_sound.certified & fooled
-    if bool(flipped.any()):
-        # Certified in exact (float64, proven) arithmetic: recheck the flip in float64.
-        f64 = copy.deepcopy(f).double().eval()
-        idx = flipped.nonzero().squeeze(1)
-        with torch.no_grad():
-            p64 = f64(res.x_adv[idx.to(x.device)].double()).argmax(1).cpu()
-        real = p64 != yc[idx]
-        if bool(real.any()):
-            k = int(idx[real][0])
-            raise UnsoundBoundError(
-                f"PGD flipped {int(real.sum())} point(s) certified robust in sound mode at "
-                f"ε={eps:g} (first: test index {k}, label {int(yc[k])}, certified radius "
-                f"{float(cert_sound.radius[k]):.6g}): the certificate is not sound. Please "
-                f"report this as a bug."
-            )
-        out["float32_only_flips"] = int(flipped.sum())
-    out["certified_flipped_sound"] = 0
-    flipped_fast = (cert_fast.pred == yc) & cert_fast.certified & fooled
-    out["certified_flipped_fast"] = int(flipped_fast.sum())
-    if out["certified_flipped_fast"]:
-        _warn(
-            f"PGD flipped {out['certified_flipped_fast']} point(s) certified in fast mode: the "
-            f"power-iteration bound underestimates; trust mode='sound'."
-        )
-    vra_sound = metrics.vra(cert_sound.pred, cert_sound.certified, yc)
-    if res.accuracy + 1e-12 < vra_sound:
-        raise UnsoundBoundError(
-            f"PGD accuracy {res.accuracy:.4f} is below the sound VRA {vra_sound:.4f}."
-        )
-    return out
-
-
-def _lb_section(net, x, eps, opts, seed) -> dict:
-    ub = lower_bounds.upper_bounds(net)
-    K = ub.pop("_K_sound")
-    out: dict = dict(ub)
-    f = net.backbone
-    if not opts.lower_bounds:
-        return out
-    t0 = time.perf_counter()
-    glb = lower_bounds.global_lower_bound(
-        f, x, pairs=opts.lb_pairs, steps=opts.lb_steps, lr=opts.lb_lr, seed=seed + 1
-    )
-    lower_bounds.check_against_upper(glb, K, "Global")
-    k = int(glb.values.argmax())
-    out.update(
-        global_lb=glb.max,
-        global_lb_pair=[int(glb.j[k]), int(glb.i[k])],
-        global_lb_over_ub=glb.max / ub["global_ub_sound"] if ub["global_ub_sound"] else None,
-        global_lb_settings={"pairs": opts.lb_pairs, "steps": opts.lb_steps, "lr": opts.lb_lr},
-        global_lb_seconds=time.perf_counter() - t0,
-    )
-    t0 = time.perf_counter()
-    g = torch.Generator().manual_seed(seed + 2)
-    pick = torch.randperm(x.shape[0], generator=g)[: opts.local_points].sort().values
-    llb = lower_bounds.local_lower_bound(
-        f, x[pick.to(x.device)], eps, steps=opts.local_steps, lr=opts.local_lr, seed=seed + 3
-    )
-    lower_bounds.check_against_upper(llb, K, "Local")
-    out.update(
-        local_lb=llb.mean,
-        local_lb_max=llb.max,
-        local_lb_over_ub=llb.mean / ub["global_ub_sound"] if ub["global_ub_sound"] else None,
-        local_lb_settings={
-            "points": int(pick.numel()),
-            "steps": opts.local_steps,
-            "lr": opts.local_lr,
-        },
-        local_lb_seconds=time.perf_counter() - t0,
-    )
-    return out
-
-
-def _fallback_section(net, x, yc, eps, opts, cs) -> dict:
-    """VRA with the local-bound fallback for the points the global sound bound left as ⊥."""
-    from torchgloro.local import certify_local
-
-    t0 = time.perf_counter()
-    certified = torch.cat([
-        certify_local(net, xb, eps, net.certify(xb, eps, precision="float64")).cpu()
-        for xb in x.split(opts.batch_size)
-    ])  # fmt: skip
-    seconds = time.perf_counter() - t0
-    tried = int((~cs.certified).sum())
-    vra = metrics.vra(cs.pred, certified, yc)
-    return {
-        "vra": vra,
-        "vra_added": vra - metrics.vra(cs.pred, cs.certified, yc),
-        "points_tried": tried,
-        "points_added": int((certified & ~cs.certified).sum()),
-        "seconds": seconds,
-        "seconds_per_point_tried": seconds / max(tried, 1),
-    }
 
 
 def evaluate_net(net, x: torch.Tensor, y: torch.Tensor, opts: EvalOptions) -> tuple[dict, dict]:
@@ -188,6 +39,10 @@ def evaluate_net(net, x: torch.Tensor, y: torch.Tensor, opts: EvalOptions) -> tu
     Raises:
         UnsoundBoundError: if PGD breaks a soundly certified point, or an empirical lower
             bound exceeds the sound Lipschitz upper bound.
+        Interrupted: Ctrl-C (or SIGTERM, in :func:`~torchgloro.evaluate.stopping.signals_stop`);
+            its ``result`` holds the parts that finished and a ``stopped`` entry naming
+            them and the part in progress (n done of N), its ``arrays`` the plots' data if
+            certification finished.
     """
     with progress.shown(opts.progress):
         return _evaluate(net, x, y, opts)
@@ -200,9 +55,41 @@ def _evaluate(net, x: torch.Tensor, y: torch.Tensor, opts: EvalOptions) -> tuple
     eps = check_epsilon(opts.epsilon if opts.epsilon is not None else net.epsilon)
     check_one_label_each(x, y)
     check_labels(y.cpu(), net.num_classes)
+    if opts.attack not in (None, "pgd"):
+        raise ConfigError(f"Unknown attack {opts.attack!r}; the only attack is 'pgd'.")
     seed = int(opts.seed or 0)
     torch.manual_seed(seed)
-    timings: dict[str, float] = {}
+    result: dict = {
+        "format": FORMAT,
+        "epsilon": eps,
+        "n": int(x.shape[0]),
+        "seed": seed,
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("extra", "progress")},
+        "metrics": {},
+        "timings": {},
+        "cost": {},
+    }
+    result["options"]["epsilon"] = eps
+    result["options"]["seed"] = seed
+    arrays: dict = {}
+    finished: list[str] = []
+    try:
+        _sections(net, x, y, eps, seed, opts, result, arrays, finished)
+    except KeyboardInterrupt as e:
+        stop = Interrupted.of(e)
+        result["stopped"] = {"signal": stop.signal, "finished": finished,
+                             "in_progress": stop.phase}  # fmt: skip
+        stop.result, stop.arrays = result, arrays or None
+        if stop is e:
+            raise
+        raise stop from e
+    return result, arrays
+
+
+def _sections(net, x, y, eps, seed, opts, result: dict, arrays: dict, finished: list) -> None:
+    """Computes each part into ``result`` (and the plots' data into ``arrays``) as soon as it
+    is done, and names it in ``finished``, so that a stopped evaluation keeps those parts."""
+    timings = result["timings"]
     t0 = time.perf_counter()
     yc = y.cpu()
     pred32 = metrics.predict_batched(net.backbone, x, opts.batch_size)
@@ -210,31 +97,19 @@ def _evaluate(net, x: torch.Tensor, y: torch.Tensor, opts: EvalOptions) -> tuple
     cf = metrics.certify_batched(net, x, eps, "fast", opts.batch_size)
     timings["certify_seconds"] = time.perf_counter() - t0
     vra_s, vra_f = metrics.vra(cs.pred, cs.certified, yc), metrics.vra(cf.pred, cf.certified, yc)
-    result: dict = {
-        "format": FORMAT,
-        "epsilon": eps,
-        "n": int(x.shape[0]),
-        "seed": seed,
-        "options": {k: v for k, v in asdict(opts).items() if k not in ("extra", "progress")},
-        "metrics": {
-            "clean_accuracy": metrics.accuracy(pred32, yc),
-            "vra_sound": vra_s,
-            "vra_fast": vra_f,
-            "vra_gap": vra_f - vra_s,
-            "rejection_sound": metrics.rejection_rate(cs.certified),
-            "rejection_fast": metrics.rejection_rate(cf.certified),
-        },
-    }
-    result["options"]["epsilon"] = eps
-    result["options"]["seed"] = seed
+    result["metrics"].update({
+        "clean_accuracy": metrics.accuracy(pred32, yc),
+        "vra_sound": vra_s,
+        "vra_fast": vra_f,
+        "vra_gap": vra_f - vra_s,
+        "rejection_sound": metrics.rejection_rate(cs.certified),
+        "rejection_fast": metrics.rejection_rate(cf.certified),
+    })  # fmt: skip
     correct = cs.pred == yc
     grid = metrics.curve_grid(cs.radius, eps, opts.curve_points)
     curve = metrics.certified_accuracy_curve(cs.radius, correct, grid)
     metrics.check_curve(grid, curve, eps, vra_s)
     finite = cs.radius[torch.isfinite(cs.radius)]
-    if opts.fallback:
-        result["fallback"] = _fallback_section(net, x, yc, eps, opts, cs)
-        result["metrics"]["vra_fallback"] = result["fallback"]["vra"]
     result["radius"] = {
         "mean": float(finite.mean()) if finite.numel() else 0.0,
         "median": float(finite.median()) if finite.numel() else 0.0,
@@ -245,28 +120,31 @@ def _evaluate(net, x: torch.Tensor, y: torch.Tensor, opts: EvalOptions) -> tuple
         "infinite": int((~torch.isfinite(cs.radius)).sum()),
     }
     result["curve"] = {"points": int(grid.numel()), "at_epsilon": vra_s}
-
+    arrays.update(radius=cs.radius, correct=correct, grid=grid, curve=curve)
+    finished.append("certification")
+    if opts.fallback:
+        result["fallback"] = sections.fallback_section(net, x, yc, eps, opts, cs)
+        result["metrics"]["vra_fallback"] = result["fallback"]["vra"]
+        finished.append("fallback")
     if opts.attack:
-        if opts.attack != "pgd":
-            raise ConfigError(f"Unknown attack {opts.attack!r}; the only attack is 'pgd'.")
         t0 = time.perf_counter()
-        result["pgd"] = _pgd_section(net, x, y, eps, opts, seed, cs, cf)
+        result["pgd"] = sections.pgd_section(net, x, y, eps, opts, seed, cs, cf)
         result["metrics"]["pgd_accuracy"] = result["pgd"]["accuracy"]
         timings["pgd_seconds"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result["lipschitz"] = _lb_section(net, x, eps, opts, seed)
-    lip = result["lipschitz"]
-    for key in ("global_lb_seconds", "local_lb_seconds"):
-        if key in lip:
-            timings[key] = lip.pop(key)
-    result["cost"] = {}
+        finished.append("pgd")
+    lip = result["lipschitz"] = {}  # filled bound by bound: a stop keeps those done
+    try:
+        sections.lipschitz_section(net, x, eps, opts, seed, lip)
+    finally:
+        for key in ("global_lb_seconds", "local_lb_seconds"):
+            if key in lip:
+                timings[key] = lip.pop(key)
+    finished.append("lipschitz")
     if opts.cost:
         result["cost"]["certification"] = cost.measure_certification_cost(
             net, x, batch_size=min(opts.batch_size, 256), repeats=opts.cost_repeats
         )
-    result["timings"] = timings
-    arrays = {"radius": cs.radius, "correct": correct, "grid": grid, "curve": curve}
-    return result, arrays
+        finished.append("cost")
 
 
 def _load_net(run: Path, dev: torch.device):
@@ -297,9 +175,10 @@ def evaluate_run(
     Raises:
         GloroError: the folder cannot be written (checked before any work; pass
             ``write=False``), or there is nothing to evaluate.
+        Interrupted: Ctrl-C or SIGTERM; the parts that finished were written (with
+            ``write``), labelled partial, and are in its ``result``.
     """
     import torchgloro as tg
-    from torchgloro.evaluate import report
     from torchgloro.io import resolve_model_file
     from torchgloro.train.saved_run import read_saved_run
 
@@ -342,33 +221,45 @@ def evaluate_run(
         if differs
     )
     x, y = split.x.to(dev), split.y.to(dev)
-    result, arrays = evaluate_net(net, x, y, opts)
-    arch = saved.arch
     spec = getattr(net.backbone, "gloro_spec", None) or {}
-    result = {
-        "format": result.pop("format"),
+    facts = {
         "run": str(run_dir.name),
         "model_file": model_file.name,
         "weights": net.loaded_weights.text,  # final, best on validation, or picked on test
         "picked_on_test": net.loaded_weights.picked_on_test,
-        "model": arch or spec.get("name"),
+        "model": saved.arch or spec.get("name"),
         "dataset": name,
         "split": "test",
         "device": str(dev),
-        **result,
     }
-    result["cost"]["training"] = cost.read_training_cost(run_dir)
-    result["timings"]["total_seconds"] = time.perf_counter() - t_start
-    if write:
-        try:
-            report.write_outputs(run_dir, result, arrays, suffix=suffix)
-        except OSError as e:
-            raise GloroError(
-                f"Evaluated, but cannot write the results into {run_dir}: {e}. Free space or "
-                f"fix permissions, or use --no-write to only print them."
-            ) from e
-        result["files"]["folder"] = str(run_dir)
-    return result
+
+    def finish(result: dict, arrays: dict | None) -> dict:
+        result = {"format": result.pop("format"), **facts, **result}
+        result["cost"]["training"] = cost.read_training_cost(run_dir)
+        result["timings"]["total_seconds"] = time.perf_counter() - t_start
+        if write:
+            _write(run_dir, result, arrays, suffix)
+        return result
+
+    try:
+        return finish(*evaluate_net(net, x, y, opts))
+    except Interrupted as stop:
+        if stop.result is not None:  # the parts it finished, written as a complete one would be
+            stop.result = finish(stop.result, stop.arrays)
+        raise
+
+
+def _write(run_dir: Path, result: dict, arrays: dict | None, suffix: str) -> None:
+    from torchgloro.evaluate import report
+
+    try:
+        report.write_outputs(run_dir, result, arrays, suffix=suffix)
+    except OSError as e:
+        raise GloroError(
+            f"Evaluated, but cannot write the results into {run_dir}: {e}. Free space or "
+            f"fix permissions, or use --no-write to only print them."
+        ) from e
+    result["files"]["folder"] = str(run_dir)
 
 
 def _check_writable(folder: Path) -> None:

@@ -1,14 +1,21 @@
 """Training GloRo nets: configs, recipes, the loop, checkpoints, reports and DDP.
 
+Your own model on your own tensors (:func:`torchgloro.train.api.train`; the package itself
+is callable):
+
+>>> import torchgloro as tg
+>>> net, result = tg.train(backbone, (x, y), epsilon=0.3, epochs=5, val=1000)
+>>> result.history[-1]["val_vra"]
+
+A recipe, as ``gloro train digits-minicnn-gloro --epochs 5`` runs it:
+
 >>> from torchgloro.train import load_config, train
 >>> cfg = load_config("digits-minicnn-gloro", ["run.epochs=5"])
 >>> result = train(cfg)                      # writes runs/<name>-<timestamp>/
 >>> result.final["vra_sound"]
-
-The same from the shell: ``gloro train digits-minicnn-gloro --epochs 5``.
 """
 
-from torchgloro._lazy import lazy_attributes
+from torchgloro._lazy import callable_module, lazy_attributes
 from torchgloro.train.config import (
     DEFAULT_RECIPE,
     DataConfig,
@@ -42,6 +49,7 @@ __getattr__, __dir__ = lazy_attributes(
         )
     },  # fmt: skip
 )
+callable_module(__name__, "torchgloro.train.api", "train")  # tg.train(model, data, ...)
 
 __all__ = [
     "TrainConfig",

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from torchgloro import io, schedules
 from torchgloro._errors import CheckpointError
 from torchgloro.data import Augment, DeviceBatches
+from torchgloro.gloro import GloroNet
 from torchgloro.train import checkpoint as ckpt_io
 from torchgloro.train import distributed as ddp
 from torchgloro.train._rng import restore_rng, rng_tensors
@@ -57,20 +58,31 @@ SYNC_EVERY = 20  # steps between host syncs (progress bar, NaN check, DDP stop f
 
 
 class Run:
-    """One training run's state, and the phases :func:`torchgloro.train.loop.train` runs."""
+    """One training run's state, and the phases :func:`torchgloro.train.loop.train` runs.
 
-    def __init__(self, cfg: TrainConfig, env: ddp.DistEnv, device: torch.device) -> None:
+    ``splits`` and ``net`` are the data and the model when given (``tg.train``); by default
+    they are the config's ``[data]`` and ``[model]``.
+    """
+
+    def __init__(
+        self, cfg: TrainConfig, env: ddp.DistEnv, device: torch.device,
+        splits: Splits | None = None, net: GloroNet | None = None,
+    ) -> None:  # fmt: skip
         self.cfg, self.env, self.device = cfg, env, device
+        self.resumable = net is None  # `gloro train --resume` rebuilds the config's model
         self.say = print if env.is_main else (lambda *a, **k: None)
-        splits = load_splits(cfg, env)
+        splits = splits if splits is not None else load_splits(cfg, env)
         self.train_split, self.info = splits.train, splits.train.info
         resolve_epsilons(cfg, self.info.default_epsilon)
         g, o = cfg.gloro, cfg.optim
 
         # -- model, optimizer, schedules, RNG --
         torch.manual_seed(cfg.run.seed)
-        with torch.device(device):  # built in place: no .to() copy of the power-iteration state
-            self.net = build_net(cfg, self.info.in_shape, self.info.num_classes)
+        if net is not None:
+            self.net = net.to(device)
+        else:  # built in place: no .to() copy of the power-iteration state
+            with torch.device(device):
+                self.net = build_net(cfg, self.info.in_shape, self.info.num_classes)
         if cfg.run.channels_last:  # convolutions then run NHWC: the same values, faster on CPUs
             self.net.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(cfg, self.net, device)
@@ -88,7 +100,8 @@ class Run:
             rank=env.rank, world_size=env.world_size,
         )  # fmt: skip
         val = splits.val.to(device) if splits.val is not None else None
-        self.splits = Splits(splits.train, val, splits.test.to(device), splits.val_indices)
+        test = splits.test.to(device) if splits.test is not None else None
+        self.splits = Splits(splits.train, val, test, splits.val_indices)
         self.test_split = self.splits.test
         self.num_batches = len(self.batches)
         module = TrainModule(self.net, amp=cfg.run.amp == "bf16" and device.type == "cuda")
@@ -167,14 +180,16 @@ class Run:
             MetricsLog(self.run_dir, self.start_epoch, cfg.run.tensorboard) if env.is_main else None
         )
         self.history = list(self.log.rows) if self.log else []
-        g, val = cfg.gloro, self.splits.val
+        g, val, split = cfg.gloro, self.splits.val, self.selection.split
         self.say(
             f"Training {cfg.model.arch} on {self.info.name} ({len(self.train_split)} train / "
-            f"{len(val) if val is not None else 'no'} validation / {len(self.test_split)} test)"
+            f"{len(val) if val is not None else 'no'} validation / "
+            f"{len(self.test_split) if self.test_split is not None else 'no'} test)"
             f" for {total} epochs on {device}"
             f"{f' x {env.world_size} ranks' if env.enabled else ''}; eps_train "
-            f"{g.epsilon_train:g}, eps_test {g.epsilon_test:g}; best.safetensors: the best "
-            f"VRA on the {self.selection.split} split; run folder {self.run_dir}"
+            f"{g.epsilon_train:g}, eps_test {g.epsilon_test:g}; best.safetensors: "
+            f"{f'the best VRA on the {split} split' if split else 'none (no held-out data)'}"
+            f"; run folder {self.run_dir}"
         )
         if g.robust and cfg.optim.warmup_epochs >= total:
             self.say(
@@ -359,6 +374,10 @@ class Run:
         if self.env.is_main:
             write_report(self.run_dir, self.history, dump_config(self.cfg), None,
                          self.cfg.gloro.epsilon_test, self.selection.best)  # fmt: skip
+            if not self.resumable:
+                self.say(f"\nStopped ({why}) after {len(self.history)} epochs; the net keeps "
+                         f"the weights it had then.")  # fmt: skip
+                return
             again = (
                 f"torchrun --nproc_per_node {self.env.world_size} -m torchgloro.cli train"
                 if self.env.enabled
@@ -377,8 +396,9 @@ class Run:
         eps_test, batch = cfg.gloro.epsilon_test, cfg.run.eval_batch_size
         net.eval()
         net.epsilon = eps_test
+        test = self.test_split
         final = {
-            **final_evaluation(net, self.test_split, eps_test, batch, env),
+            **(final_evaluation(net, test, eps_test, batch, env) if test is not None else {}),
             "seconds": time.time() - t_start,
             "best_epoch": self.selection.best["epoch"],
             "best_split": self.selection.best["split"],

@@ -4,7 +4,9 @@
 The selection split is the validation split (``data.val_size`` training images held out).
 With ``data.val_size = 0``, and in runs saved before validation splits existed, the test
 split takes its place, as it always did; ``best.safetensors`` then records that it was
-picked on the test split, and every command that loads it says so.
+picked on the test split, and every command that loads it says so. With neither
+(``tg.train`` on training data alone) no epoch is selected and no ``best.safetensors``
+written.
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ class Selection:
     """
 
     def __init__(self, splits: Splits, best: dict[str, Any] | None = None) -> None:
-        self.split = "validation" if splits.val is not None else "test"
-        self.n = len(splits.val if splits.val is not None else splits.test)
+        held_out = splits.val if splits.val is not None else splits.test
+        self.split = None if held_out is None else "test" if splits.val is None else "validation"
+        self.n = len(held_out) if held_out is not None else 0
         self.best: dict[str, Any] = {"split": "test", **best} if best else {
             "vra": -1.0, "clean": -1.0, "epoch": 0, "split": self.split,
         }  # fmt: skip
@@ -64,6 +67,8 @@ class Selection:
 
     def update(self, row: dict[str, float], net: GloroNet, run_dir: Path, total: int) -> None:
         """Saves ``net`` as ``best.safetensors`` if ``row``'s epoch beats the best so far."""
+        if self.split is None:
+            return
         vra, clean = row[f"{self.prefix}_vra"], row[f"{self.prefix}_clean_acc"]
         if (vra, clean) <= (self.best["vra"], self.best["clean"]):
             return

@@ -29,6 +29,8 @@ __all__ = [
     "parse_lr",
     "resolve_epsilons",
     "build_net",
+    "wrap_backbone",
+    "hold_out",
     "build_optimizer",
     "TrainModule",
     "evaluate",
@@ -103,20 +105,21 @@ def resolve_epsilons(cfg: TrainConfig, default_epsilon: float) -> None:
 
 
 def build_net(cfg: TrainConfig, in_shape, num_classes: int) -> GloroNet:
-    backbone = create_model(
-        cfg.model.arch,
-        tuple(in_shape),
-        num_classes,
-        cfg.model.activation,
-        cfg.model.init,
-        **cfg.model.options,
-    )
+    """The config's model (``[model]``) as a GloRo net (``[gloro]``)."""
+    m = cfg.model
+    backbone = create_model(m.arch, tuple(in_shape), num_classes, m.activation, m.init, **m.options)
+    return wrap_backbone(cfg, backbone)
+
+
+def wrap_backbone(cfg: TrainConfig, backbone: nn.Module, in_shape=None) -> GloroNet:
+    """``backbone`` as a GloRo net with the config's ``[gloro]`` settings."""
     return GloroNet(
         backbone,
         cfg.gloro.epsilon_test if cfg.gloro.epsilon_test > 0 else 1.0,
         power_iterations=cfg.gloro.power_iterations,
         lipschitz=cfg.gloro.lipschitz,
         cuda_graphs=cfg.gloro.cuda_graphs,
+        in_shape=None if in_shape is None else tuple(in_shape),
     )
 
 
@@ -200,7 +203,7 @@ class Splits:
 
     train: Split
     val: Split | None
-    test: Split
+    test: Split | None  # None: no final test evaluation (tg.train without test data)
     val_indices: torch.Tensor  # into the full training split; recorded in the checkpoint
 
 
@@ -256,14 +259,19 @@ def load_splits(cfg: TrainConfig, env: ddp.DistEnv) -> Splits:
             train_split = get_dataset(d.name, "train", d.root, download=d.download and turn)
             test_split = get_dataset(d.name, "test", d.root, download=d.download and turn)
         ddp.barrier(env)
-    val_idx = torch.empty(0, dtype=torch.long)
-    val_split = None
-    if d.val_size:
-        val_idx = validation_indices(len(train_split), d.val_size, cfg.run.seed)
-        keep = torch.ones(len(train_split), dtype=torch.bool)
-        keep[val_idx] = False
-        val_split = train_split.subset(val_idx)
-        train_split = train_split.subset(keep.nonzero().squeeze(1))
+    splits = hold_out(train_split, d.val_size, cfg.run.seed, test_split)
     if d.train_subset:
-        train_split = train_split.subset(min(d.train_subset, len(train_split)))
-    return Splits(train_split, val_split, test_split, val_idx)
+        kept = splits.train.subset(min(d.train_subset, len(splits.train)))
+        splits = Splits(kept, splits.val, splits.test, splits.val_indices)
+    return splits
+
+
+def hold_out(split: Split, size: int, seed: int, test: Split | None) -> Splits:
+    """``split`` less ``size`` images held out (:func:`validation_indices`) as the
+    validation split (none for ``size`` 0), with ``test``."""
+    if not size:
+        return Splits(split, None, test, torch.empty(0, dtype=torch.long))
+    val_idx = validation_indices(len(split), size, seed)
+    keep = torch.ones(len(split), dtype=torch.bool)
+    keep[val_idx] = False
+    return Splits(split.subset(keep.nonzero().squeeze(1)), split.subset(val_idx), test, val_idx)

@@ -17,12 +17,14 @@ from typing import Any
 
 import torch
 
+from torchgloro.gloro import GloroNet
 from torchgloro.train import distributed as ddp
 from torchgloro.train._run import Run
 from torchgloro.train._runtime import StopFlag, TrainingDivergedError, resolve_device
 from torchgloro.train.build import (
     LOSSES,
     OPTIMIZERS,
+    Splits,
     build_net,
     evaluate,
     parse_lr,
@@ -58,6 +60,8 @@ def train(
     resume: str | Path | None = None,
     stop_after: float | None = None,
     progress: bool = True,
+    splits: Splits | None = None,
+    net: GloroNet | None = None,
 ) -> TrainResult:
     """Trains a GloRo net as configured and writes a run folder (rank 0 only).
 
@@ -67,6 +71,8 @@ def train(
         stop_after: Stop (and checkpoint) once this many epochs are done (may be
             fractional); what a SIGINT does, at a chosen point. For tests.
         progress: Show the tqdm progress bar.
+        splits: The data, in place of the config's ``[data]`` (``tg.train``).
+        net: The net to train (in place), in place of the config's ``[model]``.
 
     Raises:
         TrainingDivergedError: the loss became NaN/Inf (the last good checkpoint is kept).
@@ -77,13 +83,13 @@ def train(
     device = resolve_device(cfg.run.device, env)
     ddp.setup(env, device)
     try:
-        return _train(cfg, env, device, resume, stop_after, progress)
+        return _train(cfg, env, device, resume, stop_after, progress, splits, net)
     finally:
         ddp.teardown(env)
 
 
-def _train(cfg, env, device, resume, stop_after, progress) -> TrainResult:
-    run = Run(cfg, env, device)
+def _train(cfg, env, device, resume, stop_after, progress, splits, net) -> TrainResult:
+    run = Run(cfg, env, device, splits, net)
     try:
         return _train_open_run(run, cfg, env, device, resume, stop_after, progress)
     finally:

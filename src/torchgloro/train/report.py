@@ -154,14 +154,18 @@ def epoch_line(row: dict[str, float], total: int, epsilon_test: float) -> str:
 
 
 def summary_text(final: dict[str, Any], run_dir: Path | None) -> str:
-    """The end-of-training summary (also embedded in ``report.md``)."""
-    lines = [
-        f"Final weights (checkpoint.safetensors), test split ({final['n_test']} images), "
-        f"epsilon = {final['epsilon']:g}:",
-        f"  clean accuracy   {100 * final['clean']:.2f}%",
-        f"  VRA (fast)       {100 * final['vra_fast']:.2f}%   "
-        f"rejection {100 * final['rejection_fast']:.2f}%",
-    ]
+    """The end-of-training summary (also embedded in ``report.md``); without test figures
+    (``tg.train`` without test data) it says so."""
+    if "n_test" not in final:
+        lines = ["No test split: the final weights were not evaluated on test data."]
+    else:
+        lines = [
+            f"Final weights (checkpoint.safetensors), test split ({final['n_test']} images), "
+            f"epsilon = {final['epsilon']:g}:",
+            f"  clean accuracy   {100 * final['clean']:.2f}%",
+            f"  VRA (fast)       {100 * final['vra_fast']:.2f}%   "
+            f"rejection {100 * final['rejection_fast']:.2f}%",
+        ]
     if "vra_sound" in final:
         lines.append(
             f"  VRA (sound)      {100 * final['vra_sound']:.2f}%   "
