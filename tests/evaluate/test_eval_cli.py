@@ -58,6 +58,8 @@ def test_evaluate_and_compare_cli(tmp_path, capsys, trained_digits_net, standard
     assert main(["evaluate", str(glo), *FAST_ARGS, "--cost", "--cost-repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "VRA sound (%)" in out and "global LB" in out and "certify (sound)" in out
+    assert "Lower bounds on 8 points of 120 (global: 8 pairs, 20 steps; local: 8 points, 15 " \
+        "steps); --lower-bounds-points to change." in out
     # --limit 120 of the 360 test points: the files say so, and no evaluation.json is written.
     for name in (
         "evaluation-first120.json",
@@ -246,6 +248,9 @@ def test_help_shows_defaults_and_version(capsys):
     out = capsys.readouterr().out
     assert "PGD steps (default: 100)" in out and "batch size (default: 1000)" in out
     assert "cuda or cuda:N (default: auto)" in out and "gloro " in out.splitlines()[-1]
+    words = " ".join(out.split())  # argparse wraps help to the terminal's width
+    assert "--lower-bounds-points N test points for the lower bounds" in words
+    assert "the paper: 100) (default: 25)" in words
 
 
 def test_certify_and_evaluate_refuse_to_run_once_per_torchrun_rank(monkeypatch, capsys):

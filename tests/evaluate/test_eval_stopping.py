@@ -38,7 +38,7 @@ def test_ctrl_c_in_pgd_writes_the_certification_and_the_attacked_batches(
     from torchgloro.cli import main
 
     run = make_run(tmp_path / "r", trained_digits_net[0].state_dict())
-    _stop_in(monkeypatch, "PGD", after=32 * 4 + 1)  # into the second batch of 32
+    _stop_in(monkeypatch, "PGD", after=32 * 5)  # a step into the second batch of 32
     args = ["evaluate", str(run), "--pgd-steps", "4", "--batch-size", "32", "--limit", "100"]
     assert main(args) == 130
     out = capsys.readouterr().out
@@ -48,14 +48,14 @@ def test_ctrl_c_in_pgd_writes_the_certification_and_the_attacked_batches(
     assert stop["signal"] == "SIGINT" and stop["finished"] == ["certification"]
     phase = stop["in_progress"]
     assert phase["phase"] == "PGD" and phase["partial"] is True
-    assert (phase["done"], phase["total"], phase["unit"]) == (129, 400, "point-step")
+    assert (phase["done"], phase["total"], phase["unit"]) == (160, 400, "point-step")
     assert phase["points_finished"] == 32 and 0 <= phase["points_fooled"] <= 32
     assert (
         ev["metrics"]["vra_sound"] > 0 and "pgd" not in ev and "pgd_accuracy" not in ev["metrics"]
     )
     assert (run / "certified_accuracy-first100.png").is_file()  # certification finished
     md = (run / "evaluation-first100.md").read_text()
-    assert "In progress (partial): PGD, 129 of 400 point-steps done" in md
+    assert "In progress (partial): PGD, 160 of 400 point-steps done" in md
 
 
 def test_a_stop_in_the_local_bound_keeps_the_global_one(tmp_path, monkeypatch, trained_digits_net):
@@ -106,17 +106,18 @@ def test_sigint_to_gloro_evaluate_exits_130_with_the_finished_parts(tmp_path, tr
     run = make_run(tmp_path / "r", trained_digits_net[0].state_dict())
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torchgloro.cli", "evaluate", str(run), "--lower-bounds",
-           "--lb-steps", "1000000", "--attack", "none"]  # fmt: skip
+           "--lb-steps", "1000000", "--attack", "none", "--limit", "50"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     err, deadline = b"", time.monotonic() + 120
     while b"global lower bound" not in err and time.monotonic() < deadline:  # its bar is up
         if select.select([proc.stderr], [], [], 1.0)[0]:
             err += os.read(proc.stderr.fileno(), 4096)
         assert proc.poll() is None, err.decode(errors="replace")
+    time.sleep(2)  # well inside the phase, not at its first line
     proc.send_signal(signal.SIGINT)
     out, rest = proc.communicate(timeout=120)
     assert proc.returncode == 130, (err + rest).decode(errors="replace")
     assert b"Wrote the finished parts" in out
-    ev = json.loads((run / "evaluation.json").read_text())
+    ev = json.loads((run / "evaluation-first50.json").read_text())
     assert ev["stopped"]["signal"] == "SIGINT" and ev["stopped"]["finished"] == ["certification"]
     assert ev["stopped"]["in_progress"]["phase"].startswith("global lower bound")

@@ -76,7 +76,8 @@ def test_a_gloro_net_keeps_its_settings_and_the_run_folder_is_kept_when_asked(tm
         net, train, epsilon=0.3, epochs=2, val=200, batch_size=128, out=tmp_path,
         settings={"run.threads": 1, "loss.name": "trades"}, progress=False,
     )  # fmt: skip
-    assert same is net and net.epsilon == 0.3 and not net.training
+    assert same is net and net.epsilon == pytest.approx(0.3) and not net.training
+    assert result.run_dir.name.startswith("Sequential-")
     config = (result.run_dir / "config.toml").read_text()
     assert 'arch = "Sequential"' in config and "power_iterations = 3" in config
     assert 'name = "trades"' in config and "val_size = 200" in config

@@ -90,7 +90,7 @@ def train(
     cfg = _config(config, epochs, settings, {
         "gloro.epsilon_test": epsilon, "run.batch_size": batch_size, "optim.lr": lr,
         "run.device": device,
-    }, type(model).__name__)  # fmt: skip
+    }, type(model.backbone if isinstance(model, GloroNet) else model).__name__)  # fmt: skip
     net = model if isinstance(model, GloroNet) else None
     x, y = _tensors(data, "data")
     if net is None:
