@@ -6,7 +6,10 @@
 * :mod:`~torchgloro.evaluate.lower_bounds`: empirical global/local Lipschitz lower bounds
   (Appendix E) against the net's sound and fast upper bounds.
 * :mod:`~torchgloro.evaluate.cost`: training cost from ``metrics.csv``, certification cost.
-* :mod:`~torchgloro.evaluate.report`: ``evaluation.json``/``.md``, plots, compare table.
+* :mod:`~torchgloro.evaluate.report`: ``evaluation.json``/``.md``, compare table;
+  :mod:`~torchgloro.evaluate.plots`: the curve and the radius histogram.
+* :mod:`~torchgloro.evaluate.stopping`: a stopped evaluation (Ctrl-C, SIGTERM) keeps what it
+  finished.
 * :func:`evaluate_run` / :func:`evaluate_net`: everything at once (``gloro evaluate``).
 * The package itself is callable: ``tg.evaluate(net, (x, y), attack="pgd")``
   (:func:`torchgloro.evaluate.api.evaluate`) evaluates a net on your own data.
@@ -19,7 +22,10 @@ _E = "torchgloro.evaluate"
 __getattr__, __dir__ = lazy_attributes(
     __name__,
     {
-        **{m: f"{_E}.{m}" for m in ("attacks", "cost", "lower_bounds", "metrics", "report")},
+        **{
+            m: f"{_E}.{m}"
+            for m in ("attacks", "cost", "lower_bounds", "metrics", "plots", "report", "stopping")
+        },
         "PGDResult": f"{_E}.attacks",
         "pgd_l2": f"{_E}.attacks",
         **{
@@ -63,5 +69,7 @@ __all__ = [
     "cost",
     "lower_bounds",
     "metrics",
+    "plots",
     "report",
+    "stopping",
 ]
