@@ -250,7 +250,7 @@ def test_help_shows_defaults_and_version(capsys):
     assert "cuda or cuda:N (default: auto)" in out and "gloro " in out.splitlines()[-1]
     words = " ".join(out.split())  # argparse wraps help to the terminal's width
     assert "--lower-bounds-points N test points for the lower bounds" in words
-    assert "the paper: 100) (default: 25)" in words
+    assert "the paper: 100) (default: 20)" in words
 
 
 def test_certify_and_evaluate_refuse_to_run_once_per_torchrun_rank(monkeypatch, capsys):

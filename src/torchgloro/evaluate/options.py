@@ -24,10 +24,10 @@ class EvalOptions:
     pgd_step_size: float | None = None  # default 2.5·ε/steps
     # Lower bounds: sized to finish in minutes on a 2-core CPU for MNIST (docs/evaluation.md);
     # the paper's Appendix E ran 100 pairs/points for 7,500 (global) and 5,000 (local) steps.
-    lb_points: int = 25  # pairs for the global bound, and points for the local one
-    lb_steps: int = 500
+    lb_points: int = 20  # pairs for the global bound, and points for the local one
+    lb_steps: int = 400
     lb_lr: float = 1e-3
-    local_steps: int = 500
+    local_steps: int = 400
     local_lr: float = 1e-3
     batch_size: int = 512
     cost_repeats: int = 3
