@@ -58,8 +58,10 @@ def test_evaluate_and_compare_cli(tmp_path, capsys, trained_digits_net, standard
     assert main(["evaluate", str(glo), *FAST_ARGS, "--cost", "--cost-repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "VRA sound (%)" in out and "global LB" in out and "certify (sound)" in out
-    assert "Lower bounds on 8 points of 120 (global: 8 pairs, 20 steps; local: 8 points, 15 " \
+    assert (
+        "Lower bounds on 8 points of 120 (global: 8 pairs, 20 steps; local: 8 points, 15 "
         "steps); --lower-bounds-points to change." in out
+    )
     # --limit 120 of the 360 test points: the files say so, and no evaluation.json is written.
     for name in (
         "evaluation-first120.json",
