@@ -56,6 +56,8 @@ def test_ctrl_c_in_pgd_writes_the_certification_and_the_attacked_batches(
     assert (run / "certified_accuracy-first100.png").is_file()  # certification finished
     md = (run / "evaluation-first100.md").read_text()
     assert "In progress (partial): PGD, 160 of 400 point-steps done" in md
+    assert main(["compare", str(run / "evaluation-first100.json")]) == 0
+    assert "| r (stopped: partial) |" in capsys.readouterr().out
 
 
 def test_a_stop_in_the_local_bound_keeps_the_global_one(tmp_path, monkeypatch, trained_digits_net):

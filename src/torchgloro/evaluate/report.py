@@ -354,6 +354,8 @@ def compare_table(results: list[dict], names: list[str] | None = None) -> str:
         lip = r.get("lipschitz", {})
         tr = _get(r, "cost", "training", default={})
         cs = _get(r, "cost", "certification", "certify_sound", default={})
+        if r.get("stopped"):  # a stopped evaluation: its missing figures show –
+            name = f"{name} (stopped: partial)"
         rows.append(
             [
                 name,
