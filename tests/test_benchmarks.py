@@ -175,6 +175,8 @@ def test_epoch_overhead_quick(tmp_path):
     assert set(data["sec_per_epoch_all"]) == {"standard", "gloro"}
     assert all(len(v) == 2 for v in data["sec_per_epoch_all"].values())  # --quick: 2 rounds
     assert data["steps_per_epoch"] == 1024 // 256 and data["ratio_time"] > 0
+
+
 def _peer_record(threads, side, seconds, samples=100):
     binding = {"cpus": list(range(threads))}
     return {"threads": threads, "side": side, "epoch_seconds": [9.0, seconds],
