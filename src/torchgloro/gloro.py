@@ -132,6 +132,12 @@ class GloroNet(nn.Module):
     def epsilon(self, value: float) -> None:
         self._epsilon.copy_(epsilon_tensor(value))
 
+    @property
+    def epsilon_buffer(self) -> torch.Tensor:
+        """ε as the 0-dim float32 buffer the forward pass reads: for code that must not sync
+        with the host or that ``torch.compile`` traces (a float would be a constant)."""
+        return self._epsilon
+
     def _head_weight(self) -> torch.Tensor:
         head = self._head
         return head.effective_weight() if hasattr(head, "effective_weight") else head.weight
@@ -171,9 +177,9 @@ class GloroNet(nn.Module):
         inputs = list(self.backbone.parameters())
         return (state, inputs) if graphs_usable(state + inputs) else None
 
-    @torch.compiler.disable  # in-place updates of persistent iterates; graphed on CUDA
     def _advance(self, n_iter: int) -> None:
-        """``n_iter`` power iterations on every layer (one graph replay on CUDA)."""
+        """``n_iter`` power iterations on every layer: one CUDA-graph replay on a GPU, or,
+        under ``torch.compile``, traced into the caller's graph (in-place buffer updates)."""
         if n_iter <= 0:
             return
         operands = self._graph_operands()

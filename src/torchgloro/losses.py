@@ -21,13 +21,20 @@ __all__ = [
 ]
 
 
+def _host_checks(t: torch.Tensor) -> bool:
+    """Whether value checks on ``t`` run: on CPU tensors (free of syncs), not while
+    ``torch.compile`` traces (data-dependent control flow breaks the graph)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def check_labels(y: torch.Tensor, num_classes: int, batch: int | None = None) -> None:
     """Raises a clear error for labels outside ``[0, num_classes)`` (CPU tensors only), and,
     given the ``batch`` size of the logits, unless ``y`` is one label per row of a non-empty
     batch.
 
-    On accelerators the range check is skipped to avoid a host sync; the data pipeline
-    validates labels once when a dataset is loaded.
+    On accelerators, and under ``torch.compile`` (where it would break the graph), the range
+    check is skipped to avoid a host sync; the data pipeline validates labels once when a
+    dataset is loaded.
     """
     if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise GloroInputError(f"labels must be an integer tensor, got {y.dtype}.")
@@ -40,7 +47,9 @@ def check_labels(y: torch.Tensor, num_classes: int, batch: int | None = None) ->
             )
         if batch == 0:
             raise GloroInputError("A loss over an empty batch is undefined: skip empty batches.")
-    if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+    if not _host_checks(y):
+        return
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise GloroInputError(
             f"labels must lie in [0, {num_classes}), got values in [{int(y.min())}, "
             f"{int(y.max())}]; check the dataset's num_classes. A GloRo loss takes the "
@@ -58,7 +67,7 @@ def _check_gloro_logits(logits: torch.Tensor, y: torch.Tensor) -> None:
             f"shape {tuple(logits.shape)}."
         )
     check_labels(y, logits.shape[1] - 1, logits.shape[0])
-    if logits.device.type == "cpu":
+    if _host_checks(logits):
         with torch.no_grad():
             second = logits[:, :-1].topk(2, dim=1).values[:, 1]
             if bool((logits[:, -1] < second).any()):
@@ -103,6 +112,8 @@ class GloroTrades(nn.Module):
         super().__init__()
         if robust not in self.FORMS:
             raise ValueError(f"robust must be one of {self.FORMS}, got {robust!r}.")
+        # λ as a 0-dim tensor too: a compiled step reads it without recompiling per value.
+        self.register_buffer("_lam_tensor", torch.zeros(()), persistent=False)
         self.lam = lam
         self.robust = robust
 
@@ -116,6 +127,7 @@ class GloroTrades(nn.Module):
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"lam must be finite and >= 0, got {value}.")
         self._lam = value
+        self._lam_tensor.fill_(value)  # a kernel launch on a GPU, no host sync
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         _check_gloro_logits(logits, y)
@@ -129,7 +141,7 @@ class GloroTrades(nn.Module):
             robust = -(p * log_q).sum(dim=1).mean()
         else:
             robust = (p * (log_p - log_q)).sum(dim=1).mean()
-        return clean_loss + self.lam * robust
+        return clean_loss + self._lam_tensor * robust
 
     def extra_repr(self) -> str:
         return f"lam={self.lam:g}, robust={self.robust}"
@@ -173,7 +185,7 @@ class _LipschitzLoss(nn.Module):
 
     def _resolve(
         self, logits: torch.Tensor, K: torch.Tensor | None, epsilon: float | None
-    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    ) -> tuple[torch.Tensor, torch.Tensor, float | torch.Tensor]:
         net = self._net
         if K is None:
             if net is None:
@@ -184,7 +196,9 @@ class _LipschitzLoss(nn.Module):
                 )
             K = live_lipschitz(net)
         if epsilon is None:
-            epsilon = self.epsilon if self.epsilon is not None else getattr(net, "epsilon", None)
+            # The net's ε as its 0-dim buffer where it has one: no host sync, and a compiled
+            # step reads the value of each step instead of recompiling for it.
+            epsilon = self.epsilon if self.epsilon is not None else _net_epsilon(net)
         if epsilon is None:
             raise GloroInputError(f"{self.__class__.__name__} needs epsilon (or a bound net).")
         num_classes = K.shape[0]
@@ -193,7 +207,14 @@ class _LipschitzLoss(nn.Module):
                 f"logits have {logits.shape[1]} columns but K is for {num_classes} classes; "
                 f"expected (B, {num_classes}) or (B, {num_classes + 1}) with ⊥ last."
             )
-        return logits[:, :num_classes], K, float(epsilon)
+        eps = epsilon if isinstance(epsilon, torch.Tensor) else float(epsilon)
+        return logits[:, :num_classes], K, eps
+
+
+def _net_epsilon(net: nn.Module | None) -> float | torch.Tensor | None:
+    if hasattr(net, "epsilon_buffer"):
+        return net.epsilon_buffer
+    return getattr(net, "epsilon", None)
 
 
 def _target_row(K: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -252,7 +252,10 @@ class PowerIterationBound(LayerBound):
         raise NotImplementedError
 
     def _on_native_cpu(self) -> bool:
-        return self._native_cpu and self.u.device.type == "cpu"
+        # Under torch.compile the compiler picks the kernels: no backend switch to trace.
+        return (
+            self._native_cpu and self.u.device.type == "cpu" and not torch.compiler.is_compiling()
+        )
 
     def _backend(self) -> contextlib.AbstractContextManager:
         """Where the single-instance ops run: oneDNN off for small CPU convolutions."""

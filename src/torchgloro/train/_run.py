@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
 
 from torchgloro import io, schedules
@@ -34,6 +32,7 @@ from torchgloro.train._runtime import (
     reset_peak,
 )
 from torchgloro.train._selection import Selection, epoch_metrics
+from torchgloro.train._step import TrainStep
 from torchgloro.train.build import (
     LOSSES,
     Splits,
@@ -86,7 +85,7 @@ class Run:
         if cfg.run.channels_last:  # convolutions then run NHWC: the same values, faster on CPUs
             self.net.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(cfg, self.net, device)
-        self.loss_fn = LOSSES[cfg.loss.name](cfg)
+        self.loss_fn = LOSSES[cfg.loss.name](cfg).to(device)  # λ lives on the device
         if hasattr(self.loss_fn, "bind"):  # margin-aware losses read K and ε from the net
             self.loss_fn.bind(self.net)
         self.eps_sched = schedules.parse_epsilon_schedule(g.epsilon_schedule)
@@ -109,14 +108,18 @@ class Run:
             self.say(f"warning: run.amp = {cfg.run.amp!r} applies on CUDA only; on {device} "
                      f"the run trains in float32.")  # fmt: skip
         self.model = ddp.wrap(module, env, device)
-        if cfg.run.compile:
-            self.model = torch.compile(
-                self.model, mode=cfg.run.compile_mode, backend=cfg.run.compile_backend
-            )
+        compile_options = {"mode": cfg.run.compile_mode, "backend": cfg.run.compile_backend}
+        if cfg.run.compile and env.enabled:  # DDP reduces in backward hooks: the module only
+            self.model = torch.compile(self.model, **compile_options)
+        self.acc = torch.zeros(4, dtype=torch.float64, device=device)  # loss·n, clean, vra, n
+        self.step = TrainStep(
+            self.model, self.net, self.optimizer, self.loss_fn, self.acc,
+            self.info.num_classes, o.grad_clip,
+            compile_options if cfg.run.compile and not env.enabled else None,
+        )  # fmt: skip
 
         self.start_epoch, self.start_step, self.last_good = 0, 0, 0
         self.selection = Selection(self.splits)
-        self.acc = torch.zeros(4, dtype=torch.float64, device=device)  # loss·n, clean, vra, n
         self.run_dir: Path | None = None
         self.history: list[dict[str, float]] = []
         self.epoch_start_state = self.data_gen.get_state()
@@ -259,7 +262,7 @@ class Run:
     def train_epoch(self, epoch: int, stop: StopFlag, stop_after, progress: bool) -> int:
         """Trains one epoch (from the resumed step, if any); returns the steps done."""
         cfg, g, o, device = self.cfg, self.cfg.gloro, self.cfg.optim, self.device
-        net, optimizer, loss_fn, acc = self.net, self.optimizer, self.loss_fn, self.acc
+        net, loss_fn, acc = self.net, self.loss_fn, self.acc
         total, num_batches = cfg.run.epochs, self.num_batches
         robust = g.robust and epoch >= o.warmup_epochs
         self.epoch_start_state = self.data_gen.get_state()
@@ -286,24 +289,10 @@ class Run:
             net.epsilon = eps
             if hasattr(loss_fn, "lam"):
                 loss_fn.lam = lam
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            self.step.set_lr(lr)
             if self.augment is not None:
                 x = self.augment(x)
-
-            out = self.model(x, robust)  # (B, C+1) GloRo logits, or (B, C) from f
-            loss = loss_fn(out, y) if robust else F.cross_entropy(out, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if o.grad_clip > 0:
-                nn.utils.clip_grad_norm_(net.parameters(), o.grad_clip)
-            optimizer.step()
-
-            with torch.no_grad():
-                n = y.new_tensor(len(y), dtype=torch.float64)
-                clean = (out[:, : self.info.num_classes].argmax(1) == y).sum()
-                vra = (out.argmax(1) == y).sum() if robust else n * float("nan")
-                acc += torch.stack([loss.detach().double() * n, clean.double(), vra.double(), n])
+            self.step(x, y, robust)  # forward, loss, update; adds the batch's sums to acc
             step = b + 1
             bar.update(1)
             if stop_after is not None and epoch + step / num_batches >= stop_after - 1e-9:

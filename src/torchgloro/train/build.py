@@ -133,7 +133,8 @@ def build_optimizer(cfg: TrainConfig, net: GloroNet, device: torch.device):
     ]
     kwargs: dict[str, Any] = {"lr": o.lr, "betas": tuple(o.betas), "eps": o.eps}
     cls = OPTIMIZERS[o.name]
-    fused = o.fused == "on" or (o.fused == "auto" and device.type == "cuda")
+    # auto: fused kernels on CUDA, unless the compiled step fuses the update itself.
+    fused = o.fused == "on" or (o.fused == "auto" and device.type == "cuda" and not cfg.run.compile)
     if fused and "fused" in cls.__init__.__code__.co_varnames:
         kwargs["fused"] = True
     return cls([g for g in groups if g["params"]], **kwargs)

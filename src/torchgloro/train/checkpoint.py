@@ -92,11 +92,16 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
                 tensors[f"optim.{idx}.{key}"] = value
             else:
                 scalars.setdefault(str(idx), {})[key] = value
-    groups = [
-        {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
-        for g in sd["param_groups"]
-    ]
+    groups = [{k: _json_value(v) for k, v in g.items()} for g in sd["param_groups"]]
     return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _json_value(v: Any) -> Any:
+    """A param group's value for JSON: tuples (betas) as lists, a 0-dim tensor (the compiled
+    step's learning rate) as its float."""
+    if isinstance(v, tuple):
+        return list(v)
+    return v.item() if isinstance(v, torch.Tensor) else v
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:

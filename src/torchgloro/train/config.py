@@ -61,7 +61,7 @@ class RunConfig:
     batch_size: int = 256  # global batch size (all DDP ranks together)
     eval_batch_size: int = 1000
     checkpoint_every: int = 1  # epochs
-    compile: bool = False
+    compile: bool = False  # the whole training step under torch.compile (docs/performance.md)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no C++ compiler)
     amp: str = "off"  # off | bf16 (autocast of the backbone on CUDA; the bound stays fp32)
@@ -123,7 +123,7 @@ class OptimConfig:
     weight_decay: float = 0.0  # never applied to biases / 1-d parameters
     grad_clip: float = 0.0  # max global gradient norm; 0 = off
     warmup_epochs: int = 0  # epochs of standard CE on f before the GloRo loss
-    fused: str = "auto"  # auto (on CUDA) | on | off
+    fused: str = "auto"  # auto (on CUDA, unless run.compile fuses the update) | on | off
 
 
 @dataclass
