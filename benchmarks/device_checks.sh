@@ -21,6 +21,12 @@
 #      with torch.compile mode reduce-overhead) and -plus (TIMING_EPOCHS each, schedules
 #      scaled), then train_overhead and certify_overhead.
 #   0. (CPU_SUITE=1 only, first) the CPU test suite on this machine's CPUs (issue 33).
+#   C. (PHASE=speed: instead of A and B) issue 31, the whole training step compiled: the
+#      CUDA test of the compiled step (reduce-overhead) against eager, train_overhead eager
+#      (all models) and compiled with CUDA graphs (2C2F, 6C2F: the 6C2F epoch time is its
+#      extrapolation), 2C2F MNIST recipe epochs eager and compiled, and certify_overhead in
+#      batches of 10,000. About 9 minutes, mostly inductor compiling; everything in bench.tgz.
+#      run(command="PHASE=speed GIT_COMMIT=... bash benchmarks/device_checks.sh", ...)
 # What comes back in $OUT (8 files at most): log.txt, pytest-cuda.log, pytest-cpu.log,
 # bench.tgz (timing runs and overhead JSONs) and each run folder, with its result JSON, as <recipe>.tgz.00,
 # .01, ... (about 31 MB for a 4C3F run: two runs at most fit the 64 MiB that come back).
@@ -46,6 +52,7 @@ RECIPES=${RECIPES:-"mnist-4c3f-plus"}
 # every run is to be resumed elsewhere rather than evaluated here.
 TRAIN_RESERVE=${TRAIN_RESERVE:-120}
 DEVICE=${DEVICE:-cuda}
+PHASE=${PHASE:-recipes}  # recipes: phases 0, A, B; speed: phase C alone (issue 31)
 # For a dry run on a CPU: DEVICE=cpu TRAIN_ARGS="--epochs 1 --set data.train_subset=1000"
 # BENCH_ARGS=--quick EVAL_ARGS="--limit 100" (all empty on the GPU).
 read -ra TRAIN_ARGS <<<"${TRAIN_ARGS:-}"
@@ -88,7 +95,33 @@ if [ "${CPU_SUITE:-0}" = 1 ]; then
     tail -6 "$OUT/pytest-cpu.log"
 fi
 
-echo "== A. full recipes side by side: $RECIPES ($(left) s left)"
+if [ "$PHASE" = speed ]; then
+    echo "== C. issue 31: the whole training step compiled ($(left) s left)"
+    timeout 170 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py \
+        -k "compiled and reduce" >"$OUT/pytest-cuda.log" 2>&1
+    tail -4 "$OUT/pytest-cuda.log"
+    timeout 90 python3 -m benchmarks.train_overhead --device "$DEVICE" --out-dir "$work/bench" \
+        "${BENCH_ARGS[@]}" | tail -8
+    # The counters say whether any graph fell back from CUDA graphs (perf_hints logs why).
+    [ "$(left)" -gt 260 ] && TORCH_LOGS=perf_hints timeout $(($(left) - 200)) \
+        python3 -m benchmarks.train_overhead \
+        --device "$DEVICE" --out-dir "$work/bench" --compile --compile-mode reduce-overhead \
+        --arch 2c2f --arch 6c2f "${BENCH_ARGS[@]}" 2>&1 | grep -v "^ *$" | tail -12
+    for spec in "eager|" "compiled|--set run.compile=true --set run.compile_mode=reduce-overhead"; do
+        [ "$(left)" -gt 80 ] || break
+        read -ra extra <<<"${spec#*|}"
+        echo "-- mnist-2c2f-gloro ${spec%%|*} (the first epoch includes compiling)"
+        timeout $(($(left) - 60)) "${gloro[@]}" train mnist-2c2f-gloro --device "$DEVICE" \
+            --data-dir "$MNIST" --no-progress --out "$work/bench/2c2f-${spec%%|*}" \
+            --epochs "${SPEED_EPOCHS:-8}" "${extra[@]}" "${TRAIN_ARGS[@]}" 2>&1 |
+            grep -E "^epoch|Finished|Error|error" | tail -4
+    done
+    [ "$(left)" -gt 30 ] && timeout $(($(left) - 15)) python3 -m benchmarks.certify_overhead \
+        --device "$DEVICE" --out-dir "$work/bench" --batch 10000 "${BENCH_ARGS[@]}" | tail -6
+    RECIPES=""  # phases A and B are not run
+fi
+
+[ "$PHASE" = speed ] || echo "== A. full recipes side by side: $RECIPES ($(left) s left)"
 train_end=$((T0 + BUDGET - TRAIN_RESERVE))
 job() {  # job RECIPE[|FLAGS], or job PATH/TO/RUN_FOLDER (carried in): resume it
     local r=${1%%|*} run cmd extra=()
@@ -138,19 +171,20 @@ for spec in "${specs[@]}"; do
     job "$spec" &
     pids+=($!)
 done
-if [ "$DEVICE" = cuda ]; then
+if [ "$DEVICE" = cuda ] && [ "$PHASE" != speed ]; then
     timeout $((train_end - $(date +%s))) python3 -m pytest -q -rs -p no:cacheprovider \
         tests/test_cuda.py >"$OUT/pytest-cuda.log" 2>&1
     tail -4 "$OUT/pytest-cuda.log"
 fi
 wait "${pids[@]}"
 
-echo "== B. timing on the idle device ($(left) s left)"
+[ "$PHASE" = speed ] || echo "== B. timing on the idle device ($(left) s left)"
 # Each timing run goes to its own folder: "recipe|extra --set flags".
 specs=("mnist-2c2f-gloro|" \
     "mnist-2c2f-gloro|--set run.compile=true --set run.compile_mode=reduce-overhead" \
     "mnist-2c2f-plus|")
 [ -f "$CIFAR" ] && specs+=("cifar10-6c2f-gloro|")  # issue 31's target: <= 1.0 s/epoch
+[ "$PHASE" = speed ] && specs=()  # phase C timed its own
 for spec in "${specs[@]}"; do
     [ "$(left)" -gt 100 ] || break
     r=${spec%%|*} && read -ra extra <<<"${spec#*|}"
@@ -160,8 +194,8 @@ for spec in "${specs[@]}"; do
         --out "$work/bench/$r${extra:+-compiled}" --epochs "$TIMING_EPOCHS" "${extra[@]}" \
         "${TRAIN_ARGS[@]}" 2>&1 | grep -E "^epoch|Finished|Error|error" | tail -3
 done
-[ "$(left)" -gt 90 ] && timeout $(($(left) - 30)) python3 -m benchmarks.train_overhead --device "$DEVICE" --out-dir "$work/bench" "${BENCH_ARGS[@]}" | tail -8
-[ "$(left)" -gt 40 ] && timeout $(($(left) - 15)) python3 -m benchmarks.certify_overhead --device "$DEVICE" --out-dir "$work/bench" "${BENCH_ARGS[@]}" | tail -6
+[ "$PHASE" != speed ] && [ "$(left)" -gt 90 ] && timeout $(($(left) - 30)) python3 -m benchmarks.train_overhead --device "$DEVICE" --out-dir "$work/bench" "${BENCH_ARGS[@]}" | tail -8
+[ "$PHASE" != speed ] && [ "$(left)" -gt 40 ] && timeout $(($(left) - 15)) python3 -m benchmarks.certify_overhead --device "$DEVICE" --out-dir "$work/bench" "${BENCH_ARGS[@]}" | tail -6
 
 echo "== packing ($(left) s left)"
 tar czf "$OUT/bench.tgz" --exclude="*.safetensors" -C "$work" bench

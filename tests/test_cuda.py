@@ -165,3 +165,41 @@ def test_graph_is_recaptured_when_a_parameter_moves():
     net(x), ref(x)
     for a, b in zip(net.bounds.buffers(), ref.bounds.buffers()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_training_step_matches_eager_on_cuda(mode):
+    """The whole step compiled by inductor (CUDA graphs with reduce-overhead): ⊥, the bound
+    and the power iterations inside the graph give the eager parameters, iterates and sums,
+    and no part of the step falls back from CUDA graphs."""
+    from torchgloro.train._step import TrainStep
+    from torchgloro.train.build import TrainModule
+
+    _, eager = _pair()
+    compiled = copy.deepcopy(eager)
+    steps = []
+    for net, options in ((eager, None), (compiled, {"backend": "inductor", "mode": mode})):
+        net.train()
+        loss_fn = tg.GloroTrades().cuda()
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3, eps=1e-7, fused=options is None)
+        acc = torch.zeros(4, dtype=torch.float64, device="cuda")
+        steps.append((TrainStep(TrainModule(net, False), net, opt, loss_fn, acc, 10, 0.0,
+                                options), net, loss_fn))  # fmt: skip
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    g = torch.Generator().manual_seed(1)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        for i in range(6):
+            x = torch.rand(64, 1, 28, 28, generator=g).cuda()
+            y = torch.randint(0, 10, (64,), generator=g).cuda()
+            for step, net, loss_fn in steps:
+                net.epsilon, loss_fn.lam = 0.1 + 0.05 * i, 0.5 + 0.25 * i
+                step.set_lr(1e-3 * (1 + i))
+                step(x, y, robust=i > 0)
+    torch.cuda.synchronize()
+    for p, q in zip(eager.parameters(), compiled.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=6e-5)
+    for u, v in zip(eager.bounds.buffers(), compiled.bounds.buffers()):
+        torch.testing.assert_close(v, u, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(steps[1][0].acc, steps[0][0].acc, rtol=1e-4, atol=0, equal_nan=True)
+    assert not torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
