@@ -151,3 +151,17 @@ def test_a_compiled_run_resumes_from_its_checkpoint(tiny):
     for k in a:
         if k.startswith(("model.", "optim.")):
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_on_a_cpu_the_iterations_run_before_the_graph(monkeypatch):
+    """CPU: the step's power iterations run eagerly (native kernels for small convolutions),
+    the graph iterates 0 times, and the net's setting is restored after the step."""
+    net, _ = _pair()
+    step, _ = _stepper(net, "ce", {"backend": "aot_eager"})
+    seen = []
+    real = net._advance
+    monkeypatch.setattr(net, "_advance", lambda n: (seen.append(n), real(n)))
+    x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    torch._dynamo.reset()
+    step(x, y, robust=True)
+    assert seen == [3, 0] and net.power_iterations == 3

@@ -4,8 +4,8 @@ loss, gradients, optimizer update and the epoch's on-device metric sums.
 Eager, or (``run.compile``) all of it traced by ``torch.compile`` into **one graph**, with no
 graph break and no host sync: the compiler then sees the ~150 small ops of ⊥, K, the
 differentiable bound and the loss together with the batch's work (CPU: fused loops;
-``mode="reduce-overhead"``: the whole step replays as one CUDA graph). Two things differ from
-the eager step, neither in the math:
+``mode="reduce-overhead"``: the whole step replays as one CUDA graph). What differs from
+the eager step, none of it in the math:
 
 * Gradients come from ``torch.autograd.grad`` traced into the graph (dynamo's
   ``trace_autograd_ops``) and are copied into ``.grad`` buffers that live as long as the
@@ -13,7 +13,10 @@ the eager step, neither in the math:
 * The optimizer's update runs without ``Optimizer.step``'s wrapper, which breaks the graph on
   purpose (pytorch#104053), under ``no_grad`` as that wrapper would; the learning rate is a
   0-dim tensor on the device, refilled every step, so that a schedule does not recompile.
-  The optimizer and its ``state_dict`` are torch's own: checkpoints are unchanged.
+  The optimizer and its ``state_dict`` are torch's own: checkpoints are unchanged. (Traced,
+  torch computes Adam's bias corrections in float32: step sizes differ by ~1e-5 relative.)
+* On a CPU the step's power iterations run eagerly just before the graph (see ``__call__``);
+  on a GPU they are in it.
 
 Shapes are static (``dynamic=False``): a last partial batch gets its own graph, compiled once,
 so a compiled run sees exactly the batches of an eager one.
@@ -111,8 +114,19 @@ class TrainStep:
             return
         if not self._prepared:
             self._prepare()
-        with torch._dynamo.config.patch(trace_autograd_ops=True):
-            self._fn(x, y, robust)
+        n_iter = self.net.power_iterations
+        if robust and n_iter and x.device.type == "cpu":
+            # On a CPU the iterations run eagerly first: inside a graph their single-instance
+            # convolutions lose the native kernels that small_conv picks (oneDNN is 2-7x
+            # slower there). The same math in the same order: they read only the weights
+            # and the iterates, which the step's forward then reads; its graph iterates 0.
+            self.net._advance(n_iter)
+            self.net.power_iterations = 0
+        try:
+            with torch._dynamo.config.patch(trace_autograd_ops=True):
+                self._fn(x, y, robust)
+        finally:
+            self.net.power_iterations = n_iter
 
     def _forward(self, x, y, robust: bool) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(x, robust)  # (B, C+1) GloRo logits, or (B, C) from f
