@@ -112,7 +112,7 @@ class Run:
         if cfg.run.compile and env.enabled:  # DDP reduces in backward hooks: the module only
             self.model = torch.compile(self.model, **compile_options)
         self.acc = torch.zeros(4, dtype=torch.float64, device=device)  # loss·n, clean, vra, n
-        self.step = TrainStep(
+        self.train_step = TrainStep(
             self.model, self.net, self.optimizer, self.loss_fn, self.acc,
             self.info.num_classes, o.grad_clip,
             compile_options if cfg.run.compile and not env.enabled else None,
@@ -289,10 +289,10 @@ class Run:
             net.epsilon = eps
             if hasattr(loss_fn, "lam"):
                 loss_fn.lam = lam
-            self.step.set_lr(lr)
+            self.train_step.set_lr(lr)
             if self.augment is not None:
                 x = self.augment(x)
-            self.step(x, y, robust)  # forward, loss, update; adds the batch's sums to acc
+            self.train_step(x, y, robust)  # forward, loss, update; adds the batch's sums to acc
             step = b + 1
             bar.update(1)
             if stop_after is not None and epoch + step / num_batches >= stop_after - 1e-9:
