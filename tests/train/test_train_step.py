@@ -165,3 +165,18 @@ def test_on_a_cpu_the_iterations_run_before_the_graph(monkeypatch):
     torch._dynamo.reset()
     step(x, y, robust=True)
     assert seen == [3, 0] and net.power_iterations == 3
+
+
+def test_a_tensor_learning_rate_is_checkpointed_as_a_float():
+    """The compiled step keeps lr as a 0-dim tensor; the checkpoint's JSON gets its float."""
+    import json
+
+    from torchgloro.train.checkpoint import optimizer_tensors
+
+    net, _ = _pair()
+    step, _ = _stepper(net, "ce", {"backend": "aot_eager"})
+    step._prepare()
+    step.set_lr(0.25)
+    assert isinstance(step.optimizer.param_groups[0]["lr"], torch.Tensor)
+    _, info = optimizer_tensors(step.optimizer)
+    assert json.loads(json.dumps(info))["param_groups"][0]["lr"] == 0.25
