@@ -110,7 +110,7 @@ if [ "$PHASE" = speed ]; then
     for spec in "eager|" "compiled|--set run.compile=true --set run.compile_mode=reduce-overhead"; do
         [ "$(left)" -gt 80 ] || break
         read -ra extra <<<"${spec#*|}"
-        echo "-- mnist-2c2f-gloro ${spec%%|*} (the first epoch includes compiling)"
+        echo "-- mnist-2c2f-gloro ${spec%%|*} (compiled: the first epoch includes compiling)"
         timeout $(($(left) - 60)) "${gloro[@]}" train mnist-2c2f-gloro --device "$DEVICE" \
             --data-dir "$MNIST" --no-progress --out "$work/bench/2c2f-${spec%%|*}" \
             --epochs "${SPEED_EPOCHS:-8}" "${extra[@]}" "${TRAIN_ARGS[@]}" 2>&1 |
@@ -176,7 +176,8 @@ if [ "$DEVICE" = cuda ] && [ "$PHASE" != speed ]; then
         tests/test_cuda.py >"$OUT/pytest-cuda.log" 2>&1
     tail -4 "$OUT/pytest-cuda.log"
 fi
-wait "${pids[@]}"
+# Guarded: a bare `wait` (no jobs) also waits for the log's tee, which never ends (bash >= 5.1).
+[ ${#pids[@]} -eq 0 ] || wait "${pids[@]}"
 
 [ "$PHASE" = speed ] || echo "== B. timing on the idle device ($(left) s left)"
 # Each timing run goes to its own folder: "recipe|extra --set flags".
