@@ -52,7 +52,7 @@ class Runner:
     """One model + optimizer + batch stream, stepping by the trainer's ``TrainStep``."""
 
     def __init__(
-        self, arch, in_shape, n_iter, eps, robust, split, batch, device, seed, compile_options
+        self, arch, in_shape, n_iter, eps, robust, split, batch, device, seed, compile_options=None
     ):
         torch.manual_seed(seed)
         with torch.device(device):
