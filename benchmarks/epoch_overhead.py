@@ -3,8 +3,8 @@
 Where ``train_overhead`` times bare steps on resident data, this runs the trainer's own
 ``Run.train_epoch`` on a recipe's real data: augmentation, batching, the schedules, gradient
 clipping and the optimizer included, exactly as ``gloro train`` does. Two runs of the same
-recipe are built side by side in one process, one with ``gloro.robust = false`` (standard
-training of the same backbone) and one as the recipe says, and their epochs alternate
+recipe are built side by side in one process, one with ``gloro.robust = false`` and
+``loss.name = ce`` (standard training of the same backbone: cross-entropy on f) and one as the recipe says, and their epochs alternate
 (order rotated every round); the first epoch of each is a warm-up.
 
     python -m benchmarks.epoch_overhead --recipe cifar10-6c2f-plus \\
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.data_dir:
         common.append(f"data.root={args.data_dir}")
     runs = {
-        "standard": _run(args.recipe, [*common, "gloro.robust=false"], device),
+        "standard": _run(args.recipe, [*common, "gloro.robust=false", "loss.name=ce"], device),
         "gloro": _run(args.recipe, common, device),
     }
     first = runs["gloro"].cfg.optim.warmup_epochs  # epochs past the warm-up: the GloRo loss
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio_time": ratio,
         "target_ratio": TARGET,
     }
-    C.write_result(f"epoch_overhead-{args.recipe}", args, device, payload)
+    compiled = "-compiled" if runs["gloro"].cfg.run.compile else ""
+    C.write_result(f"epoch_overhead-{args.recipe}{compiled}", args, device, payload)
     return payload
 
 
