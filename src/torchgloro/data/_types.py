@@ -53,6 +53,12 @@ class Split:
                 f"Split.x must be (N, *in_shape), e.g. images (N, C, H, W); got shape "
                 f"{tuple(self.x.shape)}"
             )
+        if tuple(self.x.shape[1:]) != tuple(self.info.in_shape):
+            raise GloroInputError(
+                f"Split.x has per-sample shape {tuple(self.x.shape[1:])}, but its dataset "
+                f"says in_shape = {tuple(self.info.in_shape)}: reshape x to (N, "
+                f"{', '.join(map(str, self.info.in_shape))}) or fix the DatasetInfo."
+            )
         if self.y.ndim != 1 or self.y.shape[0] != self.x.shape[0]:
             raise GloroInputError(
                 f"Split.y must be (N,) with N = {self.x.shape[0]}, got shape {tuple(self.y.shape)}"
