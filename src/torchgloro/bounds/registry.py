@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from torchgloro._errors import UnsupportedLayerError
+from torchgloro._net_attributes import eval_mode
 from torchgloro.margins import NORM_UNDERFLOW_F64, UNIT_ROUNDOFF_F64, gamma, round_up
 
 __all__ = [
@@ -93,7 +94,9 @@ def flatten_layers(backbone: nn.Module) -> list[nn.Module]:
 
 @torch.no_grad()
 def trace_input_shapes(layers: Sequence[nn.Module], in_shape: tuple[int, ...]) -> list[tuple]:
-    """The per-sample input shape of each layer, found by one dummy forward pass.
+    """The per-sample input shape of each layer, found by one dummy forward pass in eval
+    mode (in training mode a BatchNorm would fold the dummy batch into its running
+    statistics, changing the user's trained model).
 
     Raises:
         UnsupportedLayerError: a layer changes the batch dimension (a padding or reshape
@@ -108,7 +111,8 @@ def trace_input_shapes(layers: Sequence[nn.Module], in_shape: tuple[int, ...]) -
     shapes = []
     for layer in layers:
         shapes.append(tuple(x.shape[1:]))
-        x = layer(x)
+        with eval_mode(layer):
+            x = layer(x)
         if x.ndim == 0 or x.shape[0] != 2:
             raise UnsupportedLayerError(
                 f"{layer.__class__.__name__} turns a batch of 2 inputs into {tuple(x.shape)}: "
