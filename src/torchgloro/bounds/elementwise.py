@@ -20,10 +20,16 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from torchgloro._errors import UnsupportedLayerError
-from torchgloro.bounds.registry import ConstantBound, LayerBound, register_bound
+from torchgloro.bounds.registry import (
+    ConstantBound,
+    LayerBound,
+    float32_relative,
+    register_bound,
+)
 from torchgloro.margins import round_up
 
 __all__ = ["gelu_max_slope", "silu_max_slope", "softplus_jump", "SmoothActivationBound"]
@@ -110,7 +116,14 @@ def _hardtanh(module: nn.Hardtanh, in_shape: tuple[int, ...]) -> LayerBound:
             f"{type(module).__name__}(min_val={module.min_val}, max_val={module.max_val}) does "
             f"not map 0 to 0, which its exact round-off model needs; use a range that contains 0."
         )
-    return ConstantBound(1.0, type(module).__name__)  # a clamp: exact, slope ≤ 1
+    # A clamp (slope ≤ 1), exact but for its limits, which a float32 pass rounds to float32:
+    # clamp(z, fl(lo), fl(hi)) is within max|fl(v) − v| ≤ u·max(|lo|, |hi|) of the exact one.
+    lo, hi = float(module.min_val), float(module.max_val)
+    name = type(module).__name__
+    if all(float(torch.tensor(v, dtype=torch.float32)) == v for v in (lo, hi)):
+        return ConstantBound(1.0, name)
+    b = round_up(max(abs(lo), abs(hi)) * math.sqrt(math.prod(in_shape)) * (1 + 1e-12), 4)
+    return ConstantBound(1.0, name, fp_terms=(1, 0.0, b), precision_free=float32_relative(lo, hi))
 
 
 @register_bound(nn.Dropout, nn.Dropout1d, nn.Dropout2d)
@@ -121,9 +134,11 @@ def _dropout(module: nn.Module, in_shape: tuple[int, ...]) -> LayerBound:
 
 @register_bound(nn.LeakyReLU)
 def _leaky_relu(module: nn.LeakyReLU, in_shape: tuple[int, ...]) -> LayerBound:
-    a = abs(float(module.negative_slope))
-    # z or fl(a·z): one rounding on the negative entries, |err| ≤ u·a·|z|.
-    return ConstantBound(max(1.0, a), "LeakyReLU", fp_terms=(1, a, 0.0))
+    slope = float(module.negative_slope)
+    a = abs(slope)
+    # z or fl(z·fl(a)) (a rounded to the input's precision first): |err| ≤ γ₂·a·|z|.
+    return ConstantBound(max(1.0, a), "LeakyReLU", fp_terms=(2, a, 0.0),
+                         precision_free=float32_relative(slope))  # fmt: skip
 
 
 @register_bound(nn.Tanh)
