@@ -226,3 +226,49 @@ def test_building_a_net_leaves_batchnorm_statistics_alone():
     assert seq.training  # the user's mode is kept
     for k, v in seq.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+class _Extreme(nn.Module):
+    """BatchNorm with extreme running statistics, every smooth activation, Python constants,
+    a residual add and a concatenation (the attack review's stress net)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Linear(4, 16), nn.BatchNorm1d(16)
+        self.l1, self.bn2 = nn.Linear(16, 16), nn.BatchNorm1d(16)
+        self.a, self.b, self.fc = nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(24, 6)
+
+    def forward(self, x):
+        h = F.gelu(self.bn(self.stem(x)))
+        h = h + F.silu(F.leaky_relu(self.bn2(self.l1(h)), 0.3)) * 0.7
+        z = torch.cat([torch.tanh(self.a(h)), F.hardtanh(self.b(h) - 0.3, -0.7, 0.9), h[:, :8]], 1)
+        return self.fc(F.elu(z))
+
+
+def test_stress_net_with_extreme_batchnorm_statistics():
+    """Running means up to ~1e4, variances down to 1e-7, weights scaled 5×: both allowances
+    cover every margin's float32 error, and `auto` certifies no point float64 does not."""
+    torch.manual_seed(7)
+    m = _Extreme()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(5.0)
+        for bn in (m.bn, m.bn2):
+            bn.running_mean.copy_(torch.randn(16) * 1e4)
+            bn.running_var.copy_(10 ** torch.empty(16).uniform_(-7, 2))
+            bn.weight.copy_(torch.randn(16) * 1e-3)
+    net = tg.GloroNet(m, 0.1, in_shape=(4,)).eval()
+    assert net._sound_state().graph32 is not None
+    x = torch.randn(256, 4) * 30
+    y64 = net._sound_state().backbone64(x.double())
+    for j in range(6):
+        y, prior, post = _allowances(net, x, j)
+        off = ((y[:, j : j + 1] - y) - (y64[:, j : j + 1] - y64)).abs()
+        assert float(off.max()) > 0
+        assert bool((off <= post).all()) and bool((off <= prior).all())
+    r64 = net.certify(x, precision="float64").radius
+    for eps in torch.quantile(r64, torch.tensor([0.3, 0.6, 0.9], dtype=r64.dtype)).tolist():
+        auto, ref = net.certify(x, eps), net.certify(x, eps, precision="float64")
+        assert 0 < int(auto.certified.sum())
+        assert bool((ref.radius[auto.certified] >= eps * (1 - 1e-9)).all())
+        assert torch.equal(auto.pred[auto.certified], y64.argmax(1)[auto.certified])

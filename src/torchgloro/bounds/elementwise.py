@@ -4,15 +4,19 @@ An activation σ applied entrywise has ℓ2 Lipschitz constant sup_z |σ'(z)| (e
 by at most that factor, and the sup is approached by perturbing one entry where the slope
 peaks), so each bound below is that maximum slope, proven in docs/bounds.md.
 
-Round-off: piecewise-linear activations (Hardtanh, ReLU6, Dropout in eval mode) are exact
-in floating point; LeakyReLU rounds one product. The smooth ones call elementary functions
-(exp, log1p, tanh, erf) that are not correctly rounded; their model assumes each computed
+Round-off: ReLU6 and Dropout in eval mode are exact in floating point, Hardtanh too when its
+limits are float32 numbers; LeakyReLU rounds its slope and one product. The smooth ones call
+elementary functions (exp, log1p, tanh, erf) that are not correctly rounded; their model
+assumes each computed
 entry is within ``γ₁₆·c·(|z| + 1)`` of the exact value, 16 unit round-offs of the evaluation
 precision (float64 or float32), against the ≤ 1–2 ulp documented for SLEEF, glibc and CUDA's
-libdevice in either precision, PyTorch's vectorized float32 erf (|error| ≤ 1.5e-7, 2.5
-float32 units of |z| + 1) and the few arithmetic roundings around them. Dense grids in both
-precisions check it (tests/bounds/test_elementwise.py: float32's largest error is 4.4 units,
-GELU's). Softplus's switch to the identity is an absolute error instead, which keeps
+libdevice in either precision and the few arithmetic roundings around them. GELU runs on
+PyTorch's own kernel in certified float32 passes (not oneDNN's undocumented polynomial:
+``_fp_env.own_gelu_kernel``), whose error is at most 1.73 units on every finite float32
+input (docs/soundness.md §14b). Dense grids in both precisions check the model
+(tests/bounds/test_elementwise.py). Constants are rounded to the input's precision before
+use: LeakyReLU's slope counts one rounding more, Hardtanh's limits an absolute term.
+Softplus's switch to the identity is an absolute error instead, which keeps
 Softplus on the float64 path (:func:`softplus_jump`).
 """
 
