@@ -7,11 +7,11 @@ peaks), so each bound below is that maximum slope, proven in docs/bounds.md.
 Round-off: ReLU6 and Dropout in eval mode are exact in floating point, Hardtanh too when its
 limits are float32 numbers; LeakyReLU rounds its slope and one product. The smooth ones call
 elementary functions (exp, log1p, tanh, erf) that are not correctly rounded; their model
-assumes each computed
-entry is within ``γ₁₆·c·(|z| + 1)`` of the exact value, 16 unit round-offs of the evaluation
-precision (float64 or float32), against the ≤ 1–2 ulp documented for SLEEF, glibc and CUDA's
-libdevice in either precision and the few arithmetic roundings around them. GELU runs on
-PyTorch's own kernel in certified float32 passes (not oneDNN's undocumented polynomial:
+assumes each computed entry is within ``γ₁₆·c·(|z| + 1)`` of the exact value, 16 unit
+round-offs of the evaluation precision (float64 or float32), against the ≤ 1–2 ulp
+documented for SLEEF, glibc and CUDA's libdevice in either precision and the few arithmetic
+roundings around them. GELU runs on PyTorch's own kernel in certified float32 passes (not
+oneDNN's undocumented polynomial:
 ``_fp_env.own_gelu_kernel``), whose error is at most 1.73 units on every finite float32
 input (docs/soundness.md §14b). Dense grids in both precisions check the model
 (tests/bounds/test_elementwise.py). Constants are rounded to the input's precision before
