@@ -176,3 +176,99 @@ def test_head_on_the_input_itself():
     x = torch.randn(50, 6)
     auto, ref = net.certify(x), net.certify(x, precision="float64")
     assert auto.precision == "float32" and torch.equal(auto.certified, ref.certified)
+
+
+class _BnHead(nn.Module):
+    """x ↦ fc(bn(lin(x))): one BatchNorm channel between two linear maps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.bn, self.fc = nn.Linear(1, 1), nn.BatchNorm1d(1), nn.Linear(1, 2)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.lin(x)))
+
+
+@pytest.mark.parametrize("graph", [True, False], ids=["graph", "sequential"])
+def test_a_variance_that_cancels_eps_never_certifies_the_wrong_class(graph):
+    """running_var one float32 ulp above −fl32(eps): var + eps is 1.2e-12 exactly but 9.1e-13
+    in the float32 kernel (eps rounded to float32 first), so float32's logit 1048576 beats
+    the bias 1e6 where the exact one, 927631, loses to it. Until 2026-12-08 `auto` certified
+    class 0 (radius 0.05 at ε = 0.01); float64 certifies class 1."""
+    m = _BnHead()
+    eps32 = float(torch.tensor(m.bn.eps, dtype=torch.float32))
+    with torch.no_grad():
+        m.lin.weight.fill_(1.0)
+        m.lin.bias.zero_()
+        m.bn.running_var.fill_(-eps32 + 2.0**-40)  # 2^-40: float32's ulp at 1e-5
+        m.bn.running_mean.zero_()
+        m.fc.weight.copy_(torch.tensor([[1.0], [0.0]]))
+        m.fc.bias.copy_(torch.tensor([0.0, 1e6]))
+    model = m if graph else nn.Sequential(m.lin, m.bn, m.fc)
+    net = tg.GloroNet(model, 0.01, in_shape=(1,)).eval()
+    x = torch.ones(1, 1)
+    exact = net.certify(x, precision="float64")
+    assert exact.pred.tolist() == [1] and exact.certified.tolist() == [True]
+    cert = net.certify(x)
+    assert cert.pred.tolist() == [1] and cert.certified.tolist() == [True]
+
+
+def test_building_a_net_leaves_batchnorm_statistics_alone():
+    """The shape trace ran a user's nn.Sequential in training mode: a BatchNorm folded the
+    dummy batch into its running statistics (mean 5 → 4.5, var 7 → 6.3) while building."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    with torch.no_grad():
+        seq[1].running_mean.fill_(5.0)
+        seq[1].running_var.fill_(7.0)
+    state = {k: v.clone() for k, v in seq.state_dict().items()}
+    tg.GloroNet(seq, 0.1, in_shape=(3,))
+    assert seq.training  # the user's mode is kept
+    for k, v in seq.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+class _Extreme(nn.Module):
+    """BatchNorm with extreme running statistics, every smooth activation, Python constants,
+    a residual add and a concatenation (the attack review's stress net)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Linear(4, 16), nn.BatchNorm1d(16)
+        self.l1, self.bn2 = nn.Linear(16, 16), nn.BatchNorm1d(16)
+        self.a, self.b, self.fc = nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(24, 6)
+
+    def forward(self, x):
+        h = F.gelu(self.bn(self.stem(x)))
+        h = h + F.silu(F.leaky_relu(self.bn2(self.l1(h)), 0.3)) * 0.7
+        z = torch.cat([torch.tanh(self.a(h)), F.hardtanh(self.b(h) - 0.3, -0.7, 0.9), h[:, :8]], 1)
+        return self.fc(F.elu(z))
+
+
+def test_stress_net_with_extreme_batchnorm_statistics():
+    """Running means up to ~1e4, variances down to 1e-7, weights scaled 5×: both allowances
+    cover every margin's float32 error, and `auto` certifies no point float64 does not."""
+    torch.manual_seed(7)
+    m = _Extreme()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(5.0)
+        for bn in (m.bn, m.bn2):
+            bn.running_mean.copy_(torch.randn(16) * 1e4)
+            bn.running_var.copy_(10 ** torch.empty(16).uniform_(-7, 2))
+            bn.weight.copy_(torch.randn(16) * 1e-3)
+    net = tg.GloroNet(m, 0.1, in_shape=(4,)).eval()
+    assert net._sound_state().graph32 is not None
+    x = torch.randn(256, 4) * 30
+    y64 = net._sound_state().backbone64(x.double())
+    for j in range(6):
+        y, prior, post = _allowances(net, x, j)
+        off = ((y[:, j : j + 1] - y) - (y64[:, j : j + 1] - y64)).abs()
+        assert float(off.max()) > 0
+        assert bool((off <= post).all()) and bool((off <= prior).all())
+    r64 = net.certify(x, precision="float64").radius
+    for eps in torch.quantile(r64, torch.tensor([0.3, 0.6, 0.9], dtype=r64.dtype)).tolist():
+        auto, ref = net.certify(x, eps), net.certify(x, eps, precision="float64")
+        assert 0 < int(auto.certified.sum())
+        assert bool((ref.radius[auto.certified] >= eps * (1 - 1e-9)).all())
+        assert torch.equal(auto.pred[auto.certified], y64.argmax(1)[auto.certified])

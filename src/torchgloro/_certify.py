@@ -43,6 +43,7 @@ from torchgloro._fp_env import (  # noqa: F401 - re-exported: the names callers 
     ieee_arithmetic,
     ieee_precision,
     no_autocast,
+    own_gelu_kernel,
 )
 from torchgloro._net_attributes import eval_mode
 from torchgloro.bounds.registry import backend_off, flatten_layers
@@ -92,9 +93,9 @@ def strict_fp32():
     float32 precision (:func:`~torchgloro._fp_env.ieee_precision`: no TF32 or bfloat16, the
     caller's settings restored exactly afterwards). On the CPU, PyTorch's oneDNN convolutions
     use the direct algorithm (ideep's default), which computes each output as a sum of
-    products.
+    products. GELU runs on PyTorch's own kernel, not oneDNN's (:func:`own_gelu_kernel`).
     """
-    with ieee_precision(), cudnn_off(), _no_nnpack(), no_autocast():
+    with ieee_precision(), cudnn_off(), _no_nnpack(), no_autocast(), own_gelu_kernel():
         yield
 
 

@@ -51,6 +51,33 @@ def autocast_off(fn: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
+# ---- GELU on PyTorch's own kernel ---------------------------------------------------------
+
+
+class _OwnGeluKernel(torch.overrides.TorchFunctionMode):
+    """Runs every GELU call (``nn.GELU``, ``F.gelu``) with oneDNN off, so that a float32 CPU
+    GELU uses PyTorch's own kernel: x/2·(1 + erf(x/√2)) with the Abramowitz–Stegun 7.1.26 erf
+    and SLEEF's 1-ulp exp, whose error docs/soundness.md §14b bounds. With oneDNN on, PyTorch
+    sends contiguous float32 inputs to oneDNN's GELU, a polynomial with no documented
+    error bound. Other ops pass through unchanged."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is not torch._C._nn.gelu:
+            return func(*args, **(kwargs or {}))
+        mkldnn = torch.backends.mkldnn
+        prev = mkldnn.enabled
+        mkldnn.enabled = False
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            mkldnn.enabled = prev
+
+
+def own_gelu_kernel() -> contextlib.AbstractContextManager:
+    """GELU on PyTorch's own kernel for the enclosed block (:class:`_OwnGeluKernel`)."""
+    return _OwnGeluKernel()
+
+
 # ---- fp32_precision owners -----------------------------------------------------------------
 #
 # PyTorch keeps one ``fp32_precision`` per (backend, op) in a tree: ("generic", "all") at the

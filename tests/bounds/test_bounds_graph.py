@@ -463,3 +463,73 @@ def test_model_tensors_follow_the_net_through_to_and_copies():
             other.backbone.pos.mul_(10)  # in place, after the buffer was replaced by .double()
         terms = other.bounds[0].nodes[2].fp_terms()
         assert terms[2] == pytest.approx(float(other.backbone.pos.norm()), rel=1e-9)
+
+
+def _float32_error_and_allowance(f, bound, z: torch.Tensor):
+    """Per-entry |f₃₂(z) − f(z)| (float64's values as reference) and the round-off model's
+    float32 allowance γ_n(A|z| + b/√d) per entry (the terms are ℓ2 over d entries)."""
+    from torchgloro.margins import UNIT_ROUNDOFF_F32, UNIT_ROUNDOFF_F64, gamma
+
+    n, A, b = bound.fp_terms()
+    with torch.no_grad():
+        err = (f(z).double() - f(z.double())).abs()
+    g = gamma(n, UNIT_ROUNDOFF_F32) - gamma(n, UNIT_ROUNDOFF_F64)
+    return err, g * (A * z.double().abs() + b / math.sqrt(z.shape[1]))
+
+
+_Z = torch.rand(1_000_000, 1, generator=torch.Generator().manual_seed(0)) * 4 + 1
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda h: h * 0.1,
+        lambda h: h * (1 + 1.01 * 2**-24),
+        lambda h: h / (1 + 1.01 * 2**-24),
+        lambda h: h / 0.3,
+        lambda h: h + (1 + 1.01 * 2**-24),
+        lambda h: 0.7 - h,
+    ],
+    ids=["mul", "mul-near-1", "div-near-1", "div", "add", "rsub"],
+)
+def test_python_constants_count_their_rounding_to_float32(f):
+    """PyTorch rounds a Python constant to float32 before a float32 op (CUDA also divides as
+    a product by fl(1/c)): h·0.1 was off by up to 1.2u relative, (1 + 1.01·2^-24)·h by 1.66u,
+    above the one rounding (γ₁ ≈ u) the model counted."""
+    bound = _graph_bound(_net(lambda m, x: f(m.w(x))), (6,)).nodes[1]
+    assert bound.fp_terms_precision_free
+    err, allowed = _float32_error_and_allowance(f, bound, _Z)
+    assert float(err.max()) > 0 and bool((err <= allowed).all())
+
+
+@pytest.mark.parametrize(
+    "f", [lambda h: h * 1e-40, lambda h: h / 1e-40, lambda h: h + 1e-40, lambda h: h * 1e39]
+)
+def test_constants_outside_float32s_normal_range_certify_on_float64(f):
+    """1e-40 is a float32 subnormal (rounded with a relative error up to 1.4e-5), 1e39
+    overflows to inf: no relative float32 model, so float64 alone."""
+    bound = _graph_bound(_net(lambda m, x: f(m.w(x))), (6,)).nodes[1]
+    assert not bound.fp_terms_precision_free
+
+
+@pytest.mark.parametrize("slope", [0.01, 0.3])
+def test_leaky_relu_counts_its_slope_rounded_to_float32(slope):
+    """fl(z·fl₃₂(a)): two roundings (observed 1.6u for a = 0.3)."""
+    layer = nn.LeakyReLU(slope)
+    bound = make_bound(layer, (1,))
+    err, allowed = _float32_error_and_allowance(layer, bound, -_Z)
+    assert float(err.max()) > 0 and bool((err <= allowed).all())
+    assert not make_bound(nn.LeakyReLU(1e-40), (1,)).fp_terms_precision_free
+
+
+def test_hardtanh_counts_its_limits_rounded_to_float32():
+    """clamp(z, fl₃₂(−0.1), fl₃₂(0.1)) is 1.5e-9 off the exact clamp wherever it clips,
+    which the exact model (no terms) missed; limits exact in float32 stay exact."""
+    layer = nn.Hardtanh(-0.1, 0.1)
+    bound = make_bound(layer, (1,))
+    z = torch.cat([_Z, -_Z])
+    err, allowed = _float32_error_and_allowance(layer, bound, z)
+    assert float(err.max()) > 1e-9 and bool((err <= allowed).all())
+    assert make_bound(nn.Hardtanh(-0.5, 2.0), (1,)).fp_terms() is None
+    assert make_bound(nn.ReLU6(), (1,)).fp_terms() is None
+    assert not make_bound(nn.Hardtanh(-1e-40, 1.0), (1,)).fp_terms_precision_free

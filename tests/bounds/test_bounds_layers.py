@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -220,3 +221,68 @@ def test_batchnorm_round_off_model_holds_in_float32():
     scale = a[:, None, None] * z.double().abs() + shift[:, None, None]
     allowed = (gamma(8, UNIT_ROUNDOFF_F32) - gamma(8, UNIT_ROUNDOFF_F64)) * scale * (1 - 1e-6)
     assert float(err.max()) > 0 and bool((err <= allowed).all())
+
+
+def _bn_error_and_allowance(bn: nn.BatchNorm1d, z: torch.Tensor):
+    """Per-sample ‖BN₃₂(z) − BN(z)‖ (float64's values as reference, off by at most the model
+    at float64's u) and the model's float32 allowance γ₈(A‖z‖ + b) from ``fp_terms``."""
+    from torchgloro.margins import UNDERFLOW_F32, UNIT_ROUNDOFF_F32, UNIT_ROUNDOFF_F64, gamma
+
+    n, A, b = make_bound(bn, tuple(z.shape[1:])).fp_terms()
+    with torch.no_grad():
+        y32 = bn(z).double()
+        y64 = copy.deepcopy(bn).double()(z.double())
+    err = (y32 - y64).flatten(1).norm(dim=1)
+    zn = z.double().flatten(1).norm(dim=1)
+    g = gamma(n, UNIT_ROUNDOFF_F32) - gamma(n, UNIT_ROUNDOFF_F64)
+    return err, g * (A * zn + b) + UNDERFLOW_F32
+
+
+def _bn1(var: float, eps: float = 1e-5, weight: float = 1.0, mean: float = 0.0):
+    bn = nn.BatchNorm1d(1, eps=eps)
+    with torch.no_grad():
+        bn.running_var.fill_(var)
+        bn.running_mean.fill_(mean)
+        bn.weight.fill_(weight)
+        bn.bias.zero_()
+    return bn.eval()
+
+
+def test_batchnorm_variance_that_cancels_eps_is_float64_only():
+    """A negative running variance with var + eps > 0: float32 adds eps rounded to float32,
+    and the sum cancels (exact 1.2e-12, float32 9.1e-13: a 13% error in the output, the
+    model's γ₈ is 5e-7), so the layer has no float32 model; float64 is exact enough."""
+    eps32 = float(torch.tensor(1e-5, dtype=torch.float32))
+    var = -eps32 + float(torch.finfo(torch.float32).eps) * 2**-17 * 2  # one float32 ulp up
+    bn = _bn1(var)
+    err, allowed = _bn_error_and_allowance(bn, torch.ones(1, 1))
+    assert float(err[0]) > 1000 * float(allowed[0])  # the float32 kernel is far off
+    assert not make_bound(bn, (1,)).fp_terms_precision_free
+    assert make_bound(_bn1(0.5), (1,)).fp_terms_precision_free
+
+
+def test_batchnorm_subnormal_eps_is_float64_only():
+    """eps below float32's normal range rounds by up to 2^-150 absolutely: relative to a
+    zero variance plus eps, far more than u."""
+    assert not make_bound(_bn1(0.0, eps=3e-44), (1,)).fp_terms_precision_free
+    assert make_bound(_bn1(1e-30, eps=3e-44), (1,)).fp_terms_precision_free
+
+
+def test_batchnorm_variance_plus_eps_not_positive_is_refused():
+    with pytest.raises(tg.UnsupportedLayerError, match="running_var"):
+        make_bound(_bn1(-1.0), (1,)).sound()
+
+
+@pytest.mark.parametrize("weight, mean", [(3e-44, 0.0), (1e-38, 5.0), (2e30, 0.0)])
+def test_batchnorm_float32_model_covers_subnormal_intermediates(weight, mean):
+    """α = w/√(var + eps) below float32's normal range is rounded with an absolute error
+    (2^-150) that the next product scales by |z| (CPU: z·α + β); on CUDA (z − μ)·invstd
+    may underflow and be scaled by |w|. The model's terms cover both (huge |z| here)."""
+    bn = _bn1(1.0, weight=weight, mean=mean)
+    z = (
+        torch.tensor([[3e35], [-1.7e33], [1e-38], [2.5e-39]])
+        if weight < 1
+        else torch.tensor([[3e-39], [1.1e-38], [-7e-40]])
+    )
+    err, allowed = _bn_error_and_allowance(bn, z)
+    assert bool((err <= allowed).all()), (err, allowed)

@@ -4,15 +4,19 @@ An activation σ applied entrywise has ℓ2 Lipschitz constant sup_z |σ'(z)| (e
 by at most that factor, and the sup is approached by perturbing one entry where the slope
 peaks), so each bound below is that maximum slope, proven in docs/bounds.md.
 
-Round-off: piecewise-linear activations (Hardtanh, ReLU6, Dropout in eval mode) are exact
-in floating point; LeakyReLU rounds one product. The smooth ones call elementary functions
-(exp, log1p, tanh, erf) that are not correctly rounded; their model assumes each computed
-entry is within ``γ₁₆·c·(|z| + 1)`` of the exact value, 16 unit round-offs of the evaluation
-precision (float64 or float32), against the ≤ 1–2 ulp documented for SLEEF, glibc and CUDA's
-libdevice in either precision, PyTorch's vectorized float32 erf (|error| ≤ 1.5e-7, 2.5
-float32 units of |z| + 1) and the few arithmetic roundings around them. Dense grids in both
-precisions check it (tests/bounds/test_elementwise.py: float32's largest error is 4.4 units,
-GELU's). Softplus's switch to the identity is an absolute error instead, which keeps
+Round-off: ReLU6 and Dropout in eval mode are exact in floating point, Hardtanh too when its
+limits are float32 numbers; LeakyReLU rounds its slope and one product. The smooth ones call
+elementary functions (exp, log1p, tanh, erf) that are not correctly rounded; their model
+assumes each computed entry is within ``γ₁₆·c·(|z| + 1)`` of the exact value, 16 unit
+round-offs of the evaluation precision (float64 or float32), against the ≤ 1–2 ulp
+documented for SLEEF, glibc and CUDA's libdevice in either precision and the few arithmetic
+roundings around them. GELU runs on PyTorch's own kernel in certified float32 passes (not
+oneDNN's undocumented polynomial:
+``_fp_env.own_gelu_kernel``), whose error is at most 1.73 units on every finite float32
+input (docs/soundness.md §14b). Dense grids in both precisions check the model
+(tests/bounds/test_elementwise.py). Constants are rounded to the input's precision before
+use: LeakyReLU's slope counts one rounding more, Hardtanh's limits an absolute term.
+Softplus's switch to the identity is an absolute error instead, which keeps
 Softplus on the float64 path (:func:`softplus_jump`).
 """
 
@@ -20,10 +24,16 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from torchgloro._errors import UnsupportedLayerError
-from torchgloro.bounds.registry import ConstantBound, LayerBound, register_bound
+from torchgloro.bounds.registry import (
+    ConstantBound,
+    LayerBound,
+    float32_relative,
+    register_bound,
+)
 from torchgloro.margins import round_up
 
 __all__ = ["gelu_max_slope", "silu_max_slope", "softplus_jump", "SmoothActivationBound"]
@@ -110,7 +120,14 @@ def _hardtanh(module: nn.Hardtanh, in_shape: tuple[int, ...]) -> LayerBound:
             f"{type(module).__name__}(min_val={module.min_val}, max_val={module.max_val}) does "
             f"not map 0 to 0, which its exact round-off model needs; use a range that contains 0."
         )
-    return ConstantBound(1.0, type(module).__name__)  # a clamp: exact, slope ≤ 1
+    # A clamp (slope ≤ 1), exact but for its limits, which a float32 pass rounds to float32:
+    # clamp(z, fl(lo), fl(hi)) is within max|fl(v) − v| ≤ u·max(|lo|, |hi|) of the exact one.
+    lo, hi = float(module.min_val), float(module.max_val)
+    name = type(module).__name__
+    if all(float(torch.tensor(v, dtype=torch.float32)) == v for v in (lo, hi)):
+        return ConstantBound(1.0, name)
+    b = round_up(max(abs(lo), abs(hi)) * math.sqrt(math.prod(in_shape)) * (1 + 1e-12), 4)
+    return ConstantBound(1.0, name, fp_terms=(1, 0.0, b), precision_free=float32_relative(lo, hi))
 
 
 @register_bound(nn.Dropout, nn.Dropout1d, nn.Dropout2d)
@@ -121,9 +138,11 @@ def _dropout(module: nn.Module, in_shape: tuple[int, ...]) -> LayerBound:
 
 @register_bound(nn.LeakyReLU)
 def _leaky_relu(module: nn.LeakyReLU, in_shape: tuple[int, ...]) -> LayerBound:
-    a = abs(float(module.negative_slope))
-    # z or fl(a·z): one rounding on the negative entries, |err| ≤ u·a·|z|.
-    return ConstantBound(max(1.0, a), "LeakyReLU", fp_terms=(1, a, 0.0))
+    slope = float(module.negative_slope)
+    a = abs(slope)
+    # z or fl(z·fl(a)) (a rounded to the input's precision first): |err| ≤ γ₂·a·|z|.
+    return ConstantBound(max(1.0, a), "LeakyReLU", fp_terms=(2, a, 0.0),
+                         precision_free=float32_relative(slope))  # fmt: skip
 
 
 @register_bound(nn.Tanh)

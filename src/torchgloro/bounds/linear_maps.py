@@ -25,6 +25,9 @@ from torchgloro.bounds.registry import (
 from torchgloro.bounds.sound_linalg import U64, sigma_max_upper
 from torchgloro.margins import NORM_UNDERFLOW_F64, round_up
 
+# 2^-150 (float32's largest subnormal rounding error) per γ₈ ≥ 8·2^-24: see BatchNormBound.
+_SUBNORMAL_PER_GAMMA8 = 2.0**-129
+
 __all__ = ["BatchNormBound", "Conv1dBound", "ConvTranspose2dBound", "adaptive_pool_norm"]
 
 
@@ -40,7 +43,16 @@ class BatchNormBound(LayerBound):
     z·α̃ + (β − μ·α̃) (CPU) or ((z − μ)·(1/√(σ² + eps)))·w + β (CUDA), each in the input's
     precision or wider. Counting eps's own rounding to float32, the add, square root,
     reciprocal, the products and the shifts, no path has more than 8 roundings, so
-    |err| ≤ γ₈(|α||z| + |β| + |αμ|) (tests/bounds/test_bounds_layers.py checks it in float32).
+    |err| ≤ γ₈(|α||z| + |β| + |αμ|), provided each rounding is relative. Two are not always:
+
+    * eps rounded to float32 is off by u·eps, relative to σ² + eps only when σ² ≥ 0 and
+      (eps or σ² + eps) is a normal float32; a negative running variance cancels it (a 13%
+      error in the output, test_bounds_layers.py). Such layers are float64 only
+      (:attr:`fp_terms_precision_free`); σ² + eps ≤ 0 is refused.
+    * a product in the subnormal range is off by up to 2^-150 (float32) absolutely, and a
+      later product scales it: α̃ by |z| (CPU), (z − μ)·invstd by |w| (CUDA). The terms add
+      2^-150(|z| + |w| + 2) per entry as ``2^-129 = 2^-150/8u`` times (‖z‖ + √P‖w‖ + 2√D),
+      which γ₈ turns back into at least that, at float64's u too (its 2^-1075 is smaller).
     """
 
     def __init__(self, layer: nn.modules.batchnorm._BatchNorm, in_shape: tuple[int, ...]) -> None:
@@ -71,10 +83,31 @@ class BatchNormBound(LayerBound):
     @torch.no_grad()
     def _alpha64(self) -> torch.Tensor:
         layer = self.layer
+        denom = layer.running_var.detach().double() + layer.eps
+        if not bool((denom > 0).all()):
+            raise UnsupportedLayerError(
+                f"{type(layer).__name__} has running_var + eps <= 0 (or NaN) in some channel: "
+                f"1/sqrt(running_var + eps) is not a finite scale. A variance is >= 0; reload "
+                f"or recompute the running statistics."
+            )
         # sqrt, add and divide: each rounds by ≤ u, so 1 + 8u covers the three.
-        inv = 1 / torch.sqrt(layer.running_var.detach().double() + layer.eps)
+        inv = 1 / torch.sqrt(denom)
         a = inv if layer.weight is None else layer.weight.detach().double().abs() * inv
         return a * (1 + 8 * U64)
+
+    @property
+    def fp_terms_precision_free(self) -> bool:  # type: ignore[override]
+        """Whether eps rounded to float32 stays a relative u of σ² + eps (σ² ≥ 0 and eps or
+        σ² + eps a normal float32), α is finite in float32, and the model holds at float32's
+        u; otherwise the layer is certified on float64 alone."""
+        layer = self.layer
+        var, eps = layer.running_var.detach().double(), float(layer.eps)
+        tiny, huge = float(torch.finfo(torch.float32).tiny), 1e36
+        if not (bool((var >= 0).all()) and 0 <= eps <= huge):
+            return False
+        if eps < tiny and not bool((var + eps >= tiny).all()):
+            return False
+        return bool(torch.isfinite(var).all()) and float(self._alpha64().max()) < huge
 
     def sound(self) -> float:
         return round_up(self._alpha64().max().item(), 2)
@@ -86,7 +119,13 @@ class BatchNormBound(LayerBound):
         if layer.bias is not None:
             shift = shift + layer.bias.detach().double().abs()
         b = (shift.norm().item() * (1 + 8 * U64) + NORM_UNDERFLOW_F64) * math.sqrt(self.positions)
-        return 8, round_up(a.max().item(), 2), round_up(b * (1 + 1e-12), 4)
+        # Products in float32's subnormal range, scaled by a later factor (class docstring).
+        w = torch.ones_like(a) if layer.weight is None else layer.weight.detach().double().abs()
+        d = a.numel() * self.positions
+        w_norm = (w.norm().item() + NORM_UNDERFLOW_F64) * math.sqrt(self.positions)
+        sub_a, sub_b = _SUBNORMAL_PER_GAMMA8, _SUBNORMAL_PER_GAMMA8 * (w_norm + 2 * math.sqrt(d))
+        A = round_up(a.max().item() + sub_a, 2)
+        return 8, A, round_up((b + sub_b) * (1 + 1e-12), 4)
 
     def extra_repr(self) -> str:
         return "max_c |w_c| / sqrt(var_c + eps)"

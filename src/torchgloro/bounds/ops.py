@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from torchgloro._errors import UnsupportedLayerError
-from torchgloro.bounds.registry import ConstantBound, LayerBound
+from torchgloro.bounds.registry import ConstantBound, LayerBound, float32_relative
 from torchgloro.bounds.trace import node_location
 from torchgloro.margins import round_up
 
@@ -169,11 +169,18 @@ def function_bound(
 
 
 def scalar_bound(node: fx.Node, scalar: float, data_first: bool, d: int) -> LayerBound:
-    """``x·c``, ``x/c``, ``x ± c``, ``c − x`` with a constant number ``c`` (d entries)."""
+    """``x·c``, ``x/c``, ``x ± c``, ``c − x`` with a constant number ``c`` (d entries).
+
+    In a float32 pass PyTorch first rounds c to float32, and CUDA divides as a product by
+    fl(1/c): one rounding more for a shift, two more for a scale, each relative while c (and
+    1/c) are normal float32 magnitudes (else the layer is certified on float64 alone).
+    """
     t = node.target
-    if t in ADDS:  # a shift: one rounding, |err| ≤ u(|z| + |c|), and ‖f(0)‖ = |c|·sqrt(d)
+    name = getattr(t, "__name__", t)
+    if t in ADDS:  # fl(z + fl(c)): |err| ≤ u|c| + u|z + c|(1 + u) ≤ γ₂(|z| + |c|)
         b = round_up(abs(scalar) * math.sqrt(d) * (1 + 1e-12), 4)
-        return ConstantBound(1.0, f"{getattr(t, '__name__', t)} {scalar:g}", fp_terms=(1, 1.0, b))
+        return ConstantBound(1.0, f"{name} {scalar:g}", fp_terms=(2, 1.0, b),
+                             precision_free=float32_relative(scalar))  # fmt: skip
     if t in DIVS:
         if not data_first:
             raise refuse(
@@ -183,10 +190,13 @@ def scalar_bound(node: fx.Node, scalar: float, data_first: bool, d: int) -> Laye
             )
         if scalar == 0:
             raise refuse(node, "division by zero", "Divide by a nonzero constant.")
+        free = float32_relative(scalar, 1.0 / scalar)
         scalar = 1.0 / scalar
+    else:
+        free = float32_relative(scalar)
     c = round_up(abs(scalar), 2)
-    # fl(c·z) rounds once: |err| ≤ u·|c·z|.
-    return ConstantBound(c, f"scale {scalar:g}", fp_terms=(1, c, 0.0))
+    # fl(z·fl(c)), fl(z/fl(c)) or fl(z·fl(1/fl(c))): |err| ≤ γ₃|c·z|.
+    return ConstantBound(c, f"scale {scalar:g}", fp_terms=(3, c, 0.0), precision_free=free)
 
 
 def _getitem(node: fx.Node, index: Any, ndim: int) -> LayerBound:

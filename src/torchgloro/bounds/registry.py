@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from torchgloro._errors import UnsupportedLayerError
+from torchgloro._net_attributes import eval_mode
 from torchgloro.margins import NORM_UNDERFLOW_F64, UNIT_ROUNDOFF_F64, gamma, round_up
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "trace_input_shapes",
     "backend_off",
     "small_conv",
+    "float32_relative",
 ]
 
 BoundFactory = Callable[[nn.Module, tuple[int, ...]], "LayerBound"]
@@ -93,7 +95,9 @@ def flatten_layers(backbone: nn.Module) -> list[nn.Module]:
 
 @torch.no_grad()
 def trace_input_shapes(layers: Sequence[nn.Module], in_shape: tuple[int, ...]) -> list[tuple]:
-    """The per-sample input shape of each layer, found by one dummy forward pass.
+    """The per-sample input shape of each layer, found by one dummy forward pass in eval
+    mode (in training mode a BatchNorm would fold the dummy batch into its running
+    statistics, changing the user's trained model).
 
     Raises:
         UnsupportedLayerError: a layer changes the batch dimension (a padding or reshape
@@ -108,7 +112,8 @@ def trace_input_shapes(layers: Sequence[nn.Module], in_shape: tuple[int, ...]) -
     shapes = []
     for layer in layers:
         shapes.append(tuple(x.shape[1:]))
-        x = layer(x)
+        with eval_mode(layer):
+            x = layer(x)
         if x.ndim == 0 or x.shape[0] != 2:
             raise UnsupportedLayerError(
                 f"{layer.__class__.__name__} turns a batch of 2 inputs into {tuple(x.shape)}: "
@@ -178,12 +183,21 @@ class LayerBound(nn.Module):
         return None
 
 
+def float32_relative(*constants: float) -> bool:
+    """Whether each constant rounds to float32 within a relative u (0, or a normal float32
+    magnitude). PyTorch rounds a Python number to float32 before a float32 op (a scale, a
+    shift, a LeakyReLU slope, clamp limits); a subnormal one is off by up to 2^-150
+    absolutely (1e-40: 1.4e-5 relative), one past float32's range becomes inf."""
+    tiny, big = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+    return all(c == 0 or tiny <= abs(c) <= big for c in constants)
+
+
 class ConstantBound(LayerBound):
     """A layer whose norm is a known constant (exact, hence also sound).
 
     ``peak_gain`` bounds the layer's internal values relative to its input's norm, before
     rounding (see :meth:`LayerBound.peak_terms`); the rounding of a sum of ``n`` terms adds
-    the factor 1 + γ_n.
+    the factor 1 + γ_n. ``precision_free`` is :attr:`LayerBound.fp_terms_precision_free`.
     """
 
     def __init__(
@@ -192,8 +206,10 @@ class ConstantBound(LayerBound):
         name: str,
         fp_terms: tuple[int, float, float] | None = None,
         peak_gain: float | None = None,
+        precision_free: bool = True,
     ) -> None:
         super().__init__()
+        self.fp_terms_precision_free = precision_free
         self.value = float(value)
         self.name = name
         self._fp_terms = fp_terms
