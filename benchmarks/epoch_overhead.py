@@ -4,8 +4,9 @@ Where ``train_overhead`` times bare steps on resident data, this runs the traine
 ``Run.train_epoch`` on a recipe's real data: augmentation, batching, the schedules, gradient
 clipping and the optimizer included, exactly as ``gloro train`` does. Two runs of the same
 recipe are built side by side in one process, one with ``gloro.robust = false`` and
-``loss.name = ce`` (standard training of the same backbone: cross-entropy on f) and one as the recipe says, and their epochs alternate
-(order rotated every round); the first epoch of each is a warm-up.
+``loss.name = ce`` (standard training of the same backbone: cross-entropy on f) and one as
+the recipe says, and their epochs alternate (order rotated every round); the first epoch
+of each is a warm-up.
 
     python -m benchmarks.epoch_overhead --recipe cifar10-6c2f-plus \\
         --data-dir ~/data/cifar10 --train-subset 10240 --rounds 5 --threads 2
