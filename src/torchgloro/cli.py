@@ -82,20 +82,24 @@ def _peer_failed(e: RuntimeError) -> bool:
     return any(g in str(e) for g in gone)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``gloro`` console script."""
-    code = _main(argv)
+def console(argv: list[str] | None = None) -> None:
+    """The ``gloro`` console script: :func:`main`, then exit with its status.
+
+    Under torchrun a rank that failed leaves at once (``os._exit`` after flushing): its
+    interpreter's shutdown could wait on the process group's threads while the other ranks
+    wait on it (seen in ~1 of 6 runs of tests/train/test_train_ddp.py), and torchrun stops
+    the others only once it exits.
+    """
+    code = main(argv)
     if code and _under_torchrun():
-        # A rank that failed leaves at once: its interpreter's shutdown could wait on the
-        # process group's threads while the other ranks wait on it (seen in ~1 of 6 runs of
-        # tests/train/test_train_ddp.py), and torchrun stops the others only once it exits.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    return code
+    sys.exit(code)
 
 
-def _main(argv: list[str] | None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``gloro`` command; returns its exit status."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         argv = ["train"]  # the main job: train the embedded default
@@ -137,4 +141,4 @@ def _main(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    console()

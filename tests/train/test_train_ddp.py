@@ -103,12 +103,12 @@ def test_ddp_resume_with_augmentation_is_exact(tmp_path):
 _RANK0_DISK_FULL = """
 import os, sys
 import torchgloro.train.checkpoint as ckpt_io
-from torchgloro.cli import main
+from torchgloro.cli import console
 if os.environ["RANK"] == "0":
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
     ckpt_io.write_checkpoint = full
-sys.exit(main(sys.argv[1:]))
+console(sys.argv[1:])
 """
 
 
